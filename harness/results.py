@@ -1,0 +1,247 @@
+"""The result schema, defined once, and atomic Parquet writing and reading.
+
+Two files per run:
+- ``<name>.parquet``: one row per case repetition (or one row for a case that
+  failed before any repetition finished). Columns below.
+- ``<name>.timeline.parquet``: the raw sampler samples of every case, keyed
+  by ``run_id`` and ``case_key``, so figures can be recomputed later.
+
+Rules: ``schema_version`` is in every row and in the file metadata; the
+schema only grows by adding nullable columns (bump the minor version);
+renaming or retyping a column is a major version. Files are written to a
+temporary file in the same folder, fsynced and renamed over the target, so
+a reader (or a crash) never sees half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = "1.0"
+METADATA_KEY = b"fitbench.schema_version"
+
+STATUSES = ("ok", "load_error", "runtime_error", "oom", "killed", "timeout", "unavailable", "interrupted")
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: pa.DataType
+    doc: str
+
+
+def _cols(*specs: tuple[str, pa.DataType, str]) -> list[Column]:
+    return [Column(*s) for s in specs]
+
+
+S, I, F, B, T = pa.string(), pa.int64(), pa.float64(), pa.bool_(), pa.timestamp("us", tz="UTC")
+
+RESULT_COLUMNS: list[Column] = _cols(
+    # identity
+    ("schema_version", S, "result schema version, MAJOR.MINOR"),
+    ("run_id", S, "id of the fitbench run that wrote the row"),
+    ("scenario", S, "scenario name"),
+    ("case_index", I, "position of the case in the expanded scenario"),
+    ("case_key", S, "stable hash of what is measured: artifact, runtime, options, n_ctx, prompt and gen tokens"),
+    ("case_label", S, "llama-bench style label, e.g. pp1024+tg32 @ ctx2048"),
+    ("repetition", I, "0-based repetition; null when the case failed before any repetition"),
+    ("status", S, "ok | load_error | runtime_error | oom | killed | timeout | unavailable | interrupted"),
+    ("error", S, "what went wrong, one line; null when ok"),
+    ("started_at", T, "when the case started (UTC)"),
+    # artifact
+    ("model_label", S, "label of the model in the scenario"),
+    ("artifact_name", S, "file name of the artifact"),
+    ("artifact_path", S, "path of the artifact on the measuring machine"),
+    ("artifact_size_bytes", I, "size of the artifact file"),
+    ("artifact_sha256", S, "sha256 of the artifact file"),
+    ("artifact_format", S, "gguf | onnx | mlx | hf"),
+    ("artifact_quant", S, "quantization type, e.g. Q4_1"),
+    ("artifact_arch", S, "architecture, e.g. llama"),
+    ("artifact_n_params", I, "parameter count"),
+    ("artifact_n_layers", I, "transformer blocks"),
+    ("artifact_n_kv_heads", I, "KV heads (GQA)"),
+    ("artifact_context_length", I, "context length the model was trained for"),
+    # runtime
+    ("runtime", S, "runner name, e.g. llama.cpp"),
+    ("runtime_version", S, "version of the runtime package"),
+    ("options_json", S, "runner options as resolved (defaults filled in), JSON"),
+    ("device", S, "where the weights ran: cpu, gpu, ..."),
+    ("n_layers_total", I, "layers in the model as the runtime counts them"),
+    ("n_layers_device", I, "layers placed on the accelerator"),
+    ("kv_type", S, "KV cache element types, K/V"),
+    ("n_threads", I, "CPU threads the runtime used"),
+    # case
+    ("n_ctx", I, "configured context requested by the scenario"),
+    ("n_ctx_runtime", I, "context the runtime actually allocated"),
+    ("n_ctx_meaning", S, "how this runtime interprets configured context"),
+    ("fill", F, "fraction of n_ctx the prompt was asked to fill; null for explicit prompt lengths"),
+    ("prompt_tokens", I, "tokens in the prompt (the filled context when generation starts)"),
+    ("gen_tokens", I, "tokens generated in this repetition"),
+    ("warmup", I, "unrecorded warm-up generations before the first repetition"),
+    # timings (seconds, tokens per second)
+    ("load_s", F, "artifact load time"),
+    ("ttft_s", F, "prompt handed to runtime -> first generated token, prefill included"),
+    ("prefill_tok_s", F, "prompt_tokens / ttft_s"),
+    ("decode_tok_s", F, "(gen_tokens - 1) / time from first to last generated token"),
+    ("itl_p50_s", F, "inter-token latency, median"),
+    ("itl_p90_s", F, "inter-token latency, 90th percentile"),
+    ("itl_p99_s", F, "inter-token latency, 99th percentile"),
+    ("e2e_s", F, "prompt handed to runtime -> last generated token"),
+    ("case_wall_s", F, "wall time of the whole case: spawn, import, load, warm-up, repetitions"),
+    # memory (bytes) over the whole case
+    ("baseline_rss_bytes", I, "child RSS before the runtime was imported"),
+    ("load_rss_bytes", I, "child RSS right after load"),
+    ("peak_rss_bytes", I, "highest sampled child RSS over the case"),
+    ("vmhwm_bytes", I, "the kernel's peak RSS of the child (VmHWM)"),
+    ("peak_uss_bytes", I, "highest sampled unique memory of the child (sampled less often)"),
+    ("rep_peak_rss_bytes", I, "highest sampled child RSS during this repetition"),
+    ("sys_mem_total_bytes", I, "physical memory of the machine"),
+    ("sys_available_min_bytes", I, "lowest system available memory seen during the case"),
+    ("swap_used_max_bytes", I, "highest swap in use on the system during the case"),
+    # paging / spill during this repetition
+    ("major_faults", I, "major page faults of the child during the repetition"),
+    ("minor_faults", I, "minor page faults of the child during the repetition"),
+    ("read_bytes", I, "bytes the child read from storage during the repetition (/proc/PID/io)"),
+    ("swap_in_pages", I, "system pages swapped in during the repetition"),
+    ("swap_out_pages", I, "system pages swapped out during the repetition"),
+    ("case_major_faults", I, "major page faults of the child over the whole case, load included"),
+    ("case_read_bytes", I, "bytes the child read from storage over the whole case, load included"),
+    ("cpu_util", F, "child CPU time / wall time during the repetition (1.0 = one core busy)"),
+    # sampler
+    ("sampler_interval_ms", F, "requested sampling interval"),
+    ("sampler_samples", I, "samples actually taken over the case"),
+    # child process
+    ("exit_code", I, "child exit code; negative = killed by that signal"),
+    # machine
+    ("machine_id", S, "stable hashed machine id (no hostname)"),
+    ("machine_class", S, "coarse class, e.g. cpu-x86_64-24GiB"),
+    ("cpu_model", S, "CPU model name"),
+    ("cpu_flags", S, "relevant ISA extensions, comma separated"),
+    ("cpu_cores", I, "physical cores"),
+    ("cpu_threads", I, "logical CPUs"),
+    ("ram_bytes", I, "physical memory"),
+    ("gpu_names", S, "GPUs, comma separated"),
+    ("os", S, "operating system and kernel"),
+    ("python_version", S, "Python version of the harness"),
+    ("fitbench_version", S, "fitbench version"),
+)
+
+TIMELINE_COLUMNS: list[Column] = _cols(
+    ("schema_version", S, "result schema version"),
+    ("run_id", S, "run that wrote the sample"),
+    ("case_key", S, "case the sample belongs to"),
+    ("case_index", I, "position of the case in the scenario"),
+    ("t_s", F, "seconds since the case's child was started"),
+    ("phase", S, "spawn | load | prompt | warmup | rep<N> | teardown"),
+    ("rss_bytes", I, "child resident memory"),
+    ("uss_bytes", I, "child unique memory (null between the dearer USS samples)"),
+    ("sys_available_bytes", I, "system available memory"),
+    ("swap_used_bytes", I, "system swap in use"),
+    ("pswpin", I, "system pages swapped in, cumulative"),
+    ("pswpout", I, "system pages swapped out, cumulative"),
+    ("minflt", I, "child minor faults, cumulative"),
+    ("majflt", I, "child major faults, cumulative"),
+    ("cpu_s", F, "child CPU seconds, cumulative"),
+    ("read_bytes", I, "child bytes read from storage, cumulative"),
+)
+
+
+def schema(columns: list[Column]) -> pa.Schema:
+    fields = [pa.field(c.name, c.type, nullable=True, metadata={"doc": c.doc}) for c in columns]
+    return pa.schema(fields, metadata={METADATA_KEY: SCHEMA_VERSION.encode()})
+
+
+RESULT_SCHEMA = schema(RESULT_COLUMNS)
+TIMELINE_SCHEMA = schema(TIMELINE_COLUMNS)
+
+
+class ResultsError(Exception):
+    """A results file cannot be written or read; the message says why."""
+
+
+def to_table(rows: Iterable[dict[str, Any]], sch: pa.Schema) -> pa.Table:
+    rows = list(rows)
+    names = set(sch.names)
+    for row in rows:
+        extra = set(row) - names
+        if extra:  # a typo in a column name must fail loudly, not vanish
+            raise ValueError(f"row has columns not in the schema: {sorted(extra)}")
+        row.setdefault("schema_version", SCHEMA_VERSION)
+    return pa.Table.from_pylist(rows, schema=sch)
+
+
+def write_atomic(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to ``path`` so that ``path`` is always either the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pq.write_table(table, fh, compression="zstd")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def file_schema_version(path: Path) -> str | None:
+    meta = pq.read_schema(path).metadata or {}
+    value = meta.get(METADATA_KEY)
+    return value.decode() if value else None
+
+
+def read_results(path: Path) -> pa.Table:
+    """Read a results file, refusing one written by an incompatible (newer major) schema."""
+    try:
+        version = file_schema_version(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ResultsError(f"{path} is not a readable Parquet file: {exc}") from None
+    if version is None:
+        raise ResultsError(f"{path} has no {METADATA_KEY.decode()} metadata; it was not written by fitbench")
+    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise ResultsError(f"{path} uses schema {version}; this fitbench reads {SCHEMA_VERSION.split('.')[0]}.x — upgrade fitbench")
+    return pq.read_table(path)
+
+
+class ResultWriter:
+    """Keeps a run's rows and rewrites both files atomically after every case.
+
+    Rewriting is O(rows) per case, which is nothing next to a case's runtime,
+    and it means the files on disk are complete and valid after every case.
+    """
+
+    def __init__(self, results_path: Path) -> None:
+        self.results_path = results_path
+        self.timeline_path = results_path.with_name(results_path.name.removesuffix(".parquet") + ".timeline.parquet")
+        self.rows: list[dict[str, Any]] = []
+        self.timeline_tables: list[pa.Table] = []
+
+    def add_case(self, rows: list[dict[str, Any]], timeline_rows: dict[str, list]) -> None:
+        self.rows.extend(rows)
+        if timeline_rows and timeline_rows.get("t_s"):
+            n = len(timeline_rows["t_s"])
+            columns = {c.name: timeline_rows.get(c.name, [None] * n) for c in TIMELINE_COLUMNS}
+            columns["schema_version"] = [SCHEMA_VERSION] * n
+            self.timeline_tables.append(pa.table(columns, schema=TIMELINE_SCHEMA))
+        self.flush()
+
+    def flush(self) -> None:
+        try:
+            write_atomic(to_table(self.rows, RESULT_SCHEMA), self.results_path)
+            if self.timeline_tables:
+                write_atomic(pa.concat_tables(self.timeline_tables), self.timeline_path)
+        except OSError as exc:
+            raise ResultsError(f"cannot write results to {self.results_path.parent}: {exc.strerror or exc}") from exc

@@ -1,0 +1,316 @@
+"""Scenario YAML -> validated dataclasses -> expanded cases.
+
+A scenario names artifacts with their runtime and options, the configured
+contexts to run, how full to fill each context, how many tokens to generate
+and how often. Every mistake in the file is reported as one line naming the
+file, the field and what to do (``ScenarioError``).
+
+An option given as a list is swept: the cases are the cartesian product of
+all swept options, like llama-bench's comma lists.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from runners.base import OptionError, UnknownRunner, get_runner_class
+
+TOP_FIELDS = {
+    "name": "short name, used in result file names",
+    "description": "free text",
+    "models": "list of {artifact, runtime, options, label}",
+    "contexts": "configured context lengths (n_ctx), e.g. [512, 2048, 8192]",
+    "fill": "fraction(s) of each context the prompt fills, 0.0-0.95 (default 0.5)",
+    "prompt_tokens": "explicit prompt length(s) in tokens, instead of fill",
+    "gen_tokens": "tokens to generate per repetition (default 32)",
+    "warmup": "unrecorded warm-up generations per case (default 1)",
+    "repetitions": "recorded repetitions per case (default 3)",
+    "timeout": "seconds a case may take, load included (default 600)",
+    "sampler_interval_ms": "memory sampling interval in milliseconds (default 10)",
+}
+MODEL_FIELDS = {"artifact", "runtime", "options", "label"}
+MAX_FILL = 0.95
+
+
+class ScenarioError(ValueError):
+    """A scenario file is wrong; the message says where and what to do."""
+
+    def __init__(self, source: str, where: str, message: str) -> None:
+        self.source, self.where, self.message = source, where, message
+        location = f"{source}: {where}: " if where else f"{source}: "
+        super().__init__(location + message)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    artifact: Path
+    runtime: str
+    label: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Scenario:
+    name: str
+    source: str
+    models: list[ModelSpec]
+    contexts: list[int]
+    fill: list[float] | None = None
+    prompt_tokens: list[int] | None = None
+    gen_tokens: int = 32
+    warmup: int = 1
+    repetitions: int = 3
+    timeout: float = 600.0
+    sampler_interval_ms: float = 10.0
+    description: str = ""
+
+    def cases(self) -> list[Case]:
+        return expand_cases(self)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration to measure; runs in its own process, ``repetitions`` times."""
+
+    index: int
+    scenario: str
+    model_label: str
+    artifact: Path
+    runtime: str
+    options: dict[str, Any]
+    n_ctx: int
+    prompt_tokens: int
+    gen_tokens: int
+    fill: float | None
+    warmup: int
+    repetitions: int
+    timeout: float
+    sampler_interval_ms: float
+
+    @property
+    def label(self) -> str:
+        """llama-bench style: ``pp1024+tg32 @ ctx2048``."""
+        return f"pp{self.prompt_tokens}+tg{self.gen_tokens} @ ctx{self.n_ctx}"
+
+    @property
+    def key(self) -> str:
+        """Stable id of what is measured (not of how often): matches across runs and machines."""
+        ident = {
+            "artifact": self.artifact.name,
+            "runtime": self.runtime,
+            "options": self.options,
+            "n_ctx": self.n_ctx,
+            "prompt_tokens": self.prompt_tokens,
+            "gen_tokens": self.gen_tokens,
+        }
+        return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_scenario(path: Path) -> Scenario:
+    source = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ScenarioError(source, "", "file not found; pass a scenario YAML such as scenarios/quick.yaml") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ScenarioError(source, "", f"cannot read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ScenarioError(source, where, f"malformed YAML: {problem}") from None
+    return parse_scenario(data, source=source, base_dir=path.parent)
+
+
+def parse_scenario(data: Any, source: str = "<scenario>", base_dir: Path | None = None) -> Scenario:
+    if not isinstance(data, dict):
+        raise ScenarioError(source, "", "a scenario must be a mapping with at least 'models' and 'contexts'")
+    _reject_unknown(source, "", data, TOP_FIELDS)
+    for required in ("models", "contexts"):
+        if required not in data:
+            raise ScenarioError(source, required, f"missing; add '{required}:' ({TOP_FIELDS[required]})")
+
+    name = data.get("name") or Path(source).stem
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+        raise ScenarioError(source, "name", f"must be letters, digits, '-' or '_', got {name!r}")
+
+    models_raw = data["models"]
+    if not isinstance(models_raw, list) or not models_raw:
+        raise ScenarioError(source, "models", "must be a non-empty list of {artifact, runtime, options}")
+    models = [_parse_model(source, f"models[{i}]", m, base_dir) for i, m in enumerate(models_raw)]
+
+    contexts = _int_list(source, "contexts", data["contexts"], minimum=16)
+    fill = prompt_tokens = None
+    if "fill" in data and "prompt_tokens" in data:
+        raise ScenarioError(source, "prompt_tokens", "give either 'fill' or 'prompt_tokens', not both")
+    if "prompt_tokens" in data:
+        prompt_tokens = _int_list(source, "prompt_tokens", data["prompt_tokens"], minimum=1)
+    else:
+        fill = _fill_list(source, data.get("fill", 0.5))
+
+    return Scenario(
+        name=name,
+        source=source,
+        description=_typed(source, "description", data.get("description", ""), str),
+        models=models,
+        contexts=contexts,
+        fill=fill,
+        prompt_tokens=prompt_tokens,
+        gen_tokens=_int(source, "gen_tokens", data.get("gen_tokens", 32), minimum=2),
+        warmup=_int(source, "warmup", data.get("warmup", 1), minimum=0),
+        repetitions=_int(source, "repetitions", data.get("repetitions", 3), minimum=1),
+        timeout=_number(source, "timeout", data.get("timeout", 600), minimum=1),
+        sampler_interval_ms=_number(source, "sampler_interval_ms", data.get("sampler_interval_ms", 10), minimum=1),
+    )
+
+
+def expand_cases(s: Scenario) -> list[Case]:
+    """Cartesian product in an order that keeps one artifact's cases together."""
+    cases: list[Case] = []
+    for model in s.models:
+        swept = {k: v for k, v in model.options.items() if isinstance(v, list)}
+        fixed = {k: v for k, v in model.options.items() if not isinstance(v, list)}
+        for combo in itertools.product(*swept.values()) if swept else [()]:
+            options = {**fixed, **dict(zip(swept, combo))}
+            for n_ctx in s.contexts:
+                for fill, n_prompt in _prompt_lengths(s, n_ctx):
+                    cases.append(Case(
+                        index=len(cases), scenario=s.name, model_label=model.label,
+                        artifact=model.artifact, runtime=model.runtime, options=options,
+                        n_ctx=n_ctx, prompt_tokens=n_prompt, gen_tokens=s.gen_tokens, fill=fill,
+                        warmup=s.warmup, repetitions=s.repetitions, timeout=s.timeout,
+                        sampler_interval_ms=s.sampler_interval_ms,
+                    ))
+    return cases
+
+
+def _prompt_lengths(s: Scenario, n_ctx: int) -> list[tuple[float | None, int]]:
+    room = n_ctx - s.gen_tokens  # the generated tokens need KV cells too
+    if s.prompt_tokens is not None:
+        return [(None, p) for p in s.prompt_tokens if p <= room]
+    return [(f, max(1, min(room, round(f * n_ctx)))) for f in (s.fill or [])]
+
+
+def validate_cases(s: Scenario) -> None:
+    """Checks that need the expanded cases: something to run, contexts that hold the prompt."""
+    if s.prompt_tokens is not None:
+        for n_ctx in s.contexts:
+            if not _prompt_lengths(s, n_ctx):
+                raise ScenarioError(s.source, "prompt_tokens",
+                                    f"no prompt length fits context {n_ctx} with gen_tokens {s.gen_tokens}; "
+                                    "use a larger context or shorter prompts")
+    for n_ctx in s.contexts:
+        if n_ctx <= s.gen_tokens:
+            raise ScenarioError(s.source, "contexts", f"context {n_ctx} cannot hold gen_tokens {s.gen_tokens}")
+
+
+def _parse_model(source: str, where: str, raw: Any, base_dir: Path | None) -> ModelSpec:
+    if not isinstance(raw, dict):
+        raise ScenarioError(source, where, "must be a mapping with 'artifact' and 'runtime'")
+    _reject_unknown(source, where, raw, {k: "" for k in MODEL_FIELDS})
+    for required in ("artifact", "runtime"):
+        if required not in raw:
+            raise ScenarioError(source, f"{where}.{required}", "missing")
+    artifact_raw = _typed(source, f"{where}.artifact", raw["artifact"], str)
+    runtime = _typed(source, f"{where}.runtime", raw["runtime"], str)
+    options = raw.get("options") or {}
+    if not isinstance(options, dict):
+        raise ScenarioError(source, f"{where}.options", "must be a mapping of option: value")
+    artifact = resolve_artifact(artifact_raw, base_dir)
+    try:
+        runner_cls = get_runner_class(runtime)
+    except UnknownRunner as exc:
+        raise ScenarioError(source, f"{where}.runtime", str(exc)) from None
+    for key, value in options.items():
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and not value:
+            raise ScenarioError(source, f"{where}.options.{key}", "an empty list sweeps nothing; give values")
+        for v in values:
+            try:
+                runner_cls.validate_options({key: v})
+            except OptionError as exc:
+                raise ScenarioError(source, f"{where}.options.{key}", str(exc)) from None
+    label = raw.get("label") or artifact.stem
+    return ModelSpec(artifact=artifact, runtime=runtime, label=_typed(source, f"{where}.label", label, str),
+                     options=options)
+
+
+def resolve_artifact(raw: str, base_dir: Path | None) -> Path:
+    """Absolute paths as given; relative ones against the scenario's folder, then the cwd."""
+    path = Path(raw).expanduser()
+    if path.is_absolute():
+        return path
+    if base_dir is not None and (base_dir / path).exists():
+        return (base_dir / path).resolve()
+    return path.resolve()
+
+
+def _reject_unknown(source: str, where: str, raw: dict, known: dict) -> None:
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known fields: {', '.join(sorted(known))}"
+            raise ScenarioError(source, f"{where}.{key}" if where else str(key), f"unknown field; {hint}")
+
+
+def _typed(source: str, where: str, value: Any, kind: type) -> Any:
+    if not isinstance(value, kind):
+        raise ScenarioError(source, where, f"must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _int(source: str, where: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ScenarioError(source, where, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise ScenarioError(source, where, f"must be at least {minimum}, got {value}")
+    return value
+
+
+def _number(source: str, where: str, value: Any, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ScenarioError(source, where, f"must be a number, got {value!r}")
+    if value < minimum:
+        raise ScenarioError(source, where, f"must be at least {minimum}, got {value}")
+    return float(value)
+
+
+def _int_list(source: str, where: str, value: Any, minimum: int) -> list[int]:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ScenarioError(source, where, "must not be empty")
+    return [_int(source, f"{where}[{i}]", v, minimum) for i, v in enumerate(values)]
+
+
+def _fill_list(source: str, value: Any) -> list[float]:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ScenarioError(source, "fill", "must not be empty")
+    out = []
+    for i, v in enumerate(values):
+        f = _number(source, f"fill[{i}]", v, minimum=0.0)
+        if f > MAX_FILL:
+            raise ScenarioError(source, f"fill[{i}]", f"must be at most {MAX_FILL} (generated tokens need room), got {f}")
+        out.append(f)
+    return out
+
+
+def parse_contexts(text: str) -> list[int]:
+    """``--contexts 512,2048`` from the command line."""
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"--contexts must be comma-separated integers like 512,2048, got {text!r}") from None
+    if not values or min(values) < 16:
+        raise ValueError(f"--contexts needs integers of at least 16, got {text!r}")
+    return values

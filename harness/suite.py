@@ -1,0 +1,329 @@
+"""Runs a scenario's cases in order, one isolated child process per case.
+
+For each case the parent spawns a worker, samples it, enforces the timeout,
+turns what it saw into result rows and writes them before starting the next
+case. Whatever happens to the child (load error, exception, crash, kill,
+hang) becomes a row with a status; the suite goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from harness.artifact import ArtifactInfo, sha256_file
+from harness.child import EXIT_GRACE_S, WorkerProcess
+from harness.machine import Machine
+from harness.metrics import timing
+from harness.results import SCHEMA_VERSION, ResultWriter
+from harness.sampler import Sampler, Timeline
+from harness.scenario import Case
+from runners.base import get_runner_class
+
+POLL_S = 0.1  # how often the parent wakes while waiting (it blocks, it never spins)
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    status: str
+    error: str | None
+    rows: list[dict[str, Any]]
+    timeline: Timeline | None = None
+    peak_rss: int | None = None
+    vmhwm: int | None = None
+    wall_s: float = 0.0
+    t_spawn: float = 0.0
+    events: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Progress:
+    """What the live display shows; updated by the suite while a case runs."""
+
+    phase: str = "starting"
+    repetition: int = 0
+    peak_rss: int = 0
+    rss: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SuiteInterrupted(Exception):
+    """Ctrl-C or SIGTERM during a case; the interrupted case has a row already."""
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+class ArtifactHashes:
+    """sha256 per artifact, computed once per run (it reads the whole file)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, int, float], str] = {}
+
+    def get(self, path: Path) -> str:
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime)
+        if key not in self._cache:
+            self._cache[key] = sha256_file(path)
+        return self._cache[key]
+
+
+def run_suite(
+    cases: list[Case],
+    artifacts: dict[Path, ArtifactInfo],
+    machine: Machine,
+    writer: ResultWriter,
+    run_id: str,
+    on_case_start: Callable[[Case], None] = lambda case: None,
+    on_progress: Callable[[Case, Progress], None] = lambda case, p: None,
+    on_case_end: Callable[[CaseResult], None] = lambda result: None,
+) -> list[CaseResult]:
+    hashes = ArtifactHashes()
+    results = []
+    for case in cases:
+        on_case_start(case)
+        try:
+            result = run_case(case, artifacts[case.artifact], machine, run_id, hashes,
+                              lambda p, c=case: on_progress(c, p))
+        except SuiteInterrupted as stop:
+            result = stop.args[0]
+            writer.add_case(result.rows, timeline_columns(result, run_id))
+            on_case_end(result)
+            results.append(result)
+            raise
+        writer.add_case(result.rows, timeline_columns(result, run_id))
+        on_case_end(result)
+        results.append(result)
+    return results
+
+
+def run_case(
+    case: Case,
+    artifact: ArtifactInfo,
+    machine: Machine,
+    run_id: str,
+    hashes: ArtifactHashes | None = None,
+    on_progress: Callable[[Progress], None] = lambda p: None,
+) -> CaseResult:
+    hashes = hashes or ArtifactHashes()
+    started_at = datetime.now(timezone.utc)
+    base = _base_row(case, artifact, machine, run_id, started_at, hashes)
+    availability = get_runner_class(case.runtime).available()
+    if not availability.available:
+        error = f"{availability.reason}; install with: {availability.install}"
+        return CaseResult(case, "unavailable", error, [{**base, "status": "unavailable", "error": error}])
+
+    log_fd, log_path = tempfile.mkstemp(prefix="fitbench-case-", suffix=".log")
+    os.close(log_fd)
+    spec = {
+        "runtime": case.runtime, "artifact": str(case.artifact), "options": case.options,
+        "n_ctx": case.n_ctx, "prompt_tokens": case.prompt_tokens, "gen_tokens": case.gen_tokens,
+        "warmup": case.warmup, "repetitions": case.repetitions,
+    }
+    t_spawn = time.perf_counter()
+    worker = WorkerProcess(spec, Path(log_path))
+    sampler = Sampler(worker.pid, case.sampler_interval_ms / 1000).start()
+    progress = Progress()
+
+    events: dict[str, Any] = {"reps": []}
+    status, error = "ok", None
+    deadline = t_spawn + case.timeout
+    interrupted = False
+    try:
+        while True:
+            progress.peak_rss, progress.rss = sampler.peak_rss, sampler.last_rss
+            on_progress(progress)
+            if time.perf_counter() > deadline:
+                status, error = "timeout", f"case exceeded its timeout of {case.timeout:g} s (phase: {progress.phase})"
+                break
+            try:
+                message = worker.poll(POLL_S)
+            except EOFError:
+                status, error = _death_status(worker, sampler.timeline, machine)
+                break
+            if message is None:
+                continue
+            kind, payload = message
+            events[kind] = payload
+            if kind == "started":
+                progress.phase = "loading"
+            elif kind == "loaded":
+                progress.phase = "warm-up" if case.warmup else "generating"
+            elif kind == "warmup":
+                progress.phase = "generating"
+            elif kind == "rep":
+                events["reps"].append(payload)
+                progress.repetition = len(events["reps"])
+            elif kind in ("done", "error"):
+                if kind == "error":
+                    status, error = payload["status"], payload["error"]
+                sampler.read_vmhwm()
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        status, error = "interrupted", "stopped by the user (Ctrl-C / SIGTERM) while the case ran"
+    finally:
+        timeline = sampler.stop()
+        worker.finish(graceful=("done" in events or "error" in events) and not interrupted)
+
+    wall_s = time.perf_counter() - t_spawn
+    error = _with_log_tail(status, error, log_path)
+    rows = _rows(case, base, events, timeline, status, error, worker.exitcode, wall_s, t_spawn)
+    result = CaseResult(case, status, error, rows, timeline, sampler.peak_rss or None, timeline.vmhwm, wall_s,
+                        t_spawn, events)
+    if interrupted:
+        raise SuiteInterrupted(result)
+    return result
+
+
+def _death_status(worker: WorkerProcess, timeline: Timeline, machine: Machine) -> tuple[str, str]:
+    code = worker.join(EXIT_GRACE_S)
+    if code is None:
+        return "runtime_error", "the worker closed its pipe but did not exit"
+    if code < 0:
+        sig = signal.Signals(-code)
+        if sig == signal.SIGKILL:
+            low = timeline.low("sys_available")
+            if low is not None and low < 0.05 * machine.ram_bytes:
+                return "oom", f"killed by SIGKILL with system memory nearly exhausted ({low / 2**20:.0f} MiB available): the OOM killer"
+            return "killed", "killed by SIGKILL from outside fitbench (OOM killer or a user)"
+        return "crashed", f"native crash: the worker died with {sig.name}"
+    return "crashed", f"the worker exited with code {code} without reporting"
+
+
+def _with_log_tail(status: str, error: str | None, log_path: str) -> str | None:
+    """Attach the runtime's last words (e.g. a GGML_ASSERT) to a failure, then drop the log."""
+    try:
+        text = Path(log_path).read_text(errors="replace") if status != "ok" else ""
+    finally:
+        Path(log_path).unlink(missing_ok=True)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if status != "ok" and lines:
+        tail = " | ".join(lines[-3:])[-400:]
+        error = f"{error} [runtime log: {tail}]"
+    return error
+
+
+def _base_row(case: Case, art: ArtifactInfo, m: Machine, run_id: str, started_at: datetime,
+              hashes: ArtifactHashes) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION, "run_id": run_id, "scenario": case.scenario,
+        "case_index": case.index, "case_key": case.key, "case_label": case.label, "started_at": started_at,
+        "model_label": case.model_label, "artifact_name": art.name, "artifact_path": str(art.path),
+        "artifact_size_bytes": art.size_bytes, "artifact_sha256": hashes.get(art.path),
+        "artifact_format": art.format, "artifact_quant": art.quant, "artifact_arch": art.architecture,
+        "artifact_n_params": art.n_params, "artifact_n_layers": art.n_layers,
+        "artifact_n_kv_heads": art.n_kv_heads, "artifact_context_length": art.context_length,
+        "runtime": case.runtime, "options_json": json.dumps(case.options, sort_keys=True),
+        "n_ctx": case.n_ctx, "fill": case.fill, "prompt_tokens": case.prompt_tokens, "gen_tokens": case.gen_tokens,
+        "warmup": case.warmup, "sampler_interval_ms": case.sampler_interval_ms,
+        "machine_id": m.machine_id, "machine_class": m.machine_class, "cpu_model": m.cpu_model,
+        "cpu_flags": ",".join(m.cpu_flags), "cpu_cores": m.cpu_cores, "cpu_threads": m.cpu_threads,
+        "ram_bytes": m.ram_bytes, "gpu_names": ",".join(g.name for g in m.gpus) or None, "os": m.os,
+        "python_version": m.python_version, "fitbench_version": m.fitbench_version,
+        "sys_mem_total_bytes": m.ram_bytes,
+    }
+
+
+def _int(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def _rows(case: Case, base: dict, ev: dict, tl: Timeline, status: str, error: str | None,
+          exit_code: int | None, wall_s: float, t_spawn: float) -> list[dict[str, Any]]:
+    loaded = ev.get("loaded") or {}
+    info = loaded.get("info") or {}
+    options = {**case.options}
+    if info.get("n_threads"):
+        options.setdefault("n_threads", info["n_threads"])
+    case_level = {
+        **base,
+        "options_json": json.dumps(options, sort_keys=True),
+        "runtime_version": info.get("runtime_version"), "device": info.get("device"),
+        "n_layers_total": info.get("n_layers_total"), "n_layers_device": info.get("n_layers_device"),
+        "kv_type": info.get("kv_type"), "n_threads": info.get("n_threads"),
+        "n_ctx_runtime": info.get("n_ctx"), "n_ctx_meaning": info.get("n_ctx_meaning"),
+        "load_s": loaded.get("load_s"), "case_wall_s": wall_s,
+        "baseline_rss_bytes": (ev.get("started") or {}).get("baseline_rss"),
+        "load_rss_bytes": loaded.get("rss_after_load"),
+        "peak_rss_bytes": _int(tl.peak("rss")), "vmhwm_bytes": tl.vmhwm,
+        "peak_uss_bytes": _int(tl.peak("uss")),
+        "sys_available_min_bytes": _int(tl.low("sys_available")),
+        "swap_used_max_bytes": _int(tl.peak("swap_used")),
+        "case_major_faults": _int(tl.delta("majflt", t_spawn, float("inf"))),
+        "case_read_bytes": _int(tl.delta("read_bytes", t_spawn, float("inf"))),
+        "sampler_samples": len(tl), "exit_code": exit_code,
+    }
+    rows = []
+    for rep in ev["reps"]:
+        t0, stamps = rep["t_start"], rep["stamps"]
+        t1 = stamps[-1]
+        tm = timing(t0, stamps, loaded.get("prompt_tokens", case.prompt_tokens))
+        cpu = tl.delta("cpu_s", t0, t1)
+        rows.append({
+            **case_level, "repetition": rep["repetition"], "status": "ok", "error": None,
+            "prompt_tokens": loaded.get("prompt_tokens", case.prompt_tokens), "gen_tokens": tm.gen_tokens,
+            "ttft_s": tm.ttft_s, "prefill_tok_s": tm.prefill_tok_s, "decode_tok_s": tm.decode_tok_s,
+            "itl_p50_s": tm.itl_p50_s, "itl_p90_s": tm.itl_p90_s, "itl_p99_s": tm.itl_p99_s, "e2e_s": tm.e2e_s,
+            "rep_peak_rss_bytes": _int(tl.peak("rss", t0, t1)),
+            "major_faults": _int(tl.delta("majflt", t0, t1)), "minor_faults": _int(tl.delta("minflt", t0, t1)),
+            "read_bytes": _int(tl.delta("read_bytes", t0, t1)),
+            "swap_in_pages": _int(tl.delta("pswpin", t0, t1)), "swap_out_pages": _int(tl.delta("pswpout", t0, t1)),
+            "cpu_util": cpu / (t1 - t0) if cpu is not None and t1 > t0 else None,
+        })
+    if status != "ok":
+        # The failure is a row of its own, after any repetitions that did finish.
+        rows.append({**case_level, "repetition": None, "status": status, "error": error})
+    return rows
+
+
+def timeline_columns(result: CaseResult, run_id: str) -> dict[str, list]:
+    tl = result.timeline
+    if tl is None or not len(tl):
+        return {}
+    t_spawn = result.t_spawn or tl.samples["t"][0]
+    spans = _phase_spans(result.events)
+    s = tl.samples
+    n = len(tl)
+    return {
+        "run_id": [run_id] * n, "case_key": [result.case.key] * n, "case_index": [result.case.index] * n,
+        "t_s": [t - t_spawn for t in s["t"]], "phase": [_phase_of(t, spans) for t in s["t"]],
+        "rss_bytes": s["rss"], "uss_bytes": s["uss"], "sys_available_bytes": s["sys_available"],
+        "swap_used_bytes": s["swap_used"], "pswpin": s["pswpin"], "pswpout": s["pswpout"],
+        "minflt": s["minflt"], "majflt": s["majflt"], "cpu_s": s["cpu_s"], "read_bytes": s["read_bytes"],
+    }
+
+
+def _phase_spans(ev: dict) -> list[tuple[float, float, str]]:
+    spans = []
+    started = (ev.get("started") or {}).get("t")
+    loaded = ev.get("loaded")
+    if started is not None and loaded:
+        spans.append((started, loaded["t0"], "load"))  # imports count as loading
+        spans.append((loaded["t0"], loaded["t1"], "load"))
+    if ev.get("warmup"):
+        spans.append((ev["warmup"]["t0"], ev["warmup"]["t1"], "warmup"))
+    for rep in ev.get("reps", []):
+        spans.append((rep["t_start"], rep["stamps"][-1], f"rep{rep['repetition']}"))
+    return spans
+
+
+def _phase_of(t: float, spans: list[tuple[float, float, str]]) -> str:
+    for t0, t1, name in spans:
+        if t0 <= t <= t1:
+            return name
+    if spans and t > spans[-1][1]:
+        return "teardown"
+    if spans and t < spans[0][0]:
+        return "spawn"
+    return "prompt"

@@ -1,0 +1,149 @@
+"""The child-process side of one case: load, warm up, generate, report timings.
+
+Runs as ``python -m harness.worker`` in a fresh interpreter, so that its peak
+memory belongs to this case alone, a crash cannot take the suite down, and
+nothing of the parent (pyarrow, pandas, rich) is imported into the process
+being measured. multiprocessing's spawn would re-import the parent's main
+module, which for the ``fitbench`` console script is the whole CLI (~80 MB).
+
+It talks to the parent over two inherited pipes: the spec arrives as one
+JSON line on the control pipe, and JSON-line ``[kind, payload]`` messages go
+back on the message pipe:
+
+  started  {pid, baseline_rss}        before the runtime is imported
+  loaded   {load_s, info, ...}        after the artifact is loaded
+  warmup   {t0, t1}                   span of the unrecorded warm-up
+  rep      {repetition, t_start, stamps}
+  error    {status, error}            a failure it could catch itself
+  done     {}                         then it waits for the parent's "exit"
+
+The parent reads the kernel's VmHWM between "done" and "exit", while the
+child still exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from harness.prompt import build_prompt
+
+WARMUP_GEN_TOKENS = 4
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().rss
+        except Exception:
+            return None
+
+
+class Channel:
+    """JSON lines over a pair of pipe descriptors."""
+
+    def __init__(self, msg_fd: int, ctl_fd: int) -> None:
+        self._out = os.fdopen(msg_fd, "w", buffering=1)
+        self._in = os.fdopen(ctl_fd, "r")
+
+    def send(self, message: Any) -> None:
+        self._out.write(json.dumps(message) + "\n")
+        self._out.flush()
+
+    def recv(self) -> Any:
+        line = self._in.readline()
+        if not line:
+            raise EOFError("the parent closed the control pipe")
+        return json.loads(line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="fitbench case worker (started by the harness, not by hand)")
+    parser.add_argument("--msg-fd", type=int, required=True)
+    parser.add_argument("--ctl-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    conn = Channel(args.msg_fd, args.ctl_fd)
+    spec = conn.recv()
+    for entry in reversed(spec.get("sys_path", [])):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)  # the parent's import path, e.g. for runners named module:Class
+    child_main(conn, spec)
+
+
+def child_main(conn: Any, spec: dict[str, Any]) -> None:
+    # The parent owns Ctrl-C: it decides whether to stop this case.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    status = "runtime_error"
+    runner = None
+    try:
+        conn.send(["started", {"pid": os.getpid(), "baseline_rss": _rss_bytes(), "t": time.perf_counter()}])
+        from runners.base import LoadError, get_runner_class
+
+        status = "load_error"
+        runner = get_runner_class(spec["runtime"])()
+        t0 = time.perf_counter()
+        try:
+            info = runner.load(Path(spec["artifact"]), spec["n_ctx"], spec["options"])
+        except LoadError:
+            raise
+        except MemoryError:
+            raise
+        except Exception as exc:  # any failure inside load is a load error
+            raise LoadError(f"{type(exc).__name__}: {exc}") from exc
+        t1 = time.perf_counter()
+        status = "runtime_error"
+        prompt = build_prompt(runner.tokenize, spec["prompt_tokens"])
+        conn.send(["loaded", {"load_s": t1 - t0, "t0": t0, "t1": t1, "info": asdict(info),
+                              "prompt_tokens": len(prompt), "rss_after_load": _rss_bytes()}])
+
+        if spec["warmup"]:
+            w0 = time.perf_counter()
+            for _ in range(spec["warmup"]):
+                for _stamp in runner.generate(prompt, min(WARMUP_GEN_TOKENS, spec["gen_tokens"])):
+                    pass
+            conn.send(["warmup", {"t0": w0, "t1": time.perf_counter()}])
+
+        for rep in range(spec["repetitions"]):
+            stamps: list[float] = []
+            t_start = time.perf_counter()
+            for stamp in runner.generate(prompt, spec["gen_tokens"]):
+                stamps.append(stamp)
+            conn.send(["rep", {"repetition": rep, "t_start": t_start, "stamps": stamps}])
+        runner.close()
+        runner = None
+        conn.send(["done", {}])
+        conn.recv()  # hold still until the parent has read our /proc entries
+    except MemoryError:
+        _report(conn, "oom", "MemoryError: the runtime could not allocate memory")
+    except BaseException as exc:  # noqa: BLE001 - everything must reach the parent as a row
+        from runners.base import LoadError
+
+        if isinstance(exc, LoadError):
+            status = "load_error"
+        tail = "".join(traceback.format_exception(exc)[-3:]).strip().replace("\n", " | ")
+        _report(conn, status, f"{type(exc).__name__}: {exc}" if str(exc) else tail, tail)
+
+
+def _report(conn: Any, status: str, error: str, detail: str = "") -> None:
+    try:
+        conn.send(["error", {"status": status, "error": error, "detail": detail}])
+        conn.recv()
+    except (OSError, EOFError, ValueError):
+        pass
+
+
+if __name__ == "__main__":
+    main()

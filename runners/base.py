@@ -1,0 +1,167 @@
+"""The runner protocol and the registry of runners.
+
+A runner knows one runtime and nothing else: no Parquet, no sampling, no fit
+classes. The harness talks to runtimes only through this seam. Runner modules
+must not import their runtime at module import time, so that listing runners
+(or validating a scenario) never pays for, or crashes on, a runtime.
+
+Runners register through the ``fitbench.runners`` entry-point group; the
+built-in ones are registered there too (see pyproject.toml). A scenario may
+also name a runner as ``package.module:ClassName`` for development.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+ENTRY_POINT_GROUP = "fitbench.runners"
+
+# Fallback for running from a source tree where the package metadata (and so
+# the entry points) is not installed.
+BUILTIN_RUNNERS = {
+    "llama.cpp": "runners.llama_cpp:LlamaCppRunner",
+}
+
+
+class RunnerError(Exception):
+    """A runtime failed while running a case (becomes a ``runtime_error`` row)."""
+
+
+class LoadError(RunnerError):
+    """The artifact could not be loaded (becomes a ``load_error`` row)."""
+
+
+class OptionError(ValueError):
+    """A runner option has an unknown name or a bad value (a usage error)."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One runner option: its type, default and help, for validation and docs."""
+
+    type: type
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None = None
+
+
+@dataclass
+class Availability:
+    """Whether a runtime can be used here, and if not, how to get it."""
+
+    available: bool
+    version: str | None = None
+    devices: list[str] = field(default_factory=list)
+    reason: str | None = None
+    install: str | None = None
+
+
+@dataclass
+class LoadInfo:
+    """What the runtime actually did when loading, recorded in every result row."""
+
+    device: str
+    runtime_version: str
+    n_ctx: int  # the context the runtime really allocated
+    n_ctx_meaning: str  # how this runtime interprets "configured context"
+    n_layers_total: int | None = None
+    n_layers_device: int | None = None
+    kv_type: str | None = None
+    n_threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Runner:
+    """Base class for runners. Subclasses fill in the class variables and methods.
+
+    The call order in one worker process is: ``load`` once, then ``tokenize``
+    and ``generate`` any number of times, then ``close``.
+    """
+
+    name: ClassVar[str]
+    formats: ClassVar[set[str]]
+    options: ClassVar[dict[str, Option]] = {}
+
+    @classmethod
+    def available(cls) -> Availability:
+        raise NotImplementedError
+
+    @classmethod
+    def validate_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Check option names and types; return options with defaults filled in."""
+        unknown = sorted(set(options) - set(cls.options))
+        if unknown:
+            known = ", ".join(sorted(cls.options)) or "none"
+            raise OptionError(f"unknown option {unknown[0]!r} for runtime {cls.name!r} (known: {known})")
+        resolved: dict[str, Any] = {}
+        for key, spec in cls.options.items():
+            value = options.get(key, spec.default)
+            if value is not None:
+                value = _coerce(key, value, spec)
+            resolved[key] = value
+        return resolved
+
+    def load(self, artifact: Path, n_ctx: int, options: dict[str, Any]) -> LoadInfo:
+        raise NotImplementedError
+
+    def tokenize(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def generate(self, prompt_tokens: list[int], max_new_tokens: int) -> Iterator[float]:
+        """Process the prompt from an empty cache, then yield a ``time.perf_counter()``
+        timestamp as each new token is produced, exactly ``max_new_tokens`` times."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _coerce(key: str, value: Any, spec: Option) -> Any:
+    # bool is an int subclass in Python: keep the two apart on purpose.
+    if spec.type is bool and not isinstance(value, bool):
+        raise OptionError(f"option {key!r} must be true or false, got {value!r}")
+    if spec.type is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise OptionError(f"option {key!r} must be an integer, got {value!r}")
+    if spec.type is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise OptionError(f"option {key!r} must be a number, got {value!r}")
+    if spec.type is str and not isinstance(value, str):
+        raise OptionError(f"option {key!r} must be a string, got {value!r}")
+    if spec.choices is not None and value not in spec.choices:
+        choices = ", ".join(str(c) for c in spec.choices)
+        raise OptionError(f"option {key!r} must be one of {choices}, got {value!r}")
+    return spec.type(value)
+
+
+class UnknownRunner(LookupError):
+    pass
+
+
+def registered_runners() -> dict[str, str]:
+    """Runtime name -> "module:Class" for every registered runner."""
+    found = dict(BUILTIN_RUNNERS)
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        found[ep.name] = ep.value
+    return found
+
+
+def get_runner_class(name: str) -> type[Runner]:
+    """Resolve a runtime name (or a ``module:Class`` path) to its runner class."""
+    target = registered_runners().get(name)
+    if target is None:
+        if ":" not in name:
+            known = ", ".join(sorted(registered_runners()))
+            raise UnknownRunner(f"unknown runtime {name!r} (known: {known})")
+        target = name
+    module_name, _, class_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        cls = getattr(module, class_name)
+    except (ImportError, AttributeError) as exc:
+        raise UnknownRunner(f"cannot import runner {target!r}: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, Runner)):
+        raise UnknownRunner(f"{target!r} is not a fitbench Runner subclass")
+    return cls

@@ -1,0 +1,168 @@
+"""GGUF artifacts through llama-cpp-python (CPU, CUDA, Metal, ROCm/Vulkan builds).
+
+Loading and tokenization use the high-level ``Llama`` object; the timed path
+is the low-level greedy loop llama-bench uses: the prompt decoded in
+``n_batch`` chunks from an empty KV cache, then one ``llama_decode`` per
+generated token. ``Llama.generate`` is avoided on purpose: it keeps the
+matching prompt prefix between calls (so repeated prefills barely prefill)
+and adds Python work per token.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import importlib.util
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from runners.base import Availability, LoadError, LoadInfo, Option, Runner, RunnerError
+
+# KV cache types by the names llama.cpp's own tools use (-ctk/-ctv).
+KV_TYPES = {
+    "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7,
+    "q8_0": 8, "iq4_nl": 20, "bf16": 30,
+}
+INSTALL = "pip install 'fitbench[llama]'  (CUDA: CMAKE_ARGS=-DGGML_CUDA=on; Metal is on by default on macOS)"
+
+
+def default_threads() -> int:
+    """Physical cores, as llama-bench uses; llama-cpp-python's own default is half the logical cores."""
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except Exception:
+        return os.cpu_count() or 1
+
+
+class LlamaCppRunner(Runner):
+    name = "llama.cpp"
+    formats = {"gguf"}
+    options = {
+        "n_threads": Option(int, None, "threads for generation (default: physical cores)"),
+        "n_threads_batch": Option(int, None, "threads for prompt processing (default: n_threads)"),
+        "n_batch": Option(int, 2048, "logical batch size for prompt processing"),
+        "n_ubatch": Option(int, 512, "physical batch size for prompt processing"),
+        "n_gpu_layers": Option(int, 0, "layers to offload to the GPU (-1 = all)"),
+        "flash_attn": Option(bool, False, "use flash attention"),
+        "type_k": Option(str, "f16", "K cache type", tuple(KV_TYPES)),
+        "type_v": Option(str, "f16", "V cache type (quantized V needs flash_attn)", tuple(KV_TYPES)),
+        "use_mmap": Option(bool, True, "mmap the weights (pages can be evicted and re-read)"),
+        "use_mlock": Option(bool, False, "lock the weights in RAM"),
+        "offload_kqv": Option(bool, True, "keep the KV cache on the GPU with the layers"),
+    }
+
+    def __init__(self) -> None:
+        self._llama: Any = None
+        self._sampler: Any = None
+        self._n_batch = 512
+
+    @classmethod
+    def available(cls) -> Availability:
+        if importlib.util.find_spec("llama_cpp") is None:
+            return Availability(False, reason="llama-cpp-python is not installed", install=INSTALL)
+        version = importlib.metadata.version("llama-cpp-python")
+        try:
+            import llama_cpp
+        except Exception as exc:  # a broken native library is "unavailable", not a crash
+            return Availability(False, version, reason=f"llama_cpp does not import: {exc}", install=INSTALL)
+        devices = ["cpu"]
+        if llama_cpp.llama_supports_gpu_offload():
+            info = llama_cpp.llama_print_system_info().decode(errors="replace")
+            for backend in ("CUDA", "Metal", "Vulkan", "ROCm", "HIP", "SYCL"):
+                if backend.lower() in info.lower():
+                    devices.append(backend.lower())
+            if len(devices) == 1:
+                devices.append("gpu")
+        return Availability(True, version, devices)
+
+    def load(self, artifact: Path, n_ctx: int, options: dict[str, Any]) -> LoadInfo:
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise LoadError(f"llama-cpp-python is not installed: {INSTALL}") from exc
+        opts = self.validate_options(options)
+        n_threads = opts["n_threads"] or default_threads()
+        self._n_batch = min(opts["n_batch"], n_ctx)
+        try:
+            self._llama = llama_cpp.Llama(
+                model_path=str(artifact),
+                n_ctx=n_ctx,
+                n_batch=self._n_batch,
+                n_ubatch=min(opts["n_ubatch"], self._n_batch),
+                n_threads=n_threads,
+                n_threads_batch=opts["n_threads_batch"] or n_threads,
+                n_gpu_layers=opts["n_gpu_layers"],
+                flash_attn=opts["flash_attn"],
+                type_k=KV_TYPES[opts["type_k"]],
+                type_v=KV_TYPES[opts["type_v"]],
+                use_mmap=opts["use_mmap"],
+                use_mlock=opts["use_mlock"],
+                offload_kqv=opts["offload_kqv"],
+                verbose=False,
+            )
+        except Exception as exc:
+            raise LoadError(f"llama.cpp could not load {artifact.name}: {exc}") from exc
+
+        model = self._llama._model.model
+        n_layers = int(llama_cpp.llama_model_n_layer(model))
+        gpu = bool(llama_cpp.llama_supports_gpu_offload())
+        ngl = opts["n_gpu_layers"]
+        on_device = 0 if not gpu else (n_layers if ngl < 0 else min(ngl, n_layers))
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        self._sampler = chain
+        return LoadInfo(
+            device="gpu" if on_device else "cpu",
+            runtime_version=importlib.metadata.version("llama-cpp-python"),
+            n_ctx=int(llama_cpp.llama_n_ctx(self._llama.ctx)),
+            n_ctx_meaning="llama.cpp n_ctx: KV cache cells allocated at load",
+            n_layers_total=n_layers,
+            n_layers_device=on_device,
+            kv_type=f"{opts['type_k']}/{opts['type_v']}",
+            n_threads=n_threads,
+            extra={"n_params": int(llama_cpp.llama_model_n_params(model)), "n_batch": self._n_batch},
+        )
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+
+    def generate(self, prompt_tokens: list[int], max_new_tokens: int) -> Iterator[float]:
+        import llama_cpp
+
+        ctx = self._llama.ctx
+        # A real prefill every time: start from an empty KV cache.
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        tokens = (llama_cpp.llama_token * len(prompt_tokens))(*prompt_tokens)
+        for start in range(0, len(prompt_tokens), self._n_batch):
+            n = min(self._n_batch, len(prompt_tokens) - start)
+            chunk = (llama_cpp.llama_token * n).from_buffer(tokens, start * ctypes.sizeof(llama_cpp.llama_token))
+            self._decode(llama_cpp, ctx, chunk, n)
+        one = (llama_cpp.llama_token * 1)()
+        for i in range(max_new_tokens):
+            # Greedy pick from the last logits; EOS is not a stop: the case asks
+            # for exactly max_new_tokens so every repetition does the same work.
+            one[0] = llama_cpp.llama_sampler_sample(self._sampler, ctx, -1)
+            yield time.perf_counter()
+            if i + 1 < max_new_tokens:
+                self._decode(llama_cpp, ctx, one, 1)
+
+    @staticmethod
+    def _decode(llama_cpp: Any, ctx: Any, tokens: Any, n: int) -> None:
+        rc = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(tokens, n))
+        if rc != 0:
+            # 1 = no KV slot (context full), <0 = error
+            raise RunnerError(f"llama_decode failed with code {rc} ({'no KV cache slot' if rc == 1 else 'error'})")
+
+    def close(self) -> None:
+        if self._sampler is not None:
+            import llama_cpp
+
+            llama_cpp.llama_sampler_free(self._sampler)
+            self._sampler = None
+        if self._llama is not None:
+            self._llama.close()
+            self._llama = None

@@ -1,0 +1,90 @@
+"""Runners that misbehave on purpose, to test the harness without a runtime.
+
+They follow the real protocol (and run in the real spawned worker), so the
+suite's handling of each kind of failure is exercised end to end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from runners.base import Availability, LoadError, LoadInfo, Option, Runner, RunnerError
+
+
+class FakeRunner(Runner):
+    """Generates with a fixed delay per token; prefill cost grows with the prompt."""
+
+    name = "fake"
+    formats = {"gguf"}
+    options = {
+        "token_delay": Option(float, 0.002, "seconds per generated token"),
+        "prefill_delay": Option(float, 0.00001, "seconds per prompt token"),
+        "alloc_mb": Option(int, 0, "MiB to allocate and touch at load"),
+    }
+
+    def __init__(self) -> None:
+        self._opts: dict[str, Any] = {}
+        self._ballast: bytearray | None = None
+
+    @classmethod
+    def available(cls) -> Availability:
+        return Availability(True, "0.0-test", ["cpu"])
+
+    def load(self, artifact: Path, n_ctx: int, options: dict[str, Any]) -> LoadInfo:
+        self._opts = self.validate_options(options)
+        if self._opts["alloc_mb"]:
+            self._ballast = bytearray(self._opts["alloc_mb"] << 20)
+            for i in range(0, len(self._ballast), 4096):
+                self._ballast[i] = 1
+        return LoadInfo(device="cpu", runtime_version="0.0-test", n_ctx=n_ctx, n_ctx_meaning="fake", n_threads=1)
+
+    def tokenize(self, text: str) -> list[int]:
+        return [len(w) for w in text.split()]
+
+    def generate(self, prompt_tokens: list[int], max_new_tokens: int) -> Iterator[float]:
+        time.sleep(self._opts["prefill_delay"] * len(prompt_tokens))
+        for _ in range(max_new_tokens):
+            time.sleep(self._opts["token_delay"])
+            yield time.perf_counter()
+
+
+class LoadFailRunner(FakeRunner):
+    def load(self, artifact: Path, n_ctx: int, options: dict[str, Any]) -> LoadInfo:
+        raise LoadError("fake runtime refuses this artifact")
+
+
+class RaisingRunner(FakeRunner):
+    def generate(self, prompt_tokens: list[int], max_new_tokens: int) -> Iterator[float]:
+        yield time.perf_counter()
+        raise RunnerError("fake runtime failed mid-generation")
+
+
+class CrashRunner(FakeRunner):
+    """Dies like a native crash: SIGSEGV, no Python cleanup."""
+
+    def generate(self, prompt_tokens: list[int], max_new_tokens: int) -> Iterator[float]:
+        os.kill(os.getpid(), signal.SIGSEGV)
+        yield time.perf_counter()
+
+
+class HangRunner(FakeRunner):
+    """Never finishes, and starts a grandchild that must not be left behind."""
+
+    def generate(self, prompt_tokens: list[int], max_new_tokens: int) -> Iterator[float]:
+        import subprocess
+        import sys
+
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        Path(os.environ["FITBENCH_TEST_GRANDCHILD"]).write_text(str(proc.pid))
+        time.sleep(600)
+        yield time.perf_counter()
+
+
+class UnavailableRunner(FakeRunner):
+    @classmethod
+    def available(cls) -> Availability:
+        return Availability(False, reason="fakeruntime is not installed", install="pip install fakeruntime")
