@@ -16,7 +16,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 # LLAMA_CFLAGS= (empty) to keep AMX on bare metal.
 LLAMA_CFLAGS ?= $(shell grep -qw amx_tile /proc/cpuinfo 2>/dev/null && echo "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
 
-.PHONY: help setup sample-models quick test bench clean
+.PHONY: help setup sample-models quick test bench llama-bench clean
 
 help:
 	@echo "make quick          set up (venv, fitbench[llama], sample model) and run scenarios/quick.yaml"
@@ -57,8 +57,24 @@ test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
-bench: setup
-	$(PY) bench/harness_vs_bare.py --out results/bench
+bench: setup llama-bench
+	$(PY) bench/harness_vs_bare.py --out results/bench --llama-bench $(LLAMA_BENCH)
+
+# llama-bench from the llama.cpp sources vendored in the installed
+# llama-cpp-python's sdist, built with the same flags, into .cache/ (never committed).
+LLAMA_BENCH := .cache/llama.cpp/build/bin/llama-bench
+llama-bench: $(LLAMA_BENCH)
+
+$(LLAMA_BENCH): | $(STAMP)
+	@mkdir -p .cache/sdist .cache/llama.cpp
+	version=$$($(PY) -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))'); \
+	  $(PIP) download --quiet --no-deps --no-binary :all: -d .cache/sdist "llama-cpp-python==$$version" && \
+	  tar xzf .cache/sdist/llama_cpp_python-$$version.tar.gz -C .cache/llama.cpp --strip-components=3 \
+	    llama_cpp_python-$$version/vendor/llama.cpp
+	CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" cmake -S .cache/llama.cpp -B .cache/llama.cpp/build \
+	  -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	  -DLLAMA_BUILD_SERVER=OFF > .cache/llama-bench-cmake.log
+	cmake --build .cache/llama.cpp/build --target llama-bench -j$$(nproc) > .cache/llama-bench-build.log
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

@@ -35,6 +35,8 @@ class ArtifactInfo:
     n_kv_heads: int | None = None
     embedding_length: int | None = None
     context_length: int | None = None
+    head_dim: int | None = None
+    vocab_size: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -161,6 +163,11 @@ def _inspect_gguf(path: Path) -> ArtifactInfo:
     heads = arch_key("attention.head_count")
     kv_heads = arch_key("attention.head_count_kv")
     small_meta = {k: v for k, v in meta.items() if not isinstance(v, list) and not k.startswith("tokenizer.")}
+    embedding = arch_key("embedding_length")
+    head_dim = arch_key("attention.key_length")
+    if not isinstance(head_dim, int) and isinstance(heads, int) and isinstance(embedding, int) and heads:
+        head_dim = embedding // heads
+    vocab = arch_key("vocab_size") or meta.get("tokenizer.ggml.tokens")  # the token list's length
     return ArtifactInfo(
         path=path,
         format="gguf",
@@ -171,7 +178,9 @@ def _inspect_gguf(path: Path) -> ArtifactInfo:
         n_layers=arch_key("block_count"),
         n_heads=heads if isinstance(heads, int) else None,
         n_kv_heads=kv_heads if isinstance(kv_heads, int) else (heads if isinstance(heads, int) else None),
-        embedding_length=arch_key("embedding_length"),
+        embedding_length=embedding,
         context_length=arch_key("context_length"),
+        head_dim=head_dim if isinstance(head_dim, int) else None,
+        vocab_size=vocab if isinstance(vocab, int) else None,
         metadata=small_meta,
     )

@@ -20,7 +20,7 @@ EXIT_GRACE_S = 10.0
 
 
 class WorkerProcess:
-    def __init__(self, spec: dict[str, Any], log_path: Path) -> None:
+    def __init__(self, log_path: Path) -> None:
         msg_r, msg_w = os.pipe()
         ctl_r, ctl_w = os.pipe()
         with open(log_path, "ab") as log:
@@ -36,6 +36,9 @@ class WorkerProcess:
         self._buffer = b""
         self._eof = False
         self.pid = self.proc.pid
+
+    def start(self, spec: dict[str, Any]) -> None:
+        """Hand the worker its case; until then it has loaded nothing (so it can join a cgroup first)."""
         self.send({**spec, "sys_path": [p for p in sys.path if p and Path(p).is_dir()]})
 
     def send(self, message: Any) -> None:

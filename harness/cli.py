@@ -14,16 +14,23 @@ from dataclasses import replace
 from pathlib import Path
 
 import click
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from harness import machine as machine_mod
+from harness.fit import THRESHOLD_HELP, Thresholds, parse_size, worst
 from harness.metrics import summarize
 from harness.preflight import OutputError, check_output_dir, check_scenario
-from harness.results import ResultsError, ResultWriter
+from harness.results import ResultsError, ResultWriter, read_results
 from harness.scenario import ScenarioError, load_scenario, parse_contexts
-from harness.suite import CaseResult, SuiteInterrupted, new_run_id, run_suite
+from harness.artifact import ArtifactError, inspect_artifact
+from harness.catalog import DEFAULT_CATALOG, CatalogError, load_catalog, options_label, query, save_catalog, update_catalog
+from harness.estimate import EstimateError, estimate
+from harness.fitsearch import case_verdict, search
+from harness.scenario import parse_scenario
+from harness.suite import ArtifactHashes, CaseResult, SuiteInterrupted, new_run_id, run_case, run_suite, timeline_columns
 from runners.base import get_runner_class, registered_runners
 
 EXIT_USAGE = 2
@@ -65,11 +72,18 @@ def cli() -> None:
 @click.option("--contexts", "-c", help="override the scenario's contexts, e.g. 512,2048")
 @click.option("--gen-tokens", "-n", type=click.IntRange(min=2), help="override tokens generated per repetition")
 @click.option("--timeout", type=click.FloatRange(min=1), help="override seconds allowed per case")
+@click.option("--budget", help="memory the cases may use, e.g. 8GiB; enforced with a cgroup where possible")
+@click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE",
+              help="override a fit threshold, e.g. --threshold min_decode_tok_s=20 (see `fitbench thresholds`)")
 def run(scenario: Path, output_dir: Path, repetitions: int | None, contexts: str | None,
-        gen_tokens: int | None, timeout: float | None) -> None:
+        gen_tokens: int | None, timeout: float | None, budget: str | None, thresholds: tuple[str, ...]) -> None:
     """Run SCENARIO (a YAML file) and write results to OUTPUT."""
     sc = load_scenario(scenario)
-    overrides = {}
+    overrides: dict = {}
+    if budget:
+        overrides["budgets"] = [_size_option("--budget", budget)]
+    if thresholds:
+        overrides["thresholds"] = _threshold_options(sc.thresholds, thresholds)
     if repetitions:
         overrides["repetitions"] = repetitions
     if contexts:
@@ -124,19 +138,263 @@ def run(scenario: Path, output_dir: Path, repetitions: int | None, contexts: str
         sys.exit(EXIT_INTERRUPTED)
 
 
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--runtime", help="runner to use (default: the one for the artifact's format, e.g. llama.cpp for GGUF)")
+@click.option("--budget", help="memory budget, e.g. 8GiB (default: this machine's RAM)")
+@click.option("--fill", type=click.FloatRange(0, 0.95), default=0.9, show_default=True,
+              help="fraction of each probed context the prompt fills")
+@click.option("--gen-tokens", "-n", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--repetitions", "-r", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--min-context", type=click.IntRange(min=64), default=512, show_default=True)
+@click.option("--max-context", type=click.IntRange(min=64), help="default: the model's trained context")
+@click.option("--step", type=click.IntRange(min=16), default=256, show_default=True, help="bisection grid in tokens")
+@click.option("--option", "options", multiple=True, metavar="NAME=VALUE", help="runner option, e.g. --option flash_attn=true")
+@click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE", help="override a fit threshold")
+@click.option("--timeout", type=click.FloatRange(min=1), default=600, show_default=True, help="seconds per probe")
+@click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, gen_tokens: int, repetitions: int,
+        min_context: int, max_context: int | None, step: int, options: tuple[str, ...], thresholds: tuple[str, ...],
+        timeout: float, output_dir: Path) -> None:
+    """Find the largest context at which ARTIFACT still fits (and where it turns tight, slow, spill, no_fit)."""
+    try:
+        info = inspect_artifact(artifact)
+    except ArtifactError as exc:
+        fail(str(exc))
+    runtime = runtime or FORMAT_RUNTIMES.get(info.format)
+    limit = min(max_context or info.context_length or 8192, info.context_length or max_context or 8192)
+    base = {
+        "name": f"fit-{artifact.stem}".replace(".", "_"),
+        "models": [{"artifact": str(artifact.resolve()), "runtime": runtime, "label": artifact.stem,
+                    "options": _option_values(options)}],
+        "contexts": [min(min_context, limit)], "fill": fill, "gen_tokens": gen_tokens, "repetitions": repetitions,
+        "warmup": 1, "timeout": timeout,
+    }
+    if budget:
+        base["budget"] = _size_option("--budget", budget)
+    sc = parse_scenario(base, source="fitbench fit")
+    budget_bytes = sc.budgets[0]
+    if thresholds:
+        sc = replace(sc, thresholds=_threshold_options(sc.thresholds, thresholds))
+    artifacts = check_scenario(sc)
+    out = check_output_dir(output_dir)
+    run_id = new_run_id()
+    writer = ResultWriter(out / f"{sc.name}-{run_id}.parquet")
+    mach = machine_mod.fingerprint()
+    budget_text = f"{budget_bytes / 2**20:,.0f} MiB budget" if budget_bytes else f"{mib(mach.ram_bytes)} MiB RAM"
+    console.print(f"[bold]fitbench fit[/] {artifact.name} in {runtime} on {mach.machine_class}, {budget_text}, "
+                  f"contexts {min(min_context, limit):,}..{limit:,} filled {fill:.0%}; results -> {writer.results_path}")
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    hashes = ArtifactHashes()
+    count = 0
+
+    def probe(n_ctx: int) -> tuple[str | None, str]:
+        nonlocal count
+        case = replace(replace(sc, contexts=[n_ctx]).cases()[0], index=count)
+        count += 1
+        with console.status(f"probing context {n_ctx:,} ({case.label})"):
+            try:
+                result = run_case(case, artifacts[case.artifact], mach, run_id, hashes)
+            except SuiteInterrupted as stop:
+                writer.add_case(stop.args[0].rows, timeline_columns(stop.args[0], run_id))
+                raise
+        writer.add_case(result.rows, timeline_columns(result, run_id))
+        cls, reason = case_verdict(result.rows)
+        console.print(f"  ctx {n_ctx:>6,}: {FIT_STYLE.get(cls or '', '{}').format(cls or 'no verdict')} - {reason}")
+        return cls, reason
+
+    try:
+        found = search(probe, min(min_context, limit), limit, step)
+    except (SuiteInterrupted, KeyboardInterrupt):
+        err_console.print("fitbench: interrupted; the probes so far are saved")
+        sys.exit(EXIT_INTERRUPTED)
+    console.print(f"[bold]{artifact.name}[/]: {found.summary()}")
+    console.print(f"results: {writer.results_path}")
+
+
+FORMAT_RUNTIMES = {"gguf": "llama.cpp"}
+
+
+@cli.group()
+def catalog() -> None:
+    """The catalog of artifacts and measured fits (catalog.yaml)."""
+
+
+CATALOG_OPTION = click.option("--catalog", "catalog_path", type=click.Path(path_type=Path), default=DEFAULT_CATALOG,
+                              show_default=True, envvar="FITBENCH_CATALOG", help="catalog file")
+
+
+def _read_result_files(patterns: tuple[str, ...]) -> list[tuple[str, list[dict]]]:
+    paths: list[Path] = []
+    for pattern in patterns:
+        p = Path(pattern)
+        found = sorted(p.glob("*.parquet")) if p.is_dir() else sorted(Path().glob(pattern)) if any(c in pattern for c in "*?[") else [p]
+        paths += [f for f in found if not f.name.endswith(".timeline.parquet")]
+    if not paths:
+        fail(f"no result files match {' '.join(patterns)}")
+    out = []
+    for path in paths:
+        if not path.exists():
+            fail(f"result file not found: {path}")
+        out.append((str(path), read_results(path).to_pylist()))
+    return out
+
+
+@catalog.command("update")
+@click.argument("results", nargs=-1, required=True)
+@CATALOG_OPTION
+def catalog_update(results: tuple[str, ...], catalog_path: Path) -> None:
+    """Fold measured fits from RESULTS (Parquet files, globs or folders) into the catalog."""
+    cat = load_catalog(catalog_path)
+    tables = _read_result_files(results)
+    counts = update_catalog(cat, tables)
+    save_catalog(cat)
+    console.print(f"{catalog_path}: {counts['added']} added, {counts['updated']} updated, "
+                  f"{counts['unchanged']} already there, {counts['skipped']} without a verdict "
+                  f"(from {len(tables)} file(s)); {len(cat.artifacts)} artifact(s), {len(cat.fits)} fit(s)")
+
+
+@catalog.command("show")
+@CATALOG_OPTION
+@click.option("--machine-class", help="default: this machine's class; 'all' for every class")
+@click.option("--context", type=click.IntRange(min=1), help="what fits at this context (the smallest measured at or above it)")
+@click.option("--budget", help="judge the measured peaks against this memory size, e.g. 8GiB")
+def catalog_show(catalog_path: Path, machine_class: str | None, context: int | None, budget: str | None) -> None:
+    """What fits on this machine (class), at what context, how fast."""
+    cat = load_catalog(catalog_path)
+    if not cat.fits:
+        fail(f"{catalog_path} has no measured fits yet; run `fitbench catalog update results/` first")
+    mc = None if machine_class == "all" else machine_class or machine_mod.fingerprint().machine_class
+    budget_bytes = _size_option("--budget", budget) if budget else None
+    rows = query(cat, mc, context, budget_bytes)
+    if not rows:
+        fail(f"no fits measured for machine class {mc!r}" + (f" at context {context} or more" if context else "")
+             + f"; classes in the catalog: {', '.join(sorted({f['machine_class'] for f in cat.fits}))}")
+    title = f"catalog: {mc or 'all machine classes'}" + (f", context >= {context:,}" if context else "")
+    table = Table(title=title + (f", judged against {budget}" if budget else ""))
+    cols = ["artifact", *(["machine"] if mc is None else []), "runtime", "options", "n_ctx", "prompt", "budget",
+            "fit", *(["at budget"] if budget else []), "peak MiB", "tg tok/s", "TTFT s", "runs"]
+    for col in cols:
+        table.add_column(col, no_wrap=col not in ("artifact",))
+    for f in rows:
+        fit_cls = f["fit_class"]
+        table.add_row(f["artifact"], *([f["machine_class"]] if mc is None else []), f["runtime"],
+                      options_label(f.get("options")), f"{f['n_ctx']:,}", str(f.get("prompt_tokens") or "-"),
+                      mib(f.get("budget_bytes")) if f.get("budget_bytes") else "RAM",
+                      FIT_STYLE.get(fit_cls, "{}").format(fit_cls),
+                      *([FIT_STYLE.get(f["budget_verdict"], "{}").format(f["budget_verdict"])] if budget else []),
+                      mib(f.get("peak_rss_bytes")), _fmt(f.get("decode_tok_s"), "{:,.1f}"),
+                      _fmt(f.get("ttft_s"), "{:,.2f}"), str(f.get("count", 1)))
+    console.print(table)
+
+
+def _fmt(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+@cli.command("estimate")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--context", "-c", "contexts", required=True, help="context length(s), e.g. 2048 or 512,2048,8192")
+@click.option("--runtime", help="default: the one for the artifact's format")
+@click.option("--kv-type", default="f16", show_default=True, help="KV cache element type")
+@click.option("--flash-attn", is_flag=True, help="flash attention (no materialised score matrix)")
+@click.option("--fill", type=click.FloatRange(0, 1), default=1.0, show_default=True, help="filled fraction of the context")
+@click.option("--budget", help="judge the estimate against this memory size (default: this machine's RAM)")
+@click.option("--results", "result_files", multiple=True, help="result files to compare the estimate with (globs, folders)")
+def estimate_cmd(artifact: Path, contexts: str, runtime: str | None, kv_type: str, flash_attn: bool, fill: float,
+                 budget: str | None, result_files: tuple[str, ...]) -> None:
+    """Predict peak memory and the memory verdict from ARTIFACT's metadata; compare with measurements."""
+    try:
+        info = inspect_artifact(artifact)
+        n_ctxs = parse_contexts(contexts)
+    except (ArtifactError, ValueError) as exc:
+        fail(str(exc))
+    runtime = runtime or FORMAT_RUNTIMES.get(info.format, "llama.cpp")
+    budget_bytes = _size_option("--budget", budget) if budget else machine_mod.fingerprint().ram_bytes
+    measured: dict[int, int] = {}
+    if result_files:
+        for _, rows in _read_result_files(result_files):
+            for row in rows:
+                if (row.get("artifact_name") == info.name and row.get("runtime") == runtime and row.get("peak_rss_bytes")
+                        and row.get("status") == "ok" and (row.get("fill") is None or abs(row["fill"] - fill) < 1e-6)):
+                    measured[row["n_ctx"]] = max(measured.get(row["n_ctx"], 0), row["peak_rss_bytes"])
+    table = Table(title=f"estimate: {info.name} in {runtime}, KV {kv_type}{', flash attention' if flash_attn else ''}, "
+                        f"{fill:.0%} filled, budget {mib(budget_bytes)} MiB")
+    for col in ("n_ctx", "weights MiB", "KV MiB", "compute MiB", "overhead MiB", "total MiB", "verdict", "measured MiB",
+                "error"):
+        table.add_column(col, justify="right")
+    th = Thresholds()
+    for n in n_ctxs:
+        try:
+            e = estimate(info, n, runtime, kv_type, flash_attn, fill=fill)
+        except EstimateError as exc:
+            fail(str(exc))
+        verdict = "no_fit" if e.total_bytes > budget_bytes else "tight" if e.total_bytes > (1 - th.headroom) * budget_bytes else "fits"
+        m = measured.get(n)
+        table.add_row(f"{n:,}", mib(e.weights_bytes), mib(e.kv_bytes), mib(e.compute_bytes), mib(e.overhead_bytes),
+                      mib(e.total_bytes), FIT_STYLE[verdict].format(verdict), mib(m) if m else "-",
+                      f"{(e.total_bytes - m) / m:+.1%}" if m else "-")
+    console.print(table)
+
+
+def _option_values(items: tuple[str, ...]) -> dict:
+    values = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            fail(f"--option {item!r}: write it as NAME=VALUE, e.g. n_threads=4")
+        values[name.strip()] = yaml.safe_load(value) if value else None
+    return values
+
+
+def _size_option(name: str, text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        fail(f"{name}: {exc}")
+        raise  # unreachable: fail() raises
+
+
+def _threshold_options(base: Thresholds, items: tuple[str, ...]) -> Thresholds:
+    values: dict = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError("expected NAME=VALUE")
+            values[name.strip()] = float(value)
+        except ValueError:
+            fail(f"--threshold {item!r}: write it as NAME=NUMBER, e.g. min_decode_tok_s=20")
+    try:
+        return base.merged(values)
+    except ValueError as exc:
+        fail(f"--threshold: {exc}")
+        raise
+
+
 def _sigterm_as_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
 def _case_line(r: CaseResult, total: int) -> str:
     head = f"[{r.case.index + 1}/{total}] {r.case.model_label} {r.case.label}"
+    fit = case_fit(r.rows)
     if r.status != "ok":
-        return f"{head}: [red]{r.status}[/] {r.error}"
+        return f"{head}: [red]{r.status}[/] (fit: {fit or 'no verdict'}) {r.error}"
     ok_rows = [row for row in r.rows if row["status"] == "ok"]
     ttft = summarize([row["ttft_s"] for row in ok_rows])
     dec = summarize([row["decode_tok_s"] for row in ok_rows])
-    return (f"{head}: [green]ok[/] TTFT {ttft.median * 1000:,.0f} ms, decode {dec.median:,.1f} tok/s, "
+    return (f"{head}: [green]ok[/] {FIT_STYLE.get(fit, '{}').format(fit)} · TTFT {ttft.median * 1000:,.0f} ms, decode {dec.median:,.1f} tok/s, "
             f"peak RSS {mib(r.peak_rss)} MiB (VmHWM {mib(r.vmhwm)}), {r.wall_s:.1f} s")
+
+
+FIT_STYLE = {"fits": "[green]{}[/]", "tight": "[yellow]{}[/]", "slow": "[yellow]{}[/]", "offload": "[magenta]{}[/]",
+             "spill": "[red]{}[/]", "no_fit": "[bold red]{}[/]"}
+
+
+def case_fit(rows: list[dict]) -> str | None:
+    """A case's verdict is its worst row's."""
+    return worst([row.get("fit_class") for row in rows])
 
 
 def _summary_table(results: list[CaseResult]) -> None:
@@ -145,10 +403,10 @@ def _summary_table(results: list[CaseResult]) -> None:
         return
     show_model = len({r.case.model_label for r in results}) > 1
     table = Table(title="fitbench summary (medians over repetitions)")
-    headers = ["#", *(["model"] if show_model else []), "case", "status", "TTFT ms", "pp tok/s", "tg tok/s",
-               "peak MiB", "HWM MiB", "maj flt"]
+    headers = ["#", *(["model"] if show_model else []), "case", "status", "fit", "TTFT ms", "pp tok/s", "tg tok/s",
+               "peak MiB", "HWM MiB", "read MiB"]
     for col in headers:
-        table.add_column(col, justify="left" if col in ("model", "case", "status") else "right", no_wrap=True)
+        table.add_column(col, justify="left" if col in ("model", "case", "status", "fit") else "right", no_wrap=True)
     for r in results:
         ok_rows = [row for row in r.rows if row["status"] == "ok"]
 
@@ -159,13 +417,27 @@ def _summary_table(results: list[CaseResult]) -> None:
         dec = summarize([row["decode_tok_s"] for row in ok_rows])
         decode = "-" if dec is None else f"{dec.median:,.1f}±{dec.stdev:,.1f}"
         status = "[green]ok[/]" if r.status == "ok" else f"[red]{r.status}[/]"
-        faults = str(sum(row["major_faults"] or 0 for row in ok_rows)) if ok_rows else "-"
+        read = mib(max(row["read_bytes"] or 0 for row in ok_rows)) if ok_rows else "-"
+        fit = case_fit(r.rows) or "-"
         table.add_row(str(r.case.index + 1), *([r.case.model_label] if show_model else []), r.case.label, status,
-                      med("ttft_s", 1000, "{:,.0f}"), med("prefill_tok_s"), decode, mib(r.peak_rss), mib(r.vmhwm),
-                      faults)
+                      FIT_STYLE.get(fit, "{}").format(fit), med("ttft_s", 1000, "{:,.0f}"), med("prefill_tok_s"),
+                      decode, mib(r.peak_rss), mib(r.vmhwm), read)
     console.print(table)
     if show_model is False:
         console.print(f"model: {results[0].case.model_label} ({results[0].case.runtime})")
+
+
+@cli.command()
+def thresholds() -> None:
+    """Show the fit thresholds, their defaults and meaning."""
+    table = Table(title="fit thresholds (override in a scenario's thresholds: or with --threshold NAME=VALUE)")
+    for col in ("name", "default", "meaning"):
+        table.add_column(col)
+    defaults = Thresholds()
+    for name, text in THRESHOLD_HELP.items():
+        value = getattr(defaults, name)
+        table.add_row(name, f"{value:,}" if isinstance(value, int) else f"{value:g}", text)
+    console.print(table)
 
 
 @cli.command()
@@ -231,7 +503,7 @@ def main() -> None:
         # click's own usage errors: keep them to one line too
         click.echo(f"fitbench: error: {exc.format_message()} (see fitbench --help)", err=True)
         sys.exit(exc.exit_code)
-    except (FitbenchError, ScenarioError, OutputError, ResultsError) as exc:
+    except (FitbenchError, ScenarioError, OutputError, ResultsError, CatalogError) as exc:
         click.echo(f"fitbench: error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
 

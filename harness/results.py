@@ -24,10 +24,11 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: budget and fit columns
 METADATA_KEY = b"fitbench.schema_version"
 
-STATUSES = ("ok", "load_error", "runtime_error", "oom", "killed", "timeout", "unavailable", "interrupted")
+STATUSES = ("ok", "load_error", "runtime_error", "oom", "killed", "crashed", "timeout", "stopped", "unavailable",
+            "interrupted")
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ RESULT_COLUMNS: list[Column] = _cols(
     ("case_key", S, "stable hash of what is measured: artifact, runtime, options, n_ctx, prompt and gen tokens"),
     ("case_label", S, "llama-bench style label, e.g. pp1024+tg32 @ ctx2048"),
     ("repetition", I, "0-based repetition; null when the case failed before any repetition"),
-    ("status", S, "ok | load_error | runtime_error | oom | killed | timeout | unavailable | interrupted"),
+    ("status", S, "ok | load_error | runtime_error | oom | killed | crashed | timeout | stopped | unavailable | interrupted"),
     ("error", S, "what went wrong, one line; null when ok"),
     ("started_at", T, "when the case started (UTC)"),
     # artifact
@@ -67,6 +68,8 @@ RESULT_COLUMNS: list[Column] = _cols(
     ("artifact_n_params", I, "parameter count"),
     ("artifact_n_layers", I, "transformer blocks"),
     ("artifact_n_kv_heads", I, "KV heads (GQA)"),
+    ("artifact_n_heads", I, "attention heads (schema 1.1)"),
+    ("artifact_head_dim", I, "dimension of one attention head (schema 1.1)"),
     ("artifact_context_length", I, "context length the model was trained for"),
     # runtime
     ("runtime", S, "runner name, e.g. llama.cpp"),
@@ -114,6 +117,16 @@ RESULT_COLUMNS: list[Column] = _cols(
     ("case_major_faults", I, "major page faults of the child over the whole case, load included"),
     ("case_read_bytes", I, "bytes the child read from storage over the whole case, load included"),
     ("cpu_util", F, "child CPU time / wall time during the repetition (1.0 = one core busy)"),
+    # budget and fit (schema 1.1)
+    ("budget_bytes", I, "memory budget the case was judged against (the machine's RAM when none was set)"),
+    ("budget_method", S, "how the budget was applied: cgroup-v1 | cgroup-v2 (enforced) | none (judged only)"),
+    ("fit_class", S, "fits | tight | slow | offload | spill | no_fit; null when the case gave no verdict"),
+    ("fit_reason", S, "why, in words, with the numbers that decided it"),
+    ("fit_memory", S, "memory component: resident | tight | over_budget | spill | no_fit"),
+    ("fit_headroom", F, "(budget - peak RSS) / budget"),
+    ("fit_speed", S, "speed component: interactive | slow"),
+    ("fit_offload", B, "part of the model ran off the accelerator"),
+    ("thresholds_json", S, "the fit thresholds used, JSON"),
     # sampler
     ("sampler_interval_ms", F, "requested sampling interval"),
     ("sampler_samples", I, "samples actually taken over the case"),

@@ -2,9 +2,10 @@
 
 Runs as a thread in the parent (never in the measured process), reading
 ``/proc`` with ``os.pread`` on descriptors opened once, so a sample costs
-tens of microseconds. Unique memory (USS, from ``smaps_rollup``) walks the
-page tables and is much dearer, so it is read only every ``uss_every``
-samples. On systems without ``/proc`` it falls back to psutil.
+about ten microseconds. Unique memory (USS, from ``smaps_rollup``) walks
+the page tables (~1 ms for a few hundred MiB, under the target's mmap lock),
+so it is read only every ``uss_every`` samples; system-wide memory and swap
+every ``system_every``. On systems without ``/proc`` it falls back to psutil.
 
 Counters (faults, swap pages, bytes read, CPU seconds) are cumulative; the
 suite turns them into deltas per phase using the timestamps, which share
@@ -83,40 +84,38 @@ class _ProcReader:
         self.meminfo = os.open("/proc/meminfo", os.O_RDONLY)
         self.vmstat = os.open("/proc/vmstat", os.O_RDONLY)
 
-    def _read(self, fd: int, size: int = 8192) -> str:
-        return os.pread(fd, size, 0).decode()
+    @staticmethod
+    def _field(text: bytes, key: bytes) -> int | None:
+        """The number after ``key`` in a /proc key-value file, without splitting every line."""
+        i = text.find(key)
+        if i < 0:
+            return None
+        start = i + len(key)
+        end = text.find(b"\n", start)
+        return int(text[start:end if end >= 0 else len(text)].split()[0])
 
-    def sample(self, with_uss: bool) -> dict:
+    def sample(self, with_uss: bool, with_system: bool = True) -> dict:
         row: dict = {}
-        statm = self._read(self.fds["statm"]).split()
-        row["rss"] = int(statm[1]) * PAGE
-        stat = self._read(self.fds["stat"])
-        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) "
+        pread = os.pread
+        row["rss"] = int(pread(self.fds["statm"], 256, 0).split()[1]) * PAGE
+        stat = pread(self.fds["stat"], 1024, 0)
+        fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) "
         row["minflt"], row["majflt"] = int(fields[7]), int(fields[9])
         row["cpu_s"] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
         if "io" in self.fds:
-            for line in self._read(self.fds["io"]).splitlines():
-                if line.startswith("read_bytes:"):
-                    row["read_bytes"] = int(line.split()[1])
+            row["read_bytes"] = self._field(pread(self.fds["io"], 512, 0), b"\nread_bytes:")
         if with_uss and "smaps_rollup" in self.fds:
-            uss = 0
-            for line in self._read(self.fds["smaps_rollup"]).splitlines():
-                if line.startswith(("Private_Clean:", "Private_Dirty:", "Private_Hugetlb:")):
-                    uss += int(line.split()[1]) * 1024
-            row["uss"] = uss
-        mem = {}
-        for line in self._read(self.meminfo).splitlines():
-            key, _, rest = line.partition(":")
-            if key in ("MemAvailable", "SwapTotal", "SwapFree"):
-                mem[key] = int(rest.split()[0]) * 1024
-        row["sys_available"] = mem.get("MemAvailable")
-        row["swap_used"] = mem.get("SwapTotal", 0) - mem.get("SwapFree", 0)
-        for line in self._read(self.vmstat, 16384).splitlines():
-            if line.startswith("pswpin "):
-                row["pswpin"] = int(line.split()[1])
-            elif line.startswith("pswpout "):
-                row["pswpout"] = int(line.split()[1])
-                break
+            # ~1 ms for a few hundred MiB, and it holds the target's mmap lock: keep it rare.
+            text = pread(self.fds["smaps_rollup"], 4096, 0)
+            row["uss"] = sum((self._field(text, k) or 0) for k in (b"Private_Clean:", b"Private_Dirty:")) * 1024
+        if with_system:
+            mem = pread(self.meminfo, 4096, 0)
+            available = self._field(mem, b"MemAvailable:")
+            row["sys_available"] = available * 1024 if available is not None else None
+            swap_total, swap_free = self._field(mem, b"SwapTotal:"), self._field(mem, b"SwapFree:")
+            row["swap_used"] = ((swap_total or 0) - (swap_free or 0)) * 1024
+            vm = pread(self.vmstat, 16384, 0)
+            row["pswpin"], row["pswpout"] = self._field(vm, b"\npswpin "), self._field(vm, b"\npswpout ")
         return row
 
     def vmhwm(self, pid: int) -> int | None:
@@ -141,7 +140,7 @@ class _PsutilReader:
     def __init__(self, pid: int) -> None:
         self.proc = psutil.Process(pid)
 
-    def sample(self, with_uss: bool) -> dict:
+    def sample(self, with_uss: bool, with_system: bool = True) -> dict:
         mem = self.proc.memory_info()
         cpu = self.proc.cpu_times()
         vm, swap = psutil.virtual_memory(), psutil.swap_memory()
@@ -166,10 +165,11 @@ class _PsutilReader:
 class Sampler:
     """Samples ``pid`` every ``interval_s`` seconds in a daemon thread until stopped."""
 
-    def __init__(self, pid: int, interval_s: float = 0.01, uss_every: int = 25) -> None:
+    def __init__(self, pid: int, interval_s: float = 0.01, uss_every: int = 100, system_every: int = 5) -> None:
         self.pid = pid
         self.interval_s = interval_s
         self.uss_every = uss_every
+        self.system_every = system_every
         self.timeline = Timeline(interval_s)
         self.peak_rss = 0
         self.last_rss = 0
@@ -189,7 +189,7 @@ class Sampler:
         next_at = time.perf_counter()
         while not self._stop.is_set():
             self.requested += 1
-            if not self._take(with_uss=(n % self.uss_every == 0)):
+            if not self._take(n % self.uss_every == 0, n % self.system_every == 0):
                 return  # the process is gone
             n += 1
             # Schedule on a fixed grid so slow samples do not stretch the interval.
@@ -200,10 +200,10 @@ class Sampler:
                 delay = 0
             self._stop.wait(delay)
 
-    def _take(self, with_uss: bool) -> bool:
+    def _take(self, with_uss: bool, with_system: bool = True) -> bool:
         t = time.perf_counter()
         try:
-            row = self._reader.sample(with_uss)
+            row = self._reader.sample(with_uss, with_system)
         except (OSError, ValueError, IndexError, psutil.Error):
             return False
         row["t"] = t

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from harness.fit import Thresholds, parse_size
 from runners.base import OptionError, UnknownRunner, get_runner_class
 
 TOP_FIELDS = {
@@ -35,6 +36,8 @@ TOP_FIELDS = {
     "repetitions": "recorded repetitions per case (default 3)",
     "timeout": "seconds a case may take, load included (default 600)",
     "sampler_interval_ms": "memory sampling interval in milliseconds (default 10)",
+    "budget": "memory the case may use, e.g. 8GiB, or a list to sweep ('none' = no budget); cgroup-enforced where possible",
+    "thresholds": "fit thresholds: headroom, min_decode_tok_s, max_ttft_s, spill_read_fraction, ...",
 }
 MODEL_FIELDS = {"artifact", "runtime", "options", "label"}
 MAX_FILL = 0.95
@@ -71,6 +74,8 @@ class Scenario:
     timeout: float = 600.0
     sampler_interval_ms: float = 10.0
     description: str = ""
+    budgets: list[int | None] = field(default_factory=lambda: [None])
+    thresholds: Thresholds = field(default_factory=Thresholds)
 
     def cases(self) -> list[Case]:
         return expand_cases(self)
@@ -94,11 +99,14 @@ class Case:
     repetitions: int
     timeout: float
     sampler_interval_ms: float
+    budget_bytes: int | None = None
+    thresholds: Thresholds = field(default_factory=Thresholds)
 
     @property
     def label(self) -> str:
-        """llama-bench style: ``pp1024+tg32 @ ctx2048``."""
-        return f"pp{self.prompt_tokens}+tg{self.gen_tokens} @ ctx{self.n_ctx}"
+        """llama-bench style: ``pp1024+tg32 @ ctx2048``, plus the budget when one is set."""
+        budget = f" <= {self.budget_bytes / 2**20:,.0f}MiB" if self.budget_bytes else ""
+        return f"pp{self.prompt_tokens}+tg{self.gen_tokens} @ ctx{self.n_ctx}{budget}"
 
     @property
     def key(self) -> str:
@@ -111,6 +119,8 @@ class Case:
             "prompt_tokens": self.prompt_tokens,
             "gen_tokens": self.gen_tokens,
         }
+        if self.budget_bytes is not None:
+            ident["budget_bytes"] = self.budget_bytes
         return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -171,6 +181,8 @@ def parse_scenario(data: Any, source: str = "<scenario>", base_dir: Path | None 
         repetitions=_int(source, "repetitions", data.get("repetitions", 3), minimum=1),
         timeout=_number(source, "timeout", data.get("timeout", 600), minimum=1),
         sampler_interval_ms=_number(source, "sampler_interval_ms", data.get("sampler_interval_ms", 10), minimum=1),
+        budgets=_budgets(source, data.get("budget")),
+        thresholds=_thresholds(source, data.get("thresholds")),
     )
 
 
@@ -182,14 +194,15 @@ def expand_cases(s: Scenario) -> list[Case]:
         fixed = {k: v for k, v in model.options.items() if not isinstance(v, list)}
         for combo in itertools.product(*swept.values()) if swept else [()]:
             options = {**fixed, **dict(zip(swept, combo))}
-            for n_ctx in s.contexts:
+            for budget, n_ctx in itertools.product(s.budgets, s.contexts):
                 for fill, n_prompt in _prompt_lengths(s, n_ctx):
                     cases.append(Case(
                         index=len(cases), scenario=s.name, model_label=model.label,
                         artifact=model.artifact, runtime=model.runtime, options=options,
                         n_ctx=n_ctx, prompt_tokens=n_prompt, gen_tokens=s.gen_tokens, fill=fill,
                         warmup=s.warmup, repetitions=s.repetitions, timeout=s.timeout,
-                        sampler_interval_ms=s.sampler_interval_ms,
+                        sampler_interval_ms=s.sampler_interval_ms, budget_bytes=budget,
+                        thresholds=s.thresholds,
                     ))
     return cases
 
@@ -226,7 +239,10 @@ def _parse_model(source: str, where: str, raw: Any, base_dir: Path | None) -> Mo
     options = raw.get("options") or {}
     if not isinstance(options, dict):
         raise ScenarioError(source, f"{where}.options", "must be a mapping of option: value")
-    artifact = resolve_artifact(artifact_raw, base_dir)
+    try:
+        artifact = resolve_artifact(artifact_raw, base_dir)
+    except LookupError as exc:
+        raise ScenarioError(source, f"{where}.artifact", str(exc)) from None
     try:
         runner_cls = get_runner_class(runtime)
     except UnknownRunner as exc:
@@ -246,7 +262,22 @@ def _parse_model(source: str, where: str, raw: Any, base_dir: Path | None) -> Mo
 
 
 def resolve_artifact(raw: str, base_dir: Path | None) -> Path:
-    """Absolute paths as given; relative ones against the scenario's folder, then the cwd."""
+    """``catalog:ID`` (or a bare catalog id) through the catalog; absolute paths as given;
+    relative ones against the scenario's folder, then the cwd."""
+    if raw.startswith("catalog:") or ("/" not in raw and "." not in raw):
+        from harness.catalog import CatalogError, default_catalog_path, load_catalog
+
+        artifact_id = raw.removeprefix("catalog:")
+        try:
+            cat = load_catalog(default_catalog_path(base_dir))
+        except CatalogError as exc:
+            raise LookupError(str(exc)) from None
+        found = cat.resolve(artifact_id)
+        if found is not None:
+            return found
+        if raw.startswith("catalog:"):
+            known = ", ".join(sorted(cat.artifacts)) or "none"
+            raise LookupError(f"no artifact {artifact_id!r} with a path in {cat.path} (known: {known})")
     path = Path(raw).expanduser()
     if path.is_absolute():
         return path
@@ -303,6 +334,33 @@ def _fill_list(source: str, value: Any) -> list[float]:
             raise ScenarioError(source, f"fill[{i}]", f"must be at most {MAX_FILL} (generated tokens need room), got {f}")
         out.append(f)
     return out
+
+
+def _budgets(source: str, value: Any) -> list[int | None]:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ScenarioError(source, "budget", "an empty list budgets nothing; give sizes like 8GiB or 'none'")
+    out: list[int | None] = []
+    for i, v in enumerate(values):
+        if v is None or (isinstance(v, str) and v.strip().lower() == "none"):
+            out.append(None)
+            continue
+        try:
+            out.append(parse_size(v))
+        except ValueError as exc:
+            raise ScenarioError(source, f"budget[{i}]" if isinstance(value, list) else "budget", str(exc)) from None
+    return out
+
+
+def _thresholds(source: str, value: Any) -> Thresholds:
+    if value is None:
+        return Thresholds()
+    if not isinstance(value, dict):
+        raise ScenarioError(source, "thresholds", "must be a mapping like {min_decode_tok_s: 20}")
+    try:
+        return Thresholds().merged(value)
+    except ValueError as exc:
+        raise ScenarioError(source, "thresholds", str(exc)) from None
 
 
 def parse_contexts(text: str) -> list[int]:

@@ -8,6 +8,7 @@ hang) becomes a row with a status; the suite goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,7 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.artifact import ArtifactInfo, sha256_file
+from harness.budget import CgroupBudget, create_budget, drop_cached_pages
 from harness.child import EXIT_GRACE_S, WorkerProcess
+from harness.fit import classify
 from harness.machine import Machine
 from harness.metrics import timing
 from harness.results import SCHEMA_VERSION, ResultWriter
@@ -130,10 +133,18 @@ def run_case(
         "n_ctx": case.n_ctx, "prompt_tokens": case.prompt_tokens, "gen_tokens": case.gen_tokens,
         "warmup": case.warmup, "repetitions": case.repetitions,
     }
+    budget = None
+    if case.budget_bytes is not None:
+        drop_cached_pages(case.artifact)
+        budget = create_budget(case.budget_bytes)
     t_spawn = time.perf_counter()
-    worker = WorkerProcess(spec, Path(log_path))
+    worker = WorkerProcess(Path(log_path))
+    if budget is not None:
+        budget.add(worker.pid)
+    worker.start(spec)
     sampler = Sampler(worker.pid, case.sampler_interval_ms / 1000).start()
     progress = Progress()
+    watch = Watchdog(case, artifact.size_bytes, machine.ram_bytes, budget is not None)
 
     events: dict[str, Any] = {"reps": []}
     status, error = "ok", None
@@ -146,10 +157,14 @@ def run_case(
             if time.perf_counter() > deadline:
                 status, error = "timeout", f"case exceeded its timeout of {case.timeout:g} s (phase: {progress.phase})"
                 break
+            stop = watch.check(sampler.timeline)
+            if stop:
+                status, error = "stopped", stop
+                break
             try:
                 message = worker.poll(POLL_S)
             except EOFError:
-                status, error = _death_status(worker, sampler.timeline, machine)
+                status, error = _death_status(worker, sampler.timeline, machine, budget)
                 break
             if message is None:
                 continue
@@ -159,6 +174,7 @@ def run_case(
                 progress.phase = "loading"
             elif kind == "loaded":
                 progress.phase = "warm-up" if case.warmup else "generating"
+                watch.loaded(sampler.timeline)
             elif kind == "warmup":
                 progress.phase = "generating"
             elif kind == "rep":
@@ -175,10 +191,15 @@ def run_case(
     finally:
         timeline = sampler.stop()
         worker.finish(graceful=("done" in events or "error" in events) and not interrupted)
+        if budget is not None:
+            if status == "runtime_error" and budget.oom_killed():
+                status, error = "oom", f"out of memory inside the {case.budget_bytes / 2**20:,.0f} MiB budget ({error})"
+            budget.close()
 
     wall_s = time.perf_counter() - t_spawn
     error = _with_log_tail(status, error, log_path)
     rows = _rows(case, base, events, timeline, status, error, worker.exitcode, wall_s, t_spawn)
+    judge(rows, case, machine, budget.method if budget else "none")
     result = CaseResult(case, status, error, rows, timeline, sampler.peak_rss or None, timeline.vmhwm, wall_s,
                         t_spawn, events)
     if interrupted:
@@ -186,12 +207,15 @@ def run_case(
     return result
 
 
-def _death_status(worker: WorkerProcess, timeline: Timeline, machine: Machine) -> tuple[str, str]:
+def _death_status(worker: WorkerProcess, timeline: Timeline, machine: Machine,
+                  budget: CgroupBudget | None) -> tuple[str, str]:
     code = worker.join(EXIT_GRACE_S)
     if code is None:
         return "runtime_error", "the worker closed its pipe but did not exit"
     if code < 0:
         sig = signal.Signals(-code)
+        if sig == signal.SIGKILL and budget is not None and budget.oom_killed():
+            return "oom", f"killed by the kernel OOM killer inside the {budget.limit_bytes / 2**20:,.0f} MiB budget ({budget.method})"
         if sig == signal.SIGKILL:
             low = timeline.low("sys_available")
             if low is not None and low < 0.05 * machine.ram_bytes:
@@ -199,6 +223,54 @@ def _death_status(worker: WorkerProcess, timeline: Timeline, machine: Machine) -
             return "killed", "killed by SIGKILL from outside fitbench (OOM killer or a user)"
         return "crashed", f"native crash: the worker died with {sig.name}"
     return "crashed", f"the worker exited with code {code} without reporting"
+
+
+class Watchdog:
+    """Ends a case early when waiting for the timeout would only hurt.
+
+    - Thrash: a budgeted, mmapped model that no longer fits re-reads its
+      weights from storage for every token and is never killed by the kernel
+      (seen here: 130 MiB for the 98 MB sample, still thrashing after 300 s).
+      Once the worker has read ``watchdog_read_factor`` x the artifact after
+      loading, the verdict (spill) is clear: stop.
+    - Machine safety: with no cgroup to contain it, a case that drives system
+      available memory under 2% of RAM is stopped before it takes the
+      user's machine into swap-death.
+    """
+
+    MIN_AVAILABLE_FRACTION = 0.02
+
+    def __init__(self, case: Case, artifact_bytes: int, ram_bytes: int, contained: bool) -> None:
+        self.limit = case.thresholds.watchdog_read_factor * artifact_bytes if artifact_bytes else None
+        self.artifact_bytes, self.ram_bytes, self.contained = artifact_bytes, ram_bytes, contained
+        self.read_at_load: int | None = None
+
+    def loaded(self, timeline: Timeline) -> None:
+        samples = timeline.samples["read_bytes"]
+        self.read_at_load = samples[-1] if samples else None
+
+    def check(self, timeline: Timeline) -> str | None:
+        if not len(timeline):
+            return None
+        read = timeline.samples["read_bytes"][-1]
+        if self.limit and self.read_at_load is not None and read is not None and read - self.read_at_load >= self.limit:
+            since = read - self.read_at_load
+            return (f"spill watchdog: read {since / 2**20:,.0f} MiB from storage after loading "
+                    f"({since / self.artifact_bytes:.1f}x the artifact); stopped instead of waiting for the timeout")
+        available = timeline.samples["sys_available"][-1]
+        if not self.contained and available is not None and available < self.MIN_AVAILABLE_FRACTION * self.ram_bytes:
+            return (f"memory guard: system available memory fell to {available / 2**20:,.0f} MiB; "
+                    "stopped to protect the machine (use --budget to measure under a limit instead)")
+        return None
+
+
+def judge(rows: list[dict[str, Any]], case: Case, machine: Machine, method: str) -> None:
+    """Add the budget and fit columns to each row."""
+    budget = case.budget_bytes or machine.ram_bytes
+    thresholds = json.dumps(dataclasses.asdict(case.thresholds), sort_keys=True)
+    for row in rows:
+        verdict = classify(row, budget, case.thresholds)
+        row.update(verdict.to_row(), budget_bytes=budget, budget_method=method, thresholds_json=thresholds)
 
 
 def _with_log_tail(status: str, error: str | None, log_path: str) -> str | None:
@@ -224,6 +296,7 @@ def _base_row(case: Case, art: ArtifactInfo, m: Machine, run_id: str, started_at
         "artifact_format": art.format, "artifact_quant": art.quant, "artifact_arch": art.architecture,
         "artifact_n_params": art.n_params, "artifact_n_layers": art.n_layers,
         "artifact_n_kv_heads": art.n_kv_heads, "artifact_context_length": art.context_length,
+        "artifact_n_heads": art.n_heads, "artifact_head_dim": art.head_dim,
         "runtime": case.runtime, "options_json": json.dumps(case.options, sort_keys=True),
         "n_ctx": case.n_ctx, "fill": case.fill, "prompt_tokens": case.prompt_tokens, "gen_tokens": case.gen_tokens,
         "warmup": case.warmup, "sampler_interval_ms": case.sampler_interval_ms,

@@ -7,6 +7,7 @@ import glob
 import pandas as pd
 import pytest
 
+from harness.results import SCHEMA_VERSION
 from tests.conftest import ROOT
 from tests.test_cli import fitbench
 
@@ -32,7 +33,7 @@ def test_rows_for_every_context(quick_run):
     assert list(df.sort_values("n_ctx").drop_duplicates("n_ctx")["prompt_tokens"]) == [256, 1024, 4096]
     assert (df["gen_tokens"] == 8).all()
     assert (df["artifact_quant"] == "Q4_1").all() and (df["runtime"] == "llama.cpp").all()
-    assert df["schema_version"].eq("1.0").all()
+    assert df["schema_version"].eq(SCHEMA_VERSION).all()
     assert "summary" in proc.stdout
 
 

@@ -117,3 +117,35 @@ def test_parse_contexts():
         parse_contexts("512,big")
     with pytest.raises(ValueError):
         parse_contexts("4")
+
+
+def test_budgets_sweep_and_label(tiny_gguf):
+    s = parse_scenario(base(tiny_gguf, contexts=[512], budget=["none", "200MiB"]))
+    cases = s.cases()
+    assert [c.budget_bytes for c in cases] == [None, 200 * 2**20]
+    assert cases[1].label.endswith("<= 200MiB") and cases[0].key != cases[1].key
+
+
+def test_bad_budget(tiny_gguf):
+    with pytest.raises(ScenarioError, match="memory size"):
+        parse_scenario(base(tiny_gguf, budget="lots"))
+
+
+def test_thresholds_in_scenario(tiny_gguf):
+    s = parse_scenario(base(tiny_gguf, thresholds={"min_decode_tok_s": 25}))
+    assert s.cases()[0].thresholds.min_decode_tok_s == 25
+    with pytest.raises(ScenarioError, match="unknown threshold"):
+        parse_scenario(base(tiny_gguf, thresholds={"fast": 1}))
+
+
+def test_models_by_catalog_id(tmp_path, tiny_gguf, monkeypatch):
+    (tmp_path / "cat.yaml").write_text(f"artifacts:\n  tiny-q4:\n    path: {tiny_gguf}\nfits: []\n")
+    monkeypatch.setenv("FITBENCH_CATALOG", str(tmp_path / "cat.yaml"))
+    data = base(tiny_gguf)
+    data["models"][0]["artifact"] = "catalog:tiny-q4"
+    assert parse_scenario(data).models[0].artifact == tiny_gguf
+    data["models"][0]["artifact"] = "tiny-q4"
+    assert parse_scenario(data).models[0].artifact == tiny_gguf
+    data["models"][0]["artifact"] = "catalog:nope"
+    with pytest.raises(ScenarioError, match="no artifact 'nope'.*known: tiny-q4"):
+        parse_scenario(data)

@@ -1,0 +1,183 @@
+"""Measurements + thresholds -> fit class, with its components and the reason in words.
+
+Components are judged separately, then the worst applicable class wins:
+
+    no_fit > spill > offload > slow > tight > fits
+
+- memory: peak RSS against the budget (the --budget, else the machine's RAM):
+  ``resident`` with headroom, ``tight`` inside the headroom margin,
+  ``over_budget`` above it (only possible when the budget was not enforced).
+- spill: the worker read its own weights back from storage during a
+  repetition (``read_bytes`` >= ``spill_read_fraction`` x artifact size), or
+  the system swapped. Measured on this kind of box, a model that fits reads
+  0 bytes while decoding; one squeezed by a cgroup reads about the whole
+  model per token. TTFT alone misses this; bytes read do not.
+- speed: decode tok/s below ``min_decode_tok_s`` or TTFT above ``max_ttft_s``.
+- offload: fewer layers on the accelerator than the model has, when the
+  runtime put any there.
+
+Failed cases: ``oom``/``killed``/``load_error`` are ``no_fit``; a case the
+spill watchdog stopped is ``spill``; a timeout is ``slow`` (it ran, too
+slowly) unless it was reading its weights back (``spill``); crashes, runtime
+errors, interruptions and unavailable runtimes get no verdict (null).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields
+
+ORDER = ("fits", "tight", "slow", "offload", "spill", "no_fit")
+NO_FIT_STATUSES = {"oom", "killed", "load_error"}
+NO_VERDICT_STATUSES = {"crashed", "runtime_error", "interrupted", "unavailable"}
+
+
+THRESHOLD_HELP = {
+    "headroom": "tight when peak memory is above (1 - headroom) x budget",
+    "min_decode_tok_s": "slow below this decode rate (about reading speed; chat wants more)",
+    "max_ttft_s": "slow when the first token takes longer than this many seconds",
+    "spill_read_fraction": "spill when a repetition reads this fraction of the artifact (or more) back from storage",
+    "spill_swap_bytes": "spill when the system swaps this many bytes (in + out) during a repetition",
+    "watchdog_read_factor": "stop a case early (spill) once it has re-read its artifact this many times after load",
+}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Documented defaults; a scenario's ``thresholds:`` or ``--threshold NAME=VALUE`` override them."""
+
+    headroom: float = 0.10
+    min_decode_tok_s: float = 10.0
+    max_ttft_s: float = 10.0
+    spill_read_fraction: float = 0.5
+    spill_swap_bytes: int = 64 << 20
+    watchdog_read_factor: float = 64.0
+
+    def merged(self, overrides: dict) -> Thresholds:
+        known = {f.name for f in fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown threshold {sorted(unknown)[0]!r} (known: {', '.join(sorted(known))})")
+        values = {**asdict(self), **{k: v for k, v in overrides.items() if v is not None}}
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"threshold {key!r} must be a non-negative number, got {value!r}")
+        if values["headroom"] >= 1:
+            raise ValueError(f"threshold 'headroom' is a fraction below 1, got {values['headroom']}")
+        return Thresholds(**values)
+
+
+@dataclass
+class Verdict:
+    fit_class: str | None
+    fit_reason: str
+    fit_memory: str | None = None  # resident | tight | over_budget | spill | no_fit
+    fit_headroom: float | None = None  # (budget - peak) / budget
+    fit_speed: str | None = None  # interactive | slow
+    fit_offload: bool | None = None
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
+def worst(classes: list[str | None]) -> str | None:
+    present = [c for c in classes if c is not None]
+    return max(present, key=ORDER.index) if present else None
+
+
+def classify(row: dict, budget_bytes: int, t: Thresholds = Thresholds()) -> Verdict:
+    """Judge one result row (a repetition, or a failed case's row)."""
+    status = row.get("status")
+    if status in NO_VERDICT_STATUSES:
+        return Verdict(None, f"no verdict: the case ended with {status}")
+    if status in NO_FIT_STATUSES:
+        return Verdict("no_fit", f"{status}: {row.get('error') or 'did not run'}", fit_memory="no_fit")
+    if status == "stopped":
+        return Verdict("spill", row.get("error") or "stopped while reading its weights back from storage",
+                       fit_memory="spill")
+    artifact = row.get("artifact_size_bytes") or 0
+    read = row.get("read_bytes") if status == "ok" else row.get("case_read_bytes")
+    if status == "timeout":
+        if read and artifact and read >= t.spill_read_fraction * artifact:
+            return Verdict("spill", f"timed out while reading {read / 2**20:,.0f} MiB back from storage",
+                           fit_memory="spill")
+        return Verdict("slow", "timed out before finishing", fit_speed="slow")
+    if status != "ok":
+        return Verdict(None, f"no verdict for status {status!r}")
+
+    reasons: dict[str, str] = {}
+    peak = row.get("rep_peak_rss_bytes") or row.get("peak_rss_bytes")
+    headroom = (budget_bytes - peak) / budget_bytes if peak and budget_bytes else None
+    memory = "resident"
+    if headroom is not None:
+        if headroom < 0:
+            memory = "over_budget"
+            reasons["spill"] = f"peak {peak / 2**20:,.0f} MiB is above the {budget_bytes / 2**20:,.0f} MiB budget"
+        elif headroom < t.headroom:
+            memory = "tight"
+            reasons["tight"] = f"only {headroom:.0%} of the {budget_bytes / 2**20:,.0f} MiB budget left (margin {t.headroom:.0%})"
+
+    swapped = ((row.get("swap_in_pages") or 0) + (row.get("swap_out_pages") or 0)) * 4096
+    if artifact and read and read >= t.spill_read_fraction * artifact:
+        memory = "spill"
+        reasons["spill"] = (f"read {read / 2**20:,.0f} MiB from storage during generation "
+                            f"({read / artifact:.1f}x the {artifact / 2**20:,.0f} MiB artifact): weights were evicted and re-read")
+    elif swapped >= t.spill_swap_bytes:
+        memory = "spill"
+        reasons["spill"] = f"the system swapped {swapped / 2**20:,.0f} MiB during generation"
+
+    decode, ttft = row.get("decode_tok_s"), row.get("ttft_s")
+    speed = "interactive"
+    slow_parts = []
+    if decode is not None and decode < t.min_decode_tok_s:
+        slow_parts.append(f"decode {decode:.1f} tok/s < {t.min_decode_tok_s:g}")
+    if ttft is not None and ttft > t.max_ttft_s:
+        slow_parts.append(f"TTFT {ttft:.1f} s > {t.max_ttft_s:g} s")
+    if slow_parts:
+        speed = "slow"
+        reasons["slow"] = ", ".join(slow_parts)
+
+    on_device, total = row.get("n_layers_device"), row.get("n_layers_total")
+    offload = bool(on_device) and total is not None and on_device < total
+    if offload:
+        reasons["offload"] = f"{on_device} of {total} layers on the accelerator, the rest on the host"
+
+    fit_class = worst(list(reasons)) or "fits"
+    if fit_class == "fits":
+        parts = ["resident" + (f" with {headroom:.0%} headroom" if headroom is not None else "")]
+        if decode is not None:
+            parts.append(f"{decode:.1f} tok/s decode")
+        if ttft is not None:
+            parts.append(f"TTFT {ttft:.2f} s")
+        reason = ", ".join(parts)
+    else:
+        reason = "; ".join(reasons[c] for c in sorted(reasons, key=ORDER.index, reverse=True))
+    return Verdict(fit_class, reason, memory, headroom, speed, offload)
+
+
+def max_fit_context(by_context: dict[int, str | None]) -> int | None:
+    """The largest context whose verdict is ``fits`` with every smaller tried context fitting too."""
+    best = None
+    for n_ctx in sorted(by_context):
+        if by_context[n_ctx] != "fits":
+            break
+        best = n_ctx
+    return best
+
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+              "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'8GiB', '512 MiB', '1.5G', 123456 -> bytes. Bare G/M/K are binary, GB/MB decimal."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if not match or match.group(2).lower() not in SIZE_UNITS:
+            raise ValueError(f"cannot read {text!r} as a memory size; write it like 8GiB, 512MiB or 1.5G")
+        value = int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"a memory size must be positive, got {text!r}")
+    return value

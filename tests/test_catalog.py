@@ -1,0 +1,112 @@
+"""Catalog merge: idempotent, newer replaces older, malformed files are errors, nothing silently lost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.catalog import CatalogError, load_catalog, query, save_catalog, update_catalog
+
+MiB = 2**20
+
+
+def row(run_id="r1", n_ctx=2048, fit="fits", started="2026-11-28 10:00:00", decode=50.0, peak=300 * MiB, **kw):
+    base = {
+        "run_id": run_id, "case_key": f"k{n_ctx}", "status": "ok", "fit_class": fit, "fit_reason": f"{fit} because",
+        "artifact_sha256": "a" * 64, "artifact_name": "SmolLM2-135M-Instruct.Q4_1.gguf", "artifact_format": "gguf",
+        "artifact_quant": "Q4_1", "artifact_arch": "llama", "artifact_size_bytes": 98 * MiB, "artifact_n_params": 134e6,
+        "artifact_n_layers": 30, "artifact_n_kv_heads": 3, "artifact_n_heads": 9, "artifact_head_dim": 64,
+        "artifact_context_length": 8192, "artifact_path": "/m/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "machine_class": "cpu-x86_64-24GiB", "runtime": "llama.cpp", "options_json": '{"n_threads": 2}',
+        "n_ctx": n_ctx, "prompt_tokens": n_ctx // 2, "budget_bytes": 24 * 2**30, "ram_bytes": 24 * 2**30,
+        "budget_method": "none", "peak_rss_bytes": peak, "decode_tok_s": decode, "ttft_s": 1.0,
+        "runtime_version": "0.3.36", "started_at": started,
+    }
+    base.update(kw)
+    return base
+
+
+def test_update_is_idempotent_and_round_trips(tmp_path: Path):
+    cat = load_catalog(tmp_path / "catalog.yaml")
+    rows = [row(n_ctx=512), row(n_ctx=2048), row(n_ctx=2048, decode=52.0)]
+    assert update_catalog(cat, [("a.parquet", rows)]) == {"added": 2, "updated": 0, "unchanged": 0, "skipped": 0}
+    save_catalog(cat)
+    again = load_catalog(tmp_path / "catalog.yaml")
+    assert update_catalog(again, [("a.parquet", rows)])["unchanged"] == 2
+    save_catalog(again)
+    assert (tmp_path / "catalog.yaml").read_text() == _saved(cat, tmp_path)
+    [art] = again.artifacts.values()
+    assert art["sha256"] == "a" * 64 and art["n_kv_heads"] == 3 and art["head_dim"] == 64
+    entry = next(f for f in again.fits if f["n_ctx"] == 2048)
+    assert entry["decode_tok_s"] == 51.0 and entry["budget_bytes"] is None and entry["count"] == 1
+
+
+def _saved(cat, tmp_path):
+    other = tmp_path / "copy.yaml"
+    cat.path, old = other, cat.path
+    save_catalog(cat)
+    cat.path = old
+    return other.read_text()
+
+
+def test_newer_replaces_older_keeping_the_count(tmp_path: Path):
+    cat = load_catalog(tmp_path / "c.yaml")
+    update_catalog(cat, [("a", [row("r1", fit="fits", started="2026-11-01 00:00:00")])])
+    update_catalog(cat, [("b", [row("r2", fit="tight", started="2026-11-20 00:00:00")])])
+    update_catalog(cat, [("c", [row("r0", fit="spill", started="2026-10-01 00:00:00")])])  # older: counted only
+    [entry] = cat.fits
+    assert entry["fit_class"] == "tight" and entry["count"] == 3 and entry["source"] == "b"
+    assert entry["runs"] == ["r0", "r1", "r2"]
+
+
+def test_budget_and_failures_are_kept_apart(tmp_path: Path):
+    cat = load_catalog(tmp_path / "c.yaml")
+    rows = [row("r1"), row("r2", budget_bytes=200 * MiB, budget_method="cgroup-v1", fit="spill"),
+            {**row("r3", budget_bytes=60 * MiB, budget_method="cgroup-v1", fit="no_fit"), "status": "oom",
+             "decode_tok_s": None}]
+    counts = update_catalog(cat, [("x", rows)])
+    assert counts["added"] == 3
+    assert sorted(str(f["budget_bytes"]) for f in cat.fits) == sorted(["None", str(200 * MiB), str(60 * MiB)])
+
+
+def test_rows_without_verdict_are_skipped_not_lost(tmp_path: Path):
+    cat = load_catalog(tmp_path / "c.yaml")
+    counts = update_catalog(cat, [("x", [row(fit=None), {**row("r9", fit=None), "status": "crashed"}])])
+    assert counts["added"] == 0 and counts["skipped"] == 2
+
+
+def test_query_by_context_and_budget(tmp_path: Path):
+    cat = load_catalog(tmp_path / "c.yaml")
+    update_catalog(cat, [("x", [row(n_ctx=512, peak=200 * MiB), row(n_ctx=2048, peak=300 * MiB),
+                                row(n_ctx=8192, fit="slow", peak=500 * MiB)])])
+    [at_1k] = query(cat, "cpu-x86_64-24GiB", context=1000)
+    assert at_1k["n_ctx"] == 2048
+    judged = {f["n_ctx"]: f["budget_verdict"] for f in query(cat, "cpu-x86_64-24GiB", budget_bytes=320 * MiB)}
+    assert judged == {512: "fits", 2048: "tight", 8192: "spill"}
+    assert query(cat, "apple-m3-16GiB") == []
+
+
+@pytest.mark.parametrize("text, words", [
+    ("artifacts: [\n", "malformed YAML at line"),
+    ("- a\n- b\n", "a catalog is a mapping"),
+    ("catalog_version: 7\n", "upgrade fitbench"),
+    ("artifacts: {}\nfits: [{artifact: x, machine_class: c, runtime: r, n_ctx: 1}]\n", "not under 'artifacts'"),
+    ("artifacts: {}\nfits: [{artifact: x}]\n", "lacks machine_class"),
+])
+def test_malformed_catalogs_are_errors_and_never_overwritten(tmp_path: Path, text, words):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(CatalogError, match=words):
+        load_catalog(path)
+    assert path.read_text() == text
+
+
+def test_missing_catalog_is_empty(tmp_path: Path):
+    cat = load_catalog(tmp_path / "none.yaml")
+    assert cat.fits == [] and cat.artifacts == {}
+    update_catalog(cat, [("x", [row()])])
+    save_catalog(cat)
+    data = yaml.safe_load((tmp_path / "none.yaml").read_text())
+    assert data["catalog_version"] == 1 and len(data["fits"]) == 1
