@@ -77,11 +77,24 @@ _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: 
 _STRING, _ARRAY = 8, 9
 
 
+# A header is untrusted input: counts and lengths are checked against the file
+# size before anything is read or allocated, so a lying header costs nothing.
+MAX_COUNT = 1 << 24  # tensors, metadata keys, array items, dimensions
+
+
 class _Reader:
-    def __init__(self, fh: BinaryIO, path: Path) -> None:
-        self.fh, self.path = fh, path
+    def __init__(self, fh: BinaryIO, path: Path, size: int) -> None:
+        self.fh, self.path, self.size = fh, path, size
+
+    def count(self, n: int, what: str, min_bytes_each: int = 1) -> int:
+        if n > MAX_COUNT or self.fh.tell() + n * min_bytes_each > self.size:
+            raise ArtifactError(f"{self.path}: GGUF header claims {n:,} {what}, more than its {self.size:,} bytes "
+                                "can hold: the file is truncated or damaged; re-download it")
+        return n
 
     def take(self, n: int) -> bytes:
+        if self.fh.tell() + n > self.size:
+            raise ArtifactError(f"{self.path} is truncated inside its GGUF header; re-download it")
         data = self.fh.read(n)
         if len(data) != n:
             raise ArtifactError(f"{self.path} is truncated inside its GGUF header; re-download it")
@@ -99,9 +112,11 @@ class _Reader:
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
-            item_type, count = self.scalar("I"), self.scalar("Q")
+            item_type = self.scalar("I")
+            item_size = struct.calcsize(_SCALARS[item_type]) if item_type in _SCALARS else 8
+            count = self.count(self.scalar("Q"), "array items", item_size)
             if item_type in _SCALARS and not keep:  # skip big arrays (vocabulary scores) unread
-                self.fh.seek(count * struct.calcsize(_SCALARS[item_type]), 1)
+                self.fh.seek(count * item_size, 1)
                 return count
             items = [self.value(item_type, keep) for _ in range(count)]
             return items if keep else count
@@ -113,12 +128,13 @@ def _inspect_gguf(path: Path) -> ArtifactInfo:
 
     size = path.stat().st_size
     with path.open("rb") as fh:
-        r = _Reader(fh, path)
+        r = _Reader(fh, path, size)
         r.take(4)
         version = r.scalar("I")
         if version not in (2, 3):
             raise ArtifactError(f"{path}: unsupported GGUF version {version}")
-        n_tensors, n_kv = r.scalar("Q"), r.scalar("Q")
+        n_tensors = r.count(r.scalar("Q"), "tensors", 24)
+        n_kv = r.count(r.scalar("Q"), "metadata keys", 12)
         meta: dict[str, Any] = {}
         for _ in range(n_kv):
             key = r.string()
@@ -127,10 +143,12 @@ def _inspect_gguf(path: Path) -> ArtifactInfo:
         tensors = []
         for _ in range(n_tensors):
             name = r.string()
-            dims = [r.scalar("Q") for _ in range(r.scalar("I"))]
+            dims = [r.scalar("Q") for _ in range(r.count(r.scalar("I"), "dimensions", 8))]
             ttype, offset = r.scalar("I"), r.scalar("Q")
             tensors.append((name, dims, ttype, offset))
-        alignment = int(meta.get("general.alignment", 32))
+        alignment = meta.get("general.alignment", 32)
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or not 0 < alignment <= 1 << 20:
+            raise ArtifactError(f"{path}: GGUF general.alignment {alignment!r} is not a sane alignment; the file is damaged")
         data_start = -(-fh.tell() // alignment) * alignment
 
     n_params = 0

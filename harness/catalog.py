@@ -187,6 +187,17 @@ def update_catalog(cat: Catalog, results: list[tuple[str, list[dict]]]) -> dict[
     return counts
 
 
+def _relative_path(cat: Catalog, path: str | None) -> str | None:
+    """Paths inside the catalog's own tree are kept relative, so a cloned repo's catalog still resolves."""
+    if not path:
+        return None
+    root = cat.path.parent.resolve()
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return path
+
+
 def _set_budget(row: dict) -> bool:
     """A budget counts as part of the key only if it was asked for (not just the machine's RAM)."""
     return row.get("budget_bytes") is not None and row.get("budget_bytes") != row.get("ram_bytes")
@@ -212,7 +223,7 @@ def _ensure_artifact(cat: Catalog, row: dict) -> str:
             "n_kv_heads": row.get("artifact_n_kv_heads"),
             "head_dim": row.get("artifact_head_dim"),
             "context_length": row.get("artifact_context_length"),
-            "path": row.get("artifact_path"),
+            "path": _relative_path(cat, row.get("artifact_path")),
         }
         cat.artifacts[aid] = {k: v for k, v in cat.artifacts[aid].items() if v is not None}
     return aid

@@ -29,6 +29,7 @@ from harness.artifact import ArtifactError, inspect_artifact
 from harness.catalog import DEFAULT_CATALOG, CatalogError, load_catalog, options_label, query, save_catalog, update_catalog
 from harness.estimate import EstimateError, estimate
 from harness.fitsearch import case_verdict, search
+from harness.resume import RunLock, latest_results, load_for_resume
 from harness.scenario import parse_scenario
 from harness.suite import ArtifactHashes, CaseResult, SuiteInterrupted, new_run_id, run_case, run_suite, timeline_columns
 from runners.base import get_runner_class, registered_runners
@@ -75,8 +76,12 @@ def cli() -> None:
 @click.option("--budget", help="memory the cases may use, e.g. 8GiB; enforced with a cgroup where possible")
 @click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE",
               help="override a fit threshold, e.g. --threshold min_decode_tok_s=20 (see `fitbench thresholds`)")
+@click.option("--resume", is_flag=True,
+              help="continue the latest run of this scenario in OUTPUT: skip finished cases, rerun the rest")
+@click.option("--force", is_flag=True, help="run cases even when their estimated memory is far above what is free")
 def run(scenario: Path, output_dir: Path, repetitions: int | None, contexts: str | None,
-        gen_tokens: int | None, timeout: float | None, budget: str | None, thresholds: tuple[str, ...]) -> None:
+        gen_tokens: int | None, timeout: float | None, budget: str | None, thresholds: tuple[str, ...],
+        resume: bool, force: bool) -> None:
     """Run SCENARIO (a YAML file) and write results to OUTPUT."""
     sc = load_scenario(scenario)
     overrides: dict = {}
@@ -103,9 +108,23 @@ def run(scenario: Path, output_dir: Path, repetitions: int | None, contexts: str
         fail(f"{scenario}: the scenario expands to no cases; check contexts and prompt_tokens")
 
     run_id = new_run_id()
-    writer = ResultWriter(out / f"{sc.name}-{run_id}.parquet")
+    previous = latest_results(out, sc.name) if resume else None
+    writer = ResultWriter(previous or out / f"{sc.name}-{run_id}.parquet")
+    with RunLock(writer.results_path):
+        todo = cases
+        if previous is not None:
+            run_id, kept, timeline, done = load_for_resume(previous, cases)
+            writer.keep(kept, timeline)
+            todo = [c for c in cases if c.key not in done]
+            console.print(f"resuming {previous.name}: {len(cases) - len(todo)} of {len(cases)} case(s) already done")
+        elif resume:
+            console.print(f"nothing to resume in {out} for scenario {sc.name}; starting a new run")
+        _run_cases(sc, todo, len(cases), artifacts, writer, run_id, force)
+
+
+def _run_cases(sc, cases: list, total: int, artifacts: dict, writer: ResultWriter, run_id: str, force: bool) -> None:
     mach = machine_mod.fingerprint()
-    console.print(f"[bold]fitbench[/] {sc.name}: {len(cases)} case(s) on {mach.machine_class} "
+    console.print(f"[bold]fitbench[/] {sc.name}: {len(cases)} case(s) to run on {mach.machine_class} "
                   f"({mach.cpu_model}), results -> {writer.results_path}")
 
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
@@ -117,24 +136,26 @@ def run(scenario: Path, output_dir: Path, repetitions: int | None, contexts: str
     def on_progress(case, p) -> None:
         rep = f" {p.repetition}/{case.repetitions}" if p.phase == "generating" else ""
         progress.update(task, description=(
-            f"case {case.index + 1}/{len(cases)} {case.model_label} {case.label} · {p.phase}{rep} · "
+            f"case {case.index + 1}/{total} {case.model_label} {case.label} · {p.phase}{rep} · "
             f"RSS {mib(p.rss)} MiB (peak {mib(p.peak_rss)})"))
 
     def on_case_end(result: CaseResult) -> None:
         results.append(result)
         progress.advance(task)
-        progress.console.print(_case_line(result, len(cases)))
+        progress.console.print(_case_line(result, total))
 
     interrupted = False
     with progress:
         try:
-            run_suite(cases, artifacts, mach, writer, run_id, on_progress=on_progress, on_case_end=on_case_end)
+            run_suite(cases, artifacts, mach, writer, run_id, on_progress=on_progress, on_case_end=on_case_end,
+                      force=force)
         except (SuiteInterrupted, KeyboardInterrupt):
             interrupted = True
     _summary_table(results)
     console.print(f"results: {writer.results_path}\ntimeline: {writer.timeline_path}")
     if interrupted:
-        err_console.print(f"fitbench: interrupted after {len(results)} of {len(cases)} case(s); results so far are saved")
+        err_console.print(f"fitbench: interrupted after {len(results)} of {len(cases)} case(s); results so far are "
+                          f"saved; continue with: fitbench run {sc.source} -o {writer.results_path.parent} --resume")
         sys.exit(EXIT_INTERRUPTED)
 
 
@@ -272,7 +293,7 @@ def catalog_show(catalog_path: Path, machine_class: str | None, context: int | N
              + f"; classes in the catalog: {', '.join(sorted({f['machine_class'] for f in cat.fits}))}")
     title = f"catalog: {mc or 'all machine classes'}" + (f", context >= {context:,}" if context else "")
     table = Table(title=title + (f", judged against {budget}" if budget else ""))
-    cols = ["artifact", *(["machine"] if mc is None else []), "runtime", "options", "n_ctx", "prompt", "budget",
+    cols = ["artifact", *(["machine"] if mc is None else []), "runtime", "options", "n_ctx", "prompt", "budget MiB",
             "fit", *(["at budget"] if budget else []), "peak MiB", "tg tok/s", "TTFT s", "runs"]
     for col in cols:
         table.add_column(col, no_wrap=col not in ("artifact",))

@@ -19,7 +19,8 @@ Components are judged separately, then the worst applicable class wins:
 Failed cases: ``oom``/``killed``/``load_error`` are ``no_fit``; a case the
 spill watchdog stopped is ``spill``; a timeout is ``slow`` (it ran, too
 slowly) unless it was reading its weights back (``spill``); crashes, runtime
-errors, interruptions and unavailable runtimes get no verdict (null).
+errors, interruptions, unavailable runtimes and cases skipped by the
+memory guard get no verdict (null).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import asdict, dataclass, fields
 
 ORDER = ("fits", "tight", "slow", "offload", "spill", "no_fit")
 NO_FIT_STATUSES = {"oom", "killed", "load_error"}
-NO_VERDICT_STATUSES = {"crashed", "runtime_error", "interrupted", "unavailable"}
+NO_VERDICT_STATUSES = {"crashed", "runtime_error", "interrupted", "unavailable", "skipped"}
 
 
 THRESHOLD_HELP = {

@@ -28,7 +28,7 @@ SCHEMA_VERSION = "1.1"  # 1.1: budget and fit columns
 METADATA_KEY = b"fitbench.schema_version"
 
 STATUSES = ("ok", "load_error", "runtime_error", "oom", "killed", "crashed", "timeout", "stopped", "unavailable",
-            "interrupted")
+            "interrupted", "skipped")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ RESULT_COLUMNS: list[Column] = _cols(
     ("case_key", S, "stable hash of what is measured: artifact, runtime, options, n_ctx, prompt and gen tokens"),
     ("case_label", S, "llama-bench style label, e.g. pp1024+tg32 @ ctx2048"),
     ("repetition", I, "0-based repetition; null when the case failed before any repetition"),
-    ("status", S, "ok | load_error | runtime_error | oom | killed | crashed | timeout | stopped | unavailable | interrupted"),
+    ("status", S, "ok | load_error | runtime_error | oom | killed | crashed | timeout | stopped | unavailable | interrupted | skipped"),
     ("error", S, "what went wrong, one line; null when ok"),
     ("started_at", T, "when the case started (UTC)"),
     # artifact
@@ -213,20 +213,31 @@ def write_atomic(table: pa.Table, path: Path) -> None:
 def file_schema_version(path: Path) -> str | None:
     meta = pq.read_schema(path).metadata or {}
     value = meta.get(METADATA_KEY)
-    return value.decode() if value else None
+    return value.decode(errors="replace") if value else None
 
 
 def read_results(path: Path) -> pa.Table:
     """Read a results file, refusing one written by an incompatible (newer major) schema."""
     try:
         version = file_schema_version(path)
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise ResultsError(f"{path} is not a readable Parquet file: {exc}") from None
+    except (OSError, pa.ArrowException) as exc:
+        raise ResultsError(f"{path} is not a readable Parquet file: {_one_line(exc)}") from None
     if version is None:
         raise ResultsError(f"{path} has no {METADATA_KEY.decode()} metadata; it was not written by fitbench")
     if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
         raise ResultsError(f"{path} uses schema {version}; this fitbench reads {SCHEMA_VERSION.split('.')[0]}.x — upgrade fitbench")
-    return pq.read_table(path)
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise ResultsError(f"{path} is damaged: {_one_line(exc)}") from None
+
+
+def _one_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+def timeline_path_for(results_path: Path) -> Path:
+    return results_path.with_name(results_path.name.removesuffix(".parquet") + ".timeline.parquet")
 
 
 class ResultWriter:
@@ -238,9 +249,14 @@ class ResultWriter:
 
     def __init__(self, results_path: Path) -> None:
         self.results_path = results_path
-        self.timeline_path = results_path.with_name(results_path.name.removesuffix(".parquet") + ".timeline.parquet")
+        self.timeline_path = timeline_path_for(results_path)
         self.rows: list[dict[str, Any]] = []
         self.timeline_tables: list[pa.Table] = []
+
+    def keep(self, rows: list[dict[str, Any]], timeline: pa.Table | None) -> None:
+        """Start from rows already on disk (a resumed run)."""
+        self.rows = list(rows)
+        self.timeline_tables = [timeline.cast(TIMELINE_SCHEMA)] if timeline is not None and timeline.num_rows else []
 
     def add_case(self, rows: list[dict[str, Any]], timeline_rows: dict[str, list]) -> None:
         self.rows.extend(rows)
@@ -252,9 +268,12 @@ class ResultWriter:
         self.flush()
 
     def flush(self) -> None:
+        # Case order, whatever order the cases ran in (a resumed run appends out of order).
+        self.rows.sort(key=lambda r: (r.get("case_index") or 0, r.get("repetition") is None, r.get("repetition") or 0))
         try:
             write_atomic(to_table(self.rows, RESULT_SCHEMA), self.results_path)
             if self.timeline_tables:
-                write_atomic(pa.concat_tables(self.timeline_tables), self.timeline_path)
+                timeline = pa.concat_tables(self.timeline_tables).sort_by([("case_index", "ascending"), ("t_s", "ascending")])
+                write_atomic(timeline, self.timeline_path)
         except OSError as exc:
             raise ResultsError(f"cannot write results to {self.results_path.parent}: {exc.strerror or exc}") from exc

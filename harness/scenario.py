@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,9 +151,10 @@ def parse_scenario(data: Any, source: str = "<scenario>", base_dir: Path | None 
         if required not in data:
             raise ScenarioError(source, required, f"missing; add '{required}:' ({TOP_FIELDS[required]})")
 
-    name = data.get("name") or Path(source).stem
-    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
-        raise ScenarioError(source, "name", f"must be letters, digits, '-' or '_', got {name!r}")
+    # Without a name, the file's stem made safe for file names ("my scenario.yaml" -> my-scenario).
+    name = data.get("name") or re.sub(r"[^A-Za-z0-9_-]+", "-", Path(source).stem).strip("-")[:64] or "scenario"
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
+        raise ScenarioError(source, "name", f"must be up to 64 letters, digits, '-' or '_', got {_short(name)}")
 
     models_raw = data["models"]
     if not isinstance(models_raw, list) or not models_raw:
@@ -177,8 +179,8 @@ def parse_scenario(data: Any, source: str = "<scenario>", base_dir: Path | None 
         fill=fill,
         prompt_tokens=prompt_tokens,
         gen_tokens=_int(source, "gen_tokens", data.get("gen_tokens", 32), minimum=2),
-        warmup=_int(source, "warmup", data.get("warmup", 1), minimum=0),
-        repetitions=_int(source, "repetitions", data.get("repetitions", 3), minimum=1),
+        warmup=_int(source, "warmup", data.get("warmup", 1), minimum=0, maximum=100),
+        repetitions=_int(source, "repetitions", data.get("repetitions", 3), minimum=1, maximum=10_000),
         timeout=_number(source, "timeout", data.get("timeout", 600), minimum=1),
         sampler_interval_ms=_number(source, "sampler_interval_ms", data.get("sampler_interval_ms", 10), minimum=1),
         budgets=_budgets(source, data.get("budget")),
@@ -296,23 +298,35 @@ def _reject_unknown(source: str, where: str, raw: dict, known: dict) -> None:
 
 def _typed(source: str, where: str, value: Any, kind: type) -> Any:
     if not isinstance(value, kind):
-        raise ScenarioError(source, where, f"must be a {kind.__name__}, got {value!r}")
+        raise ScenarioError(source, where, f"must be a {kind.__name__}, got {_short(value)}")
     return value
 
 
-def _int(source: str, where: str, value: Any, minimum: int) -> int:
+# Upper bounds keep absurd inputs (a typo, or a hostile file) from becoming absurd work.
+MAX_INT = 1 << 24  # 16M tokens of context is beyond any model today
+MAX_NUMBER = 7 * 24 * 3600.0
+
+
+def _int(source: str, where: str, value: Any, minimum: int, maximum: int = MAX_INT) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ScenarioError(source, where, f"must be an integer, got {value!r}")
+        raise ScenarioError(source, where, f"must be an integer, got {_short(value)}")
     if value < minimum:
         raise ScenarioError(source, where, f"must be at least {minimum}, got {value}")
+    if value > maximum:
+        raise ScenarioError(source, where, f"must be at most {maximum:,}, got {_short(value)}")
     return value
 
 
-def _number(source: str, where: str, value: Any, minimum: float) -> float:
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(source: str, where: str, value: Any, minimum: float, maximum: float = MAX_NUMBER) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ScenarioError(source, where, f"must be a number, got {value!r}")
-    if value < minimum:
-        raise ScenarioError(source, where, f"must be at least {minimum}, got {value}")
+        raise ScenarioError(source, where, f"must be a number, got {_short(value)}")
+    if not minimum <= value <= maximum:  # also rejects NaN
+        raise ScenarioError(source, where, f"must be between {minimum:g} and {maximum:g}, got {_short(value)}")
     return float(value)
 
 
@@ -329,9 +343,9 @@ def _fill_list(source: str, value: Any) -> list[float]:
         raise ScenarioError(source, "fill", "must not be empty")
     out = []
     for i, v in enumerate(values):
-        f = _number(source, f"fill[{i}]", v, minimum=0.0)
-        if f > MAX_FILL:
-            raise ScenarioError(source, f"fill[{i}]", f"must be at most {MAX_FILL} (generated tokens need room), got {f}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > MAX_FILL:
+            raise ScenarioError(source, f"fill[{i}]", f"must be at most {MAX_FILL} (generated tokens need room), got {_short(v)}")
+        f = _number(source, f"fill[{i}]", v, minimum=0.0, maximum=MAX_FILL)
         out.append(f)
     return out
 

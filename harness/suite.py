@@ -20,9 +20,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
+
 from harness.artifact import ArtifactInfo, sha256_file
 from harness.budget import CgroupBudget, create_budget, drop_cached_pages
 from harness.child import EXIT_GRACE_S, WorkerProcess
+from harness.estimate import EstimateError, estimate
 from harness.fit import classify
 from harness.machine import Machine
 from harness.metrics import timing
@@ -90,11 +93,21 @@ def run_suite(
     on_case_start: Callable[[Case], None] = lambda case: None,
     on_progress: Callable[[Case, Progress], None] = lambda case, p: None,
     on_case_end: Callable[[CaseResult], None] = lambda result: None,
+    force: bool = False,
 ) -> list[CaseResult]:
     hashes = ArtifactHashes()
     results = []
     for case in cases:
         on_case_start(case)
+        too_big = None if force else obviously_too_big(case, artifacts[case.artifact])
+        if too_big:
+            base = _base_row(case, artifacts[case.artifact], machine, run_id, datetime.now(timezone.utc), hashes)
+            result = CaseResult(case, "skipped", too_big, [{**base, "status": "skipped", "error": too_big}])
+            judge(result.rows, case, machine, "none")
+            writer.add_case(result.rows, {})
+            on_case_end(result)
+            results.append(result)
+            continue
         try:
             result = run_case(case, artifacts[case.artifact], machine, run_id, hashes,
                               lambda p, c=case: on_progress(c, p))
@@ -223,6 +236,26 @@ def _death_status(worker: WorkerProcess, timeline: Timeline, machine: Machine,
             return "killed", "killed by SIGKILL from outside fitbench (OOM killer or a user)"
         return "crashed", f"native crash: the worker died with {sig.name}"
     return "crashed", f"the worker exited with code {code} without reporting"
+
+
+SKIP_FACTOR = 1.5  # "obviously": the estimate is this far above what is free
+
+
+def obviously_too_big(case: Case, artifact: ArtifactInfo) -> str | None:
+    """Before a case without a budget: skip it if its estimated peak is far above available memory,
+    so the harness never walks the user's machine into swap-death by default."""
+    if case.budget_bytes is not None:
+        return None  # a cgroup (or the verdict) contains it
+    try:
+        guess = estimate(artifact, case.n_ctx, case.runtime, str(case.options.get("type_k", "f16")),
+                         bool(case.options.get("flash_attn", False)), fill=case.prompt_tokens / case.n_ctx)
+    except EstimateError:
+        return None
+    available = psutil.virtual_memory().available
+    if guess.total_bytes > SKIP_FACTOR * available:
+        return (f"skipped: estimated peak {guess.total_bytes / 2**30:,.1f} GiB is far above the "
+                f"{available / 2**30:,.1f} GiB available; pass --force to run it anyway, or --budget to measure it contained")
+    return None
 
 
 class Watchdog:

@@ -70,7 +70,21 @@ class Channel:
         return json.loads(line)
 
 
+def die_with_parent() -> None:
+    """Linux: if the harness is killed (even with SIGKILL), take this worker down too."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
+    die_with_parent()
     parser = argparse.ArgumentParser(description="fitbench case worker (started by the harness, not by hand)")
     parser.add_argument("--msg-fd", type=int, required=True)
     parser.add_argument("--ctl-fd", type=int, required=True)

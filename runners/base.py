@@ -120,19 +120,24 @@ class Runner:
         pass
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _coerce(key: str, value: Any, spec: Option) -> Any:
     # bool is an int subclass in Python: keep the two apart on purpose.
     if spec.type is bool and not isinstance(value, bool):
-        raise OptionError(f"option {key!r} must be true or false, got {value!r}")
+        raise OptionError(f"option {key!r} must be true or false, got {_short(value)}")
     if spec.type is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise OptionError(f"option {key!r} must be an integer, got {value!r}")
+        raise OptionError(f"option {key!r} must be an integer, got {_short(value)}")
     if spec.type is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise OptionError(f"option {key!r} must be a number, got {value!r}")
+        raise OptionError(f"option {key!r} must be a number, got {_short(value)}")
     if spec.type is str and not isinstance(value, str):
-        raise OptionError(f"option {key!r} must be a string, got {value!r}")
+        raise OptionError(f"option {key!r} must be a string, got {_short(value)}")
     if spec.choices is not None and value not in spec.choices:
         choices = ", ".join(str(c) for c in spec.choices)
-        raise OptionError(f"option {key!r} must be one of {choices}, got {value!r}")
+        raise OptionError(f"option {key!r} must be one of {choices}, got {_short(value)}")
     return spec.type(value)
 
 

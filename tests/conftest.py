@@ -29,13 +29,15 @@ def _gguf_string(s: str) -> bytes:
     return struct.pack("<Q", len(data)) + data
 
 
-def write_tiny_gguf(path: Path, context_length: int = 4096) -> Path:
-    """A structurally valid GGUF with metadata and no tensors: enough for preflight checks."""
+def write_tiny_gguf(path: Path, context_length: int = 4096, **dims: int) -> Path:
+    """A structurally valid GGUF with metadata and no tensors: enough for preflight checks.
+    ``dims`` adds architecture numbers, e.g. embedding_length=8192, attention__head_count=64."""
     kv = [
         ("general.architecture", 8, _gguf_string("fake")),
         ("fake.context_length", 4, struct.pack("<I", context_length)),
-        ("fake.block_count", 4, struct.pack("<I", 2)),
+        ("fake.block_count", 4, struct.pack("<I", dims.pop("block_count", 2))),
     ]
+    kv += [(f"fake.{k.replace('__', '.')}", 4, struct.pack("<I", v)) for k, v in dims.items()]
     body = b"GGUF" + struct.pack("<IQQ", 3, 0, len(kv))
     for key, vtype, value in kv:
         body += _gguf_string(key) + struct.pack("<I", vtype) + value

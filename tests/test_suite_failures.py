@@ -99,3 +99,18 @@ def test_timeline_is_written_with_phases(tiny_gguf, tmp_path, n_ctx, fill):
     tl = pq.read_table(writer.timeline_path).to_pandas()
     assert {"load", "warmup", "rep0", "rep1"} <= set(tl["phase"])
     assert tl["t_s"].is_monotonic_increasing
+
+
+def test_an_obviously_too_big_case_is_skipped_unless_forced(tmp_path):
+    from tests.conftest import write_tiny_gguf
+
+    huge = write_tiny_gguf(tmp_path / "huge.gguf", context_length=1 << 20, block_count=80, embedding_length=8192,
+                           attention__head_count=64, attention__head_count_kv=64)
+    s = scenario(huge, ["FakeRunner"], contexts=[1 << 20], fill=0.001, repetitions=1)
+    writer = ResultWriter(tmp_path / "r.parquet")
+    [result] = run_suite(s.cases(), check_scenario(s), fingerprint(), writer, "guard")
+    assert result.status == "skipped" and "--force" in result.error and "GiB" in result.error
+    assert read_results(writer.results_path).column("fit_class").to_pylist() == [None]
+    [forced] = run_suite(s.cases(), check_scenario(s), fingerprint(), ResultWriter(tmp_path / "f.parquet"), "g",
+                         force=True)
+    assert forced.status == "ok"
