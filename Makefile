@@ -58,7 +58,7 @@ test: setup
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 bench: setup llama-bench
-	$(PY) bench/harness_vs_bare.py --out results/bench --llama-bench $(LLAMA_BENCH)
+	$(PY) bench/harness_vs_bare.py --out results/bench --llama-bench $(LLAMA_BENCH) --quick
 
 # llama-bench from the llama.cpp sources vendored in the installed
 # llama-cpp-python's sdist, built with the same flags, into .cache/ (never committed).

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -75,8 +76,36 @@ def run_fitbench(model: Path, n_prompt: int, n_gen: int, threads: int, reps: int
     rows = [r for r in results[0].rows if r["status"] == "ok"]
     if len(rows) != reps:
         raise SystemExit(f"fitbench case failed: {results[0].error}")
-    return [{"prefill_tok_s": r["prefill_tok_s"], "decode_tok_s": r["decode_tok_s"],
-             "peak_rss_bytes": r["peak_rss_bytes"], "vmhwm_bytes": r["vmhwm_bytes"]} for r in rows]
+    keep = ("prefill_tok_s", "decode_tok_s", "peak_rss_bytes", "vmhwm_bytes", "ru_maxrss_bytes", "spawn_s",
+            "import_s", "load_s", "case_wall_s", "sampler_samples", "sampler_interval_ms")
+    return [{k: r[k] for k in keep} for r in rows]
+
+
+def sampler_cost(interval_ms: float, seconds: float = 3.0) -> dict:
+    """CPU the sampler thread costs the harness process, sampling a 300 MiB idle process."""
+    from harness.sampler import Sampler
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(300 << 20); time.sleep(60)"])
+    try:
+        time.sleep(1.0)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        timeline = Sampler(proc.pid, interval_ms / 1000).start()
+        time.sleep(seconds)
+        timeline = timeline.stop()
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    finally:
+        proc.kill()
+        proc.wait()
+    return {"interval_ms": interval_ms, "cpu_fraction_of_core": cpu / wall, "samples": len(timeline),
+            "asked": round(wall / (interval_ms / 1000))}
+
+
+def quick_wall_time() -> float:
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "harness.cli", "run", str(ROOT / "scenarios" / "quick.yaml"), "-o", tmp],
+                       cwd=ROOT, check=True, capture_output=True)
+    return time.perf_counter() - t0
 
 
 def run_bare(model: Path, n_prompt: int, n_gen: int, threads: int, reps: int) -> list[dict]:
@@ -119,6 +148,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="also time the whole scenarios/quick.yaml")
     args = ap.parse_args()
     if not args.model.exists():
         raise SystemExit(f"bench: model not found at {args.model}; run `make sample-models`")
@@ -158,6 +188,21 @@ def main() -> None:
     fb = methods["fitbench"]
     gaps = [abs(r["peak_rss_bytes"] - r["vmhwm_bytes"]) / r["vmhwm_bytes"] for r in fb if r.get("vmhwm_bytes")]
     report["sampled_peak_vs_vmhwm_max_rel_gap"] = max(gaps) if gaps else None
+    gaps = [abs(r["peak_rss_bytes"] - r["ru_maxrss_bytes"]) / r["ru_maxrss_bytes"] for r in fb if r.get("ru_maxrss_bytes")]
+    report["sampled_peak_vs_ru_maxrss_max_rel_gap"] = max(gaps) if gaps else None
+    decode_cv = cv(fb, "decode_tok_s") or 0.0
+    report["repeatability"] = {
+        "decode_cv": decode_cv,
+        "prefill_cv": cv(fb, "prefill_tok_s"),
+        # 95% CI half-width of the mean within 2%: n >= (1.96 * CV / 0.02)^2
+        "repetitions_for_2pct_ci": math.ceil((1.96 * decode_cv / 0.02) ** 2),
+    }
+    report["startup_s"] = {k: median(fb, k) for k in ("spawn_s", "import_s", "load_s", "case_wall_s")}
+    print("sampler cost ...", flush=True)
+    report["sampler"] = [sampler_cost(10.0), sampler_cost(1.0)]
+    if args.quick:
+        print("timing scenarios/quick.yaml ...", flush=True)
+        report["quick_yaml_wall_s"] = quick_wall_time()
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "harness.json").write_text(json.dumps(report, indent=2))
@@ -168,7 +213,20 @@ def main() -> None:
         lines.append(f"| {name} | {p['median']:.1f} ({p['cv'] or 0:.1%}) | {d['median']:.1f} ({d['cv'] or 0:.1%}) |")
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in report["ratios"].items() if v is not None]
-    lines.append(f"\nsampled peak RSS vs kernel VmHWM, largest gap: {report['sampled_peak_vs_vmhwm_max_rel_gap']:.2%}")
+    lines.append(f"\nsampled peak RSS vs kernel VmHWM, largest gap: {report['sampled_peak_vs_vmhwm_max_rel_gap']:.2%}; "
+                 f"vs getrusage ru_maxrss (what /usr/bin/time -v reports): "
+                 f"{report['sampled_peak_vs_ru_maxrss_max_rel_gap'] or 0:.2%}")
+    rep = report["repeatability"]
+    lines.append(f"decode tok/s CV over {len(fb)} repetitions: {rep['decode_cv']:.1%}; repetitions for a ±2% 95% CI: "
+                 f"{rep['repetitions_for_2pct_ci']}")
+    st = report["startup_s"]
+    lines.append(f"per case: spawn {st['spawn_s']:.2f} s + runtime import {st['import_s']:.2f} s + model load "
+                 f"{st['load_s']:.2f} s; whole case {st['case_wall_s']:.1f} s")
+    for smp in report["sampler"]:
+        lines.append(f"sampler at {smp['interval_ms']:g} ms: {smp['cpu_fraction_of_core']:.2%} of one core, "
+                     f"{smp['samples']} samples taken of {smp['asked']} asked")
+    if "quick_yaml_wall_s" in report:
+        lines.append(f"scenarios/quick.yaml wall time: {report['quick_yaml_wall_s']:.0f} s")
     (args.out / "harness.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nwritten: {args.out / 'harness.json'}, {args.out / 'harness.md'}")

@@ -111,6 +111,8 @@ def drop_cached_pages(path: Path) -> None:
     except OSError:
         return
     try:
+        # Dirty pages (a freshly downloaded or extracted model) cannot be dropped until written back.
+        os.fdatasync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     except (OSError, AttributeError):
         pass

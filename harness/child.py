@@ -11,6 +11,7 @@ import os
 import select
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ class WorkerProcess:
         self._buffer = b""
         self._eof = False
         self.pid = self.proc.pid
+        self.ru_maxrss: int | None = None
 
     def start(self, spec: dict[str, Any]) -> None:
         """Hand the worker its case; until then it has loaded nothing (so it can join a cgroup first)."""
@@ -67,18 +69,35 @@ class WorkerProcess:
         line, _, self._buffer = self._buffer.partition(b"\n")
         return json.loads(line)
 
+    def _reap(self, block: bool) -> bool:
+        """Reap the worker with wait4, keeping its rusage: ru_maxrss is the kernel's peak RSS
+        of the whole process lifetime, the figure /usr/bin/time -v reports."""
+        if self.proc.returncode is not None:
+            return True
+        try:
+            pid, status, usage = os.wait4(self.pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            return self.proc.poll() is not None
+        if pid == 0:
+            return False
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.ru_maxrss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return True
+
     def is_alive(self) -> bool:
-        return self.proc.poll() is None
+        return not self._reap(block=False)
 
     @property
     def exitcode(self) -> int | None:
         return self.proc.returncode
 
     def join(self, timeout: float) -> int | None:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
+        deadline = time.monotonic() + timeout
+        while not self._reap(block=False):
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.01)
+        return self.proc.returncode
 
     def finish(self, graceful: bool) -> None:
         """Let a finished worker exit; kill a hung or interrupted one with its whole process tree."""

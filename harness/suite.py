@@ -212,6 +212,8 @@ def run_case(
     wall_s = time.perf_counter() - t_spawn
     error = _with_log_tail(status, error, log_path)
     rows = _rows(case, base, events, timeline, status, error, worker.exitcode, wall_s, t_spawn)
+    for row in rows:
+        row["ru_maxrss_bytes"] = worker.ru_maxrss
     judge(rows, case, machine, budget.method if budget else "none")
     result = CaseResult(case, status, error, rows, timeline, sampler.peak_rss or None, timeline.vmhwm, wall_s,
                         t_spawn, events)
@@ -348,6 +350,7 @@ def _int(value: float | None) -> int | None:
 def _rows(case: Case, base: dict, ev: dict, tl: Timeline, status: str, error: str | None,
           exit_code: int | None, wall_s: float, t_spawn: float) -> list[dict[str, Any]]:
     loaded = ev.get("loaded") or {}
+    started = ev.get("started")
     info = loaded.get("info") or {}
     options = {**case.options}
     if info.get("n_threads"):
@@ -360,6 +363,8 @@ def _rows(case: Case, base: dict, ev: dict, tl: Timeline, status: str, error: st
         "kv_type": info.get("kv_type"), "n_threads": info.get("n_threads"),
         "n_ctx_runtime": info.get("n_ctx"), "n_ctx_meaning": info.get("n_ctx_meaning"),
         "load_s": loaded.get("load_s"), "case_wall_s": wall_s,
+        "spawn_s": started["t"] - t_spawn if started else None,
+        "import_s": loaded["t0"] - started["t"] if started and loaded else None,
         "baseline_rss_bytes": (ev.get("started") or {}).get("baseline_rss"),
         "load_rss_bytes": loaded.get("rss_after_load"),
         "peak_rss_bytes": _int(tl.peak("rss")), "vmhwm_bytes": tl.vmhwm,

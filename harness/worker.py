@@ -108,6 +108,7 @@ def child_main(conn: Any, spec: dict[str, Any]) -> None:
 
         status = "load_error"
         runner = get_runner_class(spec["runtime"])()
+        runner.prepare()
         t0 = time.perf_counter()
         try:
             info = runner.load(Path(spec["artifact"]), spec["n_ctx"], spec["options"])

@@ -105,6 +105,9 @@ class Runner:
             resolved[key] = value
         return resolved
 
+    def prepare(self) -> None:
+        """Import the runtime (called before ``load`` is timed, so load time is the model's alone)."""
+
     def load(self, artifact: Path, n_ctx: int, options: dict[str, Any]) -> LoadInfo:
         raise NotImplementedError
 

@@ -79,6 +79,12 @@ class LlamaCppRunner(Runner):
                 devices.append("gpu")
         return Availability(True, version, devices)
 
+    def prepare(self) -> None:
+        try:
+            import llama_cpp  # noqa: F401  (loads the native libraries)
+        except ImportError as exc:
+            raise LoadError(f"llama-cpp-python is not installed: {INSTALL}") from exc
+
     def load(self, artifact: Path, n_ctx: int, options: dict[str, Any]) -> LoadInfo:
         try:
             import llama_cpp

@@ -48,10 +48,19 @@ def test_sampled_peak_agrees_with_the_kernel(quick_run):
     _, df, _ = quick_run
     gap = (df["peak_rss_bytes"] - df["vmhwm_bytes"]).abs() / df["vmhwm_bytes"]
     assert (gap < 0.05).all(), gap
+    # and with getrusage's ru_maxrss at exit, the number /usr/bin/time -v prints
+    gap = (df["peak_rss_bytes"] - df["ru_maxrss_bytes"]).abs() / df["ru_maxrss_bytes"]
+    assert (gap < 0.05).all(), gap
     # a bigger KV cache is more memory
     peak = df.groupby("n_ctx")["peak_rss_bytes"].max()
     assert peak[512] < peak[2048] < peak[8192]
     assert (df["baseline_rss_bytes"] < df["load_rss_bytes"]).all()
+
+
+def test_startup_is_split_from_load(quick_run):
+    _, df, _ = quick_run
+    assert (df["spawn_s"] > 0).all() and (df["import_s"] > 0).all() and (df["load_s"] > 0).all()
+    assert (df["spawn_s"] + df["import_s"] + df["load_s"] < df["case_wall_s"]).all()
 
 
 def test_timeline_covers_each_case(quick_run):
