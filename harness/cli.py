@@ -26,6 +26,8 @@ from harness.preflight import OutputError, check_output_dir, check_scenario
 from harness.results import ResultsError, ResultWriter, read_results
 from harness.scenario import ScenarioError, load_scenario, parse_contexts
 from harness.artifact import ArtifactError, inspect_artifact
+from harness.compare import CompareError, Side, compare, expand, table_rows, to_json
+from harness.report import ReportError, build
 from harness.catalog import DEFAULT_CATALOG, CatalogError, load_catalog, options_label, query, save_catalog, update_catalog
 from harness.estimate import EstimateError, estimate
 from harness.fitsearch import case_verdict, search
@@ -311,6 +313,103 @@ def catalog_show(catalog_path: Path, machine_class: str | None, context: int | N
 
 def _fmt(value, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
+
+
+@cli.command("compare")
+@click.argument("baseline")
+@click.argument("candidates", nargs=-1, required=True)
+@click.option("--threshold", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="percent a significant change must exceed to count as a regression")
+@click.option("--fail-on-regression", "fail_pct", type=float, is_flag=False, flag_value=-1.0,
+              default=None, metavar="[PCT]",
+              help="exit 1 on any significant regression beyond PCT percent (default: --threshold)")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
+              show_default=True)
+@click.option("--all", "show_all", is_flag=True, help="show every metric, not only changes beyond noise")
+def compare_cmd(baseline: str, candidates: tuple[str, ...], threshold: float, fail_pct: float | None, fmt: str,
+                show_all: bool) -> None:
+    """Compare result files: BASELINE against each CANDIDATE (files, globs or folders).
+
+    Cases match on artifact, runtime, options (thread counts excepted), context, prompt and
+    generation lengths and budget. Changes are tested for significance over the repetitions
+    (Welch's t-test, 95%); fit-class changes are always shown.
+    """
+    if fail_pct == -1.0:  # given without a value
+        fail_pct = threshold
+    elif fail_pct is not None and fail_pct < 0:
+        fail(f"--fail-on-regression takes a percentage of at least 0, got {fail_pct:g}")
+    if fail_pct is not None:
+        threshold = fail_pct
+    try:
+        base = Side(baseline, expand([baseline]))
+        comparisons = [compare(base, Side(c, expand([c])), threshold) for c in candidates]
+    except CompareError as exc:
+        fail(str(exc))
+    if fmt == "json":
+        click.echo(to_json(comparisons, threshold))
+    else:
+        for cmp in comparisons:
+            _print_comparison(cmp, fmt, show_all, threshold)
+    regressions = sum(len(c.regressions(threshold)) for c in comparisons)
+    if fail_pct is not None and regressions:
+        err_console.print(f"fitbench: {regressions} significant regression(s) beyond {threshold:g}%")
+        sys.exit(1)
+
+
+def _print_comparison(cmp, fmt: str, show_all: bool, threshold: float) -> None:
+    rows = [r for r, raw in zip(table_rows(cmp), cmp.rows)
+            if show_all or raw["kind"] == "fit" or raw.get("significant") or raw.get("significant") is None]
+    header = f"{cmp.baseline.label} -> {cmp.candidate.label}"
+    lines = [f"note: {n}" for n in cmp.notes]
+    if cmp.unmatched_baseline:
+        lines.append(f"only in baseline ({len(cmp.unmatched_baseline)}): " + "; ".join(cmp.unmatched_baseline[:10]))
+    if cmp.unmatched_candidate:
+        lines.append(f"only in candidate ({len(cmp.unmatched_candidate)}): " + "; ".join(cmp.unmatched_candidate[:10]))
+    regressions = cmp.regressions(threshold)
+    summary = (f"{len({r['case'] for r in cmp.rows})} matched case(s); {len(regressions)} regression(s) beyond "
+               f"{threshold:g}%" + ("" if show_all else "; changes within noise hidden (--all shows them)"))
+    cols = ["case", "metric", "baseline", "candidate", "change", "n", "verdict"]
+    if fmt == "csv":
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    if fmt == "markdown":
+        out = [f"### {header}", "", *[f"- {line}" for line in lines], f"- {summary}", "",
+               "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        out += ["| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
+        click.echo("\n".join(out))
+        return
+    table = Table(title=header, caption=summary)
+    for col in cols:
+        table.add_column(col, justify="right" if col in ("baseline", "candidate", "change", "n") else "left")
+    for r in rows:
+        style = "bold red" if r["verdict"] in ("REGRESSION", "WORSE FIT") else "green" if r["verdict"] == "better" else None
+        table.add_row(*[r[c] for c in cols], style=style)
+    for line in lines:
+        console.print(f"[yellow]{line}[/]")
+    if rows:
+        console.print(table)
+    else:
+        console.print(f"{header}: {summary}")
+
+
+@cli.command("report")
+@click.argument("results", nargs=-1, required=True)
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), default=Path("results/report.html"),
+              show_default=True, help="the HTML file to write (self-contained: opens offline)")
+@click.option("--png", "png_dir", type=click.Path(path_type=Path), help="also write each plot as a PNG here")
+@click.option("--case", help="whose timeline to plot: index, case key or part of a label (default: largest peak)")
+def report_cmd(results: tuple[str, ...], out: Path, png_dir: Path | None, case: str | None) -> None:
+    """Plots and tables from RESULTS (files, globs or folders) as one HTML file."""
+    try:
+        paths = expand(list(results))
+        plots = build(paths, out, png_dir, case)
+    except (CompareError, ReportError) as exc:
+        fail(str(exc))
+    console.print(f"report: {out} ({len(plots)} plots)" + (f"; PNGs in {png_dir}" if png_dir else ""))
 
 
 @cli.command("estimate")

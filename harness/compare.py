@@ -1,0 +1,266 @@
+"""Compare result files: matched cases, medians, change, significance, regressions.
+
+Reading goes through DuckDB over the Parquet files (one query aggregates any
+number of files and rows), so comparing folders with a million rows takes
+seconds, not minutes.
+
+Matching: rows match on the case identity — artifact sha256, runtime, the
+options that change *what* is measured (all but thread counts, which change
+how fast it runs and are exactly what a comparison may be about), n_ctx,
+prompt and generation lengths, and an explicit budget. Differences in the
+ignored options, machines, runtime versions or schema versions are reported,
+never silently joined.
+
+Significance: Welch's t-test on the repetitions of each side (two-sided,
+95 %), with the critical t value for the Welch–Satterthwaite degrees of
+freedom. A change counts as a regression when it is significant *and*
+worse than the threshold. With fewer than two repetitions on a side the
+change cannot be tested and is marked so.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from harness.fit import ORDER
+from harness.results import SCHEMA_VERSION, ResultsError, file_schema_version
+
+# (column, label, unit, higher_is_better, smallest change that counts, in percent)
+# Peak memory is one figure per case process (its repetitions share it), so its
+# spread says little; a change below 1 % is page-level jitter, not a change.
+METRICS = (
+    ("decode_tok_s", "decode", "tok/s", True, 0.0),
+    ("prefill_tok_s", "prefill", "tok/s", True, 0.0),
+    ("ttft_s", "TTFT", "s", False, 0.0),
+    ("peak_rss_bytes", "peak RSS", "MiB", False, 1.0),
+)
+IGNORED_OPTIONS = ("n_threads", "n_threads_batch")
+# two-sided 95 % critical values of Student's t for df = 1..30; 1.96 beyond
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+class CompareError(ValueError):
+    """Files that cannot be compared; the message names the file."""
+
+
+def t_critical(df: float) -> float:
+    if df < 1:
+        return math.inf
+    return T_975[int(df) - 1] if df < 31 else 1.96  # floor: conservative for fractional Welch df
+
+
+def welch(n1: int, m1: float, v1: float, n2: int, m2: float, v2: float) -> tuple[bool | None, float | None]:
+    """(significant?, t statistic); None when a side has fewer than two samples."""
+    if n1 < 2 or n2 < 2:
+        return None, None
+    se2 = v1 / n1 + v2 / n2
+    if se2 <= 0:
+        return (m1 != m2), math.inf if m1 != m2 else 0.0
+    t = (m2 - m1) / math.sqrt(se2)
+    df = se2 ** 2 / ((v1 / n1) ** 2 / (n1 - 1) + (v2 / n2) ** 2 / (n2 - 1)) if (v1 or v2) else n1 + n2 - 2
+    return abs(t) > t_critical(df), t
+
+
+def expand(patterns: tuple[str, ...] | list[str]) -> list[Path]:
+    """Files, globs or folders -> result files (timelines excluded), each checked."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        p = Path(pattern)
+        if p.is_dir():
+            found = sorted(p.glob("*.parquet"))
+        elif any(c in pattern for c in "*?["):
+            found = sorted(Path(f) for f in glob.glob(pattern))
+        else:
+            found = [p]
+        found = [f for f in found if not f.name.endswith(".timeline.parquet")]
+        if not found:
+            raise CompareError(f"{pattern}: no result files there")
+        paths += found
+    for path in paths:
+        if not path.exists():
+            raise CompareError(f"{path}: file not found")
+        try:
+            version = file_schema_version(path)
+        except Exception as exc:  # pyarrow raises several types for damaged files
+            raise CompareError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0][:120]})") from None
+        if version is None:
+            raise CompareError(f"{path}: not a fitbench results file (no schema version)")
+        if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+            raise CompareError(f"{path}: schema {version} cannot be read by this fitbench ({SCHEMA_VERSION})")
+    return paths
+
+
+@dataclass
+class Side:
+    label: str
+    files: list[Path]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _key_options_sql() -> str:
+    # options_json minus the thread counts, canonical (json keys come sorted from the writer)
+    expr = "options_json"
+    for opt in IGNORED_OPTIONS:
+        expr = f"json_remove({expr}::JSON, '$.{opt}')::VARCHAR"
+    return expr
+
+
+def aggregate(con: duckdb.DuckDBPyConnection, side: Side, name: str) -> None:
+    files = ", ".join(f"'{str(p).replace(chr(39), chr(39) * 2)}'" for p in side.files)
+    fit_rank = "CASE fit_class " + " ".join(f"WHEN '{c}' THEN {i}" for i, c in enumerate(ORDER)) + " END"
+    metric_aggs = ", ".join(
+        f"count({m}) AS {m}_n, median({m}) AS {m}_med, avg({m}) AS {m}_mean, coalesce(var_samp({m}), 0) AS {m}_var"
+        for m, *_ in METRICS)
+    try:
+        con.execute(f"""
+            CREATE OR REPLACE TEMP TABLE {name} AS
+            SELECT artifact_sha256, any_value(artifact_name) AS artifact_name, any_value(model_label) AS model_label,
+                   runtime, {_key_options_sql()} AS key_options, n_ctx, prompt_tokens, gen_tokens,
+                   CASE WHEN budget_method IS NULL OR budget_method = 'none' THEN NULL ELSE budget_bytes END AS budget,
+                   any_value(case_label) AS case_label,
+                   string_agg(DISTINCT options_json, ' | ') AS options_seen,
+                   string_agg(DISTINCT runtime_version, ',') AS runtime_versions,
+                   max({fit_rank}) AS fit_rank,
+                   count(*) FILTER (WHERE status <> 'ok') AS failures,
+                   string_agg(DISTINCT status, ',') FILTER (WHERE status <> 'ok') AS failure_statuses,
+                   {metric_aggs}
+            FROM read_parquet([{files}], union_by_name = true)
+            GROUP BY ALL
+        """)
+        meta = con.execute(f"""
+            SELECT string_agg(DISTINCT machine_class, ','), string_agg(DISTINCT machine_id, ','),
+                   string_agg(DISTINCT schema_version, ','), string_agg(DISTINCT runtime || ' ' || runtime_version, ','),
+                   count(*)
+            FROM read_parquet([{files}], union_by_name = true)
+        """).fetchone()
+    except duckdb.Error as exc:
+        raise CompareError(f"{side.label}: cannot read the results ({str(exc).splitlines()[0][:160]})") from None
+    side.info = {"machine_class": meta[0], "machine_id": meta[1], "schema_version": meta[2],
+                 "runtime_versions": meta[3], "rows": meta[4]}
+
+
+@dataclass
+class Comparison:
+    baseline: Side
+    candidate: Side
+    rows: list[dict[str, Any]]
+    unmatched_baseline: list[str]
+    unmatched_candidate: list[str]
+    notes: list[str]
+
+    def regressions(self, threshold_pct: float) -> list[dict[str, Any]]:
+        return [r for r in self.rows if r["kind"] == "metric" and r["significant"] and r["worse_pct"] is not None
+                and r["worse_pct"] > threshold_pct] + [r for r in self.rows if r["kind"] == "fit" and r["worse"]]
+
+
+KEY = ("artifact_sha256", "runtime", "key_options", "n_ctx", "prompt_tokens", "gen_tokens", "budget")
+
+
+def compare(baseline: Side, candidate: Side, threshold_pct: float = 5.0) -> Comparison:
+    con = duckdb.connect()
+    aggregate(con, baseline, "base")
+    aggregate(con, candidate, "cand")
+    join = " AND ".join(f"b.{k} IS NOT DISTINCT FROM c.{k}" for k in KEY)
+    cols = [d for d in con.execute("SELECT * FROM base LIMIT 0").description]
+    names = [d[0] for d in cols]
+    matched = con.execute(f"SELECT b.*, c.* FROM base b JOIN cand c ON {join} ORDER BY b.model_label, b.n_ctx, b.prompt_tokens").fetchall()
+    unmatched_b = [r[0] for r in con.execute(
+        f"SELECT b.model_label || ' ' || b.case_label FROM base b ANTI JOIN cand c ON {join} ORDER BY 1").fetchall()]
+    unmatched_c = [r[0] for r in con.execute(
+        f"SELECT c.model_label || ' ' || c.case_label FROM cand c ANTI JOIN base b ON {join} ORDER BY 1").fetchall()]
+    rows: list[dict[str, Any]] = []
+    option_changes: set[str] = set()
+    version_changes: set[str] = set()
+    for record in matched:
+        b = dict(zip(names, record[:len(names)]))
+        c = dict(zip(names, record[len(names):]))
+        case = f"{b['model_label']} {b['runtime']} {b['case_label']}"
+        if b["options_seen"] != c["options_seen"]:
+            option_changes.add(f"{b['options_seen']} -> {c['options_seen']}")
+        if b["runtime_versions"] != c["runtime_versions"]:
+            version_changes.add(f"{b['runtime']} {b['runtime_versions']} -> {c['runtime_versions']}")
+        for metric, label, unit, higher_better, min_effect in METRICS:
+            n1, n2 = b[f"{metric}_n"], c[f"{metric}_n"]
+            if not n1 or not n2:
+                continue
+            m1, m2 = b[f"{metric}_med"], c[f"{metric}_med"]
+            change = (m2 - m1) / m1 * 100 if m1 else None
+            significant, t = welch(n1, b[f"{metric}_mean"], b[f"{metric}_var"], n2, c[f"{metric}_mean"], c[f"{metric}_var"])
+            if significant and change is not None and abs(change) < min_effect:
+                significant = False
+            worse = None if change is None else (-change if higher_better else change)
+            rows.append({"kind": "metric", "case": case, "metric": label, "unit": unit, "baseline": m1, "candidate": m2,
+                         "change_pct": change, "worse_pct": worse, "significant": significant,
+                         "n": f"{n1}/{n2}", "regression": bool(significant and worse is not None and worse > threshold_pct)})
+        fb, fc = b["fit_rank"], c["fit_rank"]
+        if fb != fc or b["failures"] or c["failures"]:
+            cls_b = ORDER[fb] if fb is not None else b["failure_statuses"] or "-"
+            cls_c = ORDER[fc] if fc is not None else c["failure_statuses"] or "-"
+            worse_fit = fb is not None and fc is not None and fc > fb
+            rows.append({"kind": "fit", "case": case, "metric": "fit class", "baseline": cls_b, "candidate": cls_c,
+                         "worse": worse_fit, "regression": worse_fit})
+    notes = []
+    bi, ci = baseline.info, candidate.info
+    if bi["machine_class"] != ci["machine_class"] or bi["machine_id"] != ci["machine_id"]:
+        notes.append(f"different machines: {bi['machine_class']} (id {bi['machine_id']}) vs "
+                     f"{ci['machine_class']} (id {ci['machine_id']}); differences include the hardware")
+    if bi["schema_version"] != ci["schema_version"]:
+        notes.append(f"schema versions differ: {bi['schema_version']} vs {ci['schema_version']}; compared on shared columns")
+    for change in sorted(version_changes):
+        notes.append(f"runtime version changed: {change}")
+    for change in sorted(option_changes):
+        notes.append(f"options differ (not part of the case key): {change}")
+    return Comparison(baseline, candidate, rows, unmatched_b, unmatched_c, notes)
+
+
+def fmt_value(value: Any, unit: str | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if unit == "MiB":
+        return f"{value / 2**20:,.1f}"
+    if unit == "s":
+        return f"{value:,.3f}"
+    return f"{value:,.1f}"
+
+
+def verdict_text(row: dict[str, Any]) -> str:
+    if row["kind"] == "fit":
+        return "WORSE FIT" if row["worse"] else "fit changed"
+    if row["significant"] is None:
+        return "untested (n<2)"
+    if row["regression"]:
+        return "REGRESSION"
+    if row["significant"]:
+        return "better" if (row["worse_pct"] or 0) < 0 else "worse (within threshold)"
+    return "noise"
+
+
+def table_rows(cmp: Comparison) -> list[dict[str, str]]:
+    out = []
+    for r in cmp.rows:
+        unit = r.get("unit")
+        out.append({
+            "case": r["case"], "metric": r["metric"] + (f" ({unit})" if unit else ""),
+            "baseline": fmt_value(r["baseline"], unit), "candidate": fmt_value(r["candidate"], unit),
+            "change": "-" if r.get("change_pct") is None else f"{r['change_pct']:+.1f}%",
+            "n": r.get("n", "-"), "verdict": verdict_text(r),
+        })
+    return out
+
+
+def to_json(cmps: list[Comparison], threshold: float) -> str:
+    return json.dumps([{
+        "baseline": [str(p) for p in c.baseline.files], "candidate": [str(p) for p in c.candidate.files],
+        "notes": c.notes, "unmatched_baseline": c.unmatched_baseline, "unmatched_candidate": c.unmatched_candidate,
+        "rows": c.rows, "regressions": len(c.regressions(threshold)),
+    } for c in cmps], indent=2, default=str)
