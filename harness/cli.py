@@ -248,19 +248,11 @@ CATALOG_OPTION = click.option("--catalog", "catalog_path", type=click.Path(path_
 
 
 def _read_result_files(patterns: tuple[str, ...]) -> list[tuple[str, list[dict]]]:
-    paths: list[Path] = []
-    for pattern in patterns:
-        p = Path(pattern)
-        found = sorted(p.glob("*.parquet")) if p.is_dir() else sorted(Path().glob(pattern)) if any(c in pattern for c in "*?[") else [p]
-        paths += [f for f in found if not f.name.endswith(".timeline.parquet")]
-    if not paths:
-        fail(f"no result files match {' '.join(patterns)}")
-    out = []
-    for path in paths:
-        if not path.exists():
-            fail(f"result file not found: {path}")
-        out.append((str(path), read_results(path).to_pylist()))
-    return out
+    try:
+        paths = expand(list(patterns))
+    except CompareError as exc:
+        fail(str(exc))
+    return [(str(path), read_results(path).to_pylist()) for path in paths]
 
 
 @catalog.command("update")

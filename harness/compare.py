@@ -30,7 +30,7 @@ from typing import Any
 import duckdb
 
 from harness.fit import ORDER
-from harness.results import SCHEMA_VERSION, ResultsError, file_schema_version
+from harness.results import RESULT_COLUMNS, SCHEMA_VERSION, file_schema_version
 
 # (column, label, unit, higher_is_better, smallest change that counts, in percent)
 # Peak memory is one figure per case process (its repetitions share it), so its
@@ -113,8 +113,35 @@ def _key_options_sql() -> str:
     return expr
 
 
+# Columns the queries use; a file from an older schema minor version may lack some.
+USED_COLUMNS = ("artifact_sha256", "artifact_name", "model_label", "runtime", "runtime_version", "options_json",
+                "n_ctx", "prompt_tokens", "gen_tokens", "budget_bytes", "budget_method", "case_label", "fit_class",
+                "status", "machine_class", "machine_id", "schema_version") + tuple(m for m, *_ in METRICS)
+
+
+def _source(con: duckdb.DuckDBPyConnection, files: str) -> tuple[str, list[str]]:
+    """A subquery over the files with every used column, NULL where the files lack it."""
+    scan = f"read_parquet([{files}], union_by_name = true)"
+    present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()}
+    missing = [c for c in USED_COLUMNS if c not in present]
+    types = {c.name: c.type for c in RESULT_COLUMNS}
+    cols = ", ".join(c if c in present else f"CAST(NULL AS {_sql_type(types[c])}) AS {c}" for c in USED_COLUMNS)
+    return f"(SELECT {cols} FROM {scan})", missing
+
+
+def _sql_type(t: Any) -> str:
+    import pyarrow as pa
+
+    return "DOUBLE" if pa.types.is_floating(t) else "BIGINT" if pa.types.is_integer(t) else "BOOLEAN" \
+        if pa.types.is_boolean(t) else "VARCHAR"
+
+
 def aggregate(con: duckdb.DuckDBPyConnection, side: Side, name: str) -> None:
     files = ", ".join(f"'{str(p).replace(chr(39), chr(39) * 2)}'" for p in side.files)
+    try:
+        source, missing = _source(con, files)
+    except duckdb.Error as exc:
+        raise CompareError(f"{side.label}: cannot read the results ({str(exc).splitlines()[0][:160]})") from None
     fit_rank = "CASE fit_class " + " ".join(f"WHEN '{c}' THEN {i}" for i, c in enumerate(ORDER)) + " END"
     metric_aggs = ", ".join(
         f"count({m}) AS {m}_n, median({m}) AS {m}_med, avg({m}) AS {m}_mean, coalesce(var_samp({m}), 0) AS {m}_var"
@@ -132,19 +159,19 @@ def aggregate(con: duckdb.DuckDBPyConnection, side: Side, name: str) -> None:
                    count(*) FILTER (WHERE status <> 'ok') AS failures,
                    string_agg(DISTINCT status, ',') FILTER (WHERE status <> 'ok') AS failure_statuses,
                    {metric_aggs}
-            FROM read_parquet([{files}], union_by_name = true)
+            FROM {source}
             GROUP BY ALL
         """)
         meta = con.execute(f"""
             SELECT string_agg(DISTINCT machine_class, ','), string_agg(DISTINCT machine_id, ','),
                    string_agg(DISTINCT schema_version, ','), string_agg(DISTINCT runtime || ' ' || runtime_version, ','),
                    count(*)
-            FROM read_parquet([{files}], union_by_name = true)
+            FROM {source}
         """).fetchone()
     except duckdb.Error as exc:
         raise CompareError(f"{side.label}: cannot read the results ({str(exc).splitlines()[0][:160]})") from None
     side.info = {"machine_class": meta[0], "machine_id": meta[1], "schema_version": meta[2],
-                 "runtime_versions": meta[3], "rows": meta[4]}
+                 "runtime_versions": meta[3], "rows": meta[4], "missing_columns": missing}
 
 
 @dataclass
@@ -214,6 +241,10 @@ def compare(baseline: Side, candidate: Side, threshold_pct: float = 5.0) -> Comp
                      f"{ci['machine_class']} (id {ci['machine_id']}); differences include the hardware")
     if bi["schema_version"] != ci["schema_version"]:
         notes.append(f"schema versions differ: {bi['schema_version']} vs {ci['schema_version']}; compared on shared columns")
+    for side in (baseline, candidate):
+        if side.info["missing_columns"]:
+            notes.append(f"{side.label}: older schema {side.info['schema_version']} lacks "
+                         f"{', '.join(side.info['missing_columns'])}; read as empty")
     for change in sorted(version_changes):
         notes.append(f"runtime version changed: {change}")
     for change in sorted(option_changes):

@@ -38,6 +38,7 @@ THRESHOLD_HELP = {
     "min_decode_tok_s": "slow below this decode rate (about reading speed; chat wants more)",
     "max_ttft_s": "slow when the first token takes longer than this many seconds",
     "spill_read_fraction": "spill when a repetition reads this fraction of the artifact (or more) back from storage",
+    "spill_read_min_bytes": "... and at least this many bytes (a runtime loading its own code is not a spill)",
     "spill_swap_bytes": "spill when the system swaps this many bytes (in + out) during a repetition",
     "watchdog_read_factor": "stop a case early (spill) once it has re-read its artifact this many times after load",
 }
@@ -51,6 +52,7 @@ class Thresholds:
     min_decode_tok_s: float = 10.0
     max_ttft_s: float = 10.0
     spill_read_fraction: float = 0.5
+    spill_read_min_bytes: int = 16 << 20
     spill_swap_bytes: int = 64 << 20
     watchdog_read_factor: float = 64.0
 
@@ -99,7 +101,7 @@ def classify(row: dict, budget_bytes: int, t: Thresholds = Thresholds()) -> Verd
     artifact = row.get("artifact_size_bytes") or 0
     read = row.get("read_bytes") if status == "ok" else row.get("case_read_bytes")
     if status == "timeout":
-        if read and artifact and read >= t.spill_read_fraction * artifact:
+        if read and artifact and read >= max(t.spill_read_fraction * artifact, t.spill_read_min_bytes):
             return Verdict("spill", f"timed out while reading {read / 2**20:,.0f} MiB back from storage",
                            fit_memory="spill")
         return Verdict("slow", "timed out before finishing", fit_speed="slow")
@@ -119,7 +121,7 @@ def classify(row: dict, budget_bytes: int, t: Thresholds = Thresholds()) -> Verd
             reasons["tight"] = f"only {headroom:.0%} of the {budget_bytes / 2**20:,.0f} MiB budget left (margin {t.headroom:.0%})"
 
     swapped = ((row.get("swap_in_pages") or 0) + (row.get("swap_out_pages") or 0)) * 4096
-    if artifact and read and read >= t.spill_read_fraction * artifact:
+    if artifact and read and read >= max(t.spill_read_fraction * artifact, t.spill_read_min_bytes):
         memory = "spill"
         reasons["spill"] = (f"read {read / 2**20:,.0f} MiB from storage during generation "
                             f"({read / artifact:.1f}x the {artifact / 2**20:,.0f} MiB artifact): weights were evicted and re-read")

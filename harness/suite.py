@@ -274,9 +274,11 @@ class Watchdog:
     """
 
     MIN_AVAILABLE_FRACTION = 0.02
+    MIN_READ_BYTES = 256 << 20  # reading code and data files is not thrash, however small the artifact
 
     def __init__(self, case: Case, artifact_bytes: int, ram_bytes: int, contained: bool) -> None:
-        self.limit = case.thresholds.watchdog_read_factor * artifact_bytes if artifact_bytes else None
+        self.limit = (max(case.thresholds.watchdog_read_factor * artifact_bytes, self.MIN_READ_BYTES)
+                      if artifact_bytes else None)
         self.artifact_bytes, self.ram_bytes, self.contained = artifact_bytes, ram_bytes, contained
         self.read_at_load: int | None = None
 

@@ -88,3 +88,35 @@ class UnavailableRunner(FakeRunner):
     @classmethod
     def available(cls) -> Availability:
         return Availability(False, reason="fakeruntime is not installed", install="pip install fakeruntime")
+
+
+class HogRunner(FakeRunner):
+    """Allocates without bound (touching every page) until something stops it."""
+
+    def generate(self, prompt_tokens: list[int], max_new_tokens: int) -> Iterator[float]:
+        hoard = []
+        while True:
+            block = bytearray(16 << 20)
+            for i in range(0, len(block), 4096):
+                block[i] = 1
+            hoard.append(block)
+        yield time.perf_counter()
+
+
+class ExitMidStreamRunner(FakeRunner):
+    """Produces a few tokens, then the process exits as if the runtime called exit()."""
+
+    def generate(self, prompt_tokens: list[int], max_new_tokens: int) -> Iterator[float]:
+        for i in range(max_new_tokens):
+            if i == 2:
+                os._exit(3)
+            yield time.perf_counter()
+
+
+class AbortRunner(FakeRunner):
+    """Dies like a failed assertion in native code (GGML_ASSERT -> abort)."""
+
+    def generate(self, prompt_tokens: list[int], max_new_tokens: int) -> Iterator[float]:
+        print("GGML_ASSERT(n_tokens <= n_batch) failed", flush=True)
+        os.abort()
+        yield time.perf_counter()

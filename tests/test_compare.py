@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from harness.compare import CompareError, Side, compare, expand, t_critical, welch
@@ -106,3 +107,17 @@ def test_cli_gates_ci(tmp_path):
     assert csv_out[0] == "case,metric,baseline,candidate,change,n,verdict"
     bad = fitbench("compare", str(a), str(tmp_path / "missing.parquet"))
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_an_older_schema_is_read_with_a_note(tmp_path):
+    import pyarrow.parquet as pq
+
+    new = write_run(tmp_path / "new.parquet", [80, 81, 79])
+    table = pq.read_table(new).drop(["fit_class", "budget_method", "budget_bytes"])
+    old = tmp_path / "old.parquet"
+    table = table.set_column(table.schema.get_field_index("schema_version"), "schema_version",
+                             pa.array(["1.0"] * table.num_rows))
+    pq.write_table(table.replace_schema_metadata({b"fitbench.schema_version": b"1.0"}), old)
+    cmp = compare(Side("old", [old]), Side("new", [new]))
+    assert any("older schema 1.0 lacks" in n and "fit_class" in n for n in cmp.notes)
+    assert [r for r in cmp.rows if r["metric"] == "decode"][0]["significant"] is False

@@ -40,6 +40,11 @@ def test_speed_edges():
     assert slow.fit_class == "slow" and "TTFT 5.0 s > 5 s" in slow.fit_reason
 
 
+def test_small_reads_of_a_small_artifact_are_not_spill():
+    assert classify(ok_row(artifact_size_bytes=1000, read_bytes=10 << 20), BUDGET).fit_class == "fits"
+    assert classify(ok_row(artifact_size_bytes=1000, read_bytes=16 << 20), BUDGET).fit_class == "spill"
+
+
 def test_spill_from_bytes_read_and_from_swap():
     t = Thresholds(spill_read_fraction=0.5)
     assert classify(ok_row(read_bytes=50 * MiB - 1), BUDGET, t).fit_class == "fits"

@@ -48,9 +48,9 @@ def test_sampled_peak_agrees_with_the_kernel(quick_run):
     _, df, _ = quick_run
     gap = (df["peak_rss_bytes"] - df["vmhwm_bytes"]).abs() / df["vmhwm_bytes"]
     assert (gap < 0.05).all(), gap
-    # and with getrusage's ru_maxrss at exit, the number /usr/bin/time -v prints
-    gap = (df["peak_rss_bytes"] - df["ru_maxrss_bytes"]).abs() / df["ru_maxrss_bytes"]
-    assert (gap < 0.05).all(), gap
+    # getrusage's ru_maxrss (what /usr/bin/time -v prints) covers the whole life, interpreter
+    # teardown included, so it can only be at or above the peak read before the worker exits
+    assert (df["ru_maxrss_bytes"] >= 0.99 * df["vmhwm_bytes"]).all()
     # a bigger KV cache is more memory
     peak = df.groupby("n_ctx")["peak_rss_bytes"].max()
     assert peak[512] < peak[2048] < peak[8192]

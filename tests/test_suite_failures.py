@@ -114,3 +114,25 @@ def test_an_obviously_too_big_case_is_skipped_unless_forced(tmp_path):
     [forced] = run_suite(s.cases(), check_scenario(s), fingerprint(), ResultWriter(tmp_path / "f.parquet"), "g",
                          force=True)
     assert forced.status == "ok"
+
+
+def test_exit_mid_stream_and_abort_are_crashes_with_the_runtime_last_words(tiny_gguf, tmp_path):
+    s = scenario(tiny_gguf, ["ExitMidStreamRunner", "AbortRunner", "FakeRunner"])
+    results, df = run(s, tmp_path)
+    assert [r.status for r in results] == ["crashed", "crashed", "ok"]
+    assert "exited with code 3" in results[0].error
+    assert "SIGABRT" in results[1].error and "GGML_ASSERT" in results[1].error  # the log tail travels along
+
+
+def test_unbounded_allocation_under_a_budget_is_oom(tiny_gguf, tmp_path):
+    from harness.budget import create_budget
+
+    probe = create_budget(1 << 30)
+    if probe is None:
+        pytest.skip("no writable cgroup memory controller: an unbounded allocation cannot be contained here")
+    probe.close()
+    s = scenario(tiny_gguf, ["HogRunner", "FakeRunner"], budget="256MiB")
+    results, df = run(s, tmp_path)
+    assert [r.status for r in results] == ["oom", "ok"]
+    assert "256 MiB budget" in results[0].error
+    assert df[df.status == "oom"]["fit_class"].tolist() == ["no_fit"]
