@@ -34,7 +34,7 @@ TOP_FIELDS = {
     "prompt_tokens": "explicit prompt length(s) in tokens, instead of fill",
     "gen_tokens": "tokens to generate per repetition (default 32)",
     "warmup": "unrecorded warm-up generations per case (default 1)",
-    "repetitions": "recorded repetitions per case (default 3)",
+    "repetitions": "recorded repetitions per case (default 5)",
     "timeout": "seconds a case may take, load included (default 600)",
     "sampler_interval_ms": "memory sampling interval in milliseconds (default 10)",
     "budget": "memory the case may use, e.g. 8GiB, or a list to sweep ('none' = no budget); cgroup-enforced where possible",
@@ -71,7 +71,9 @@ class Scenario:
     prompt_tokens: list[int] | None = None
     gen_tokens: int = 32
     warmup: int = 1
-    repetitions: int = 3
+    # 5, like llama-bench: with the decode CV of ~3% measured by `make bench` on a 2-core
+    # box, 5 repetitions give a 95% CI of about ±3% (11 would be needed for ±2%).
+    repetitions: int = 5
     timeout: float = 600.0
     sampler_interval_ms: float = 10.0
     description: str = ""
@@ -180,7 +182,7 @@ def parse_scenario(data: Any, source: str = "<scenario>", base_dir: Path | None 
         prompt_tokens=prompt_tokens,
         gen_tokens=_int(source, "gen_tokens", data.get("gen_tokens", 32), minimum=2),
         warmup=_int(source, "warmup", data.get("warmup", 1), minimum=0, maximum=100),
-        repetitions=_int(source, "repetitions", data.get("repetitions", 3), minimum=1, maximum=10_000),
+        repetitions=_int(source, "repetitions", data.get("repetitions", Scenario.repetitions), minimum=1, maximum=10_000),
         timeout=_number(source, "timeout", data.get("timeout", 600), minimum=1),
         sampler_interval_ms=_number(source, "sampler_interval_ms", data.get("sampler_interval_ms", 10), minimum=1),
         budgets=_budgets(source, data.get("budget")),

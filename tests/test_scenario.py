@@ -23,7 +23,7 @@ def base(tiny_gguf: Path, **extra) -> dict:
 
 def test_defaults_and_expansion(tiny_gguf):
     s = parse_scenario(base(tiny_gguf, fill=[0.25, 0.5], gen_tokens=16))
-    assert (s.repetitions, s.warmup, s.timeout, s.sampler_interval_ms) == (3, 1, 600.0, 10.0)
+    assert (s.repetitions, s.warmup, s.timeout, s.sampler_interval_ms) == (5, 1, 600.0, 10.0)
     cases = s.cases()
     assert [(c.n_ctx, c.prompt_tokens) for c in cases] == [(512, 128), (512, 256), (2048, 512), (2048, 1024)]
     assert cases[1].label == "pp256+tg16 @ ctx512"
