@@ -120,6 +120,13 @@ RESULT_COLUMNS: list[Column] = _cols(
     ("case_major_faults", I, "major page faults of the child over the whole case, load included"),
     ("case_read_bytes", I, "bytes the child read from storage over the whole case, load included"),
     ("cpu_util", F, "child CPU time / wall time during the repetition (1.0 = one core busy)"),
+    # energy (schema 1.1): whole CPU packages (RAPL) and GPUs (NVML), so an upper bound on a busy machine
+    ("energy_prefill_j", F, "joules from handing over the prompt to the first token"),
+    ("energy_decode_j", F, "joules from the first to the last generated token"),
+    ("energy_j_per_token", F, "energy_decode_j / (gen_tokens - 1)"),
+    ("avg_power_w", F, "average power over the repetition, watts"),
+    ("energy_source", S, "rapl | nvml | rapl+nvml; null when nothing could be read"),
+    ("energy_note", S, "why energy is missing or partial, e.g. no powercap on this machine"),
     # budget and fit (schema 1.1)
     ("budget_bytes", I, "memory budget the case was judged against (the machine's RAM when none was set)"),
     ("budget_method", S, "how the budget was applied: cgroup-v1 | cgroup-v2 (enforced) | none (judged only)"),
@@ -166,6 +173,9 @@ TIMELINE_COLUMNS: list[Column] = _cols(
     ("majflt", I, "child major faults, cumulative"),
     ("cpu_s", F, "child CPU seconds, cumulative"),
     ("read_bytes", I, "child bytes read from storage, cumulative"),
+    ("cpu_energy_uj", I, "CPU package energy since the case started, microjoules (RAPL, unwrapped)"),
+    ("gpu_energy_mj", F, "GPU energy since the case started, millijoules (NVML)"),
+    ("gpu_power_mw", F, "GPU power draw, milliwatts (NVML)"),
 )
 
 

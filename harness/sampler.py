@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from harness.energy import NvmlEnergy, RaplReader
+
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 COLUMNS = (
     "t", "rss", "uss", "sys_available", "swap_used", "pswpin", "pswpout",
-    "minflt", "majflt", "cpu_s", "read_bytes",
+    "minflt", "majflt", "cpu_s", "read_bytes", "cpu_energy_uj", "gpu_energy_mj", "gpu_power_mw",
 )
 
 
@@ -38,6 +40,8 @@ class Timeline:
     interval_s: float
     samples: dict[str, list] = field(default_factory=lambda: {c: [] for c in COLUMNS})
     vmhwm: int | None = None  # the kernel's own peak RSS of the child
+    energy_source: str | None = None  # "rapl", "nvml", "rapl+nvml" or None
+    energy_note: str | None = None  # why there is no (or only partial) energy data
 
     def __len__(self) -> int:
         return len(self.samples["t"])
@@ -165,7 +169,8 @@ class _PsutilReader:
 class Sampler:
     """Samples ``pid`` every ``interval_s`` seconds in a daemon thread until stopped."""
 
-    def __init__(self, pid: int, interval_s: float = 0.01, uss_every: int = 100, system_every: int = 5) -> None:
+    def __init__(self, pid: int, interval_s: float = 0.01, uss_every: int = 100, system_every: int = 5,
+                 energy: bool = True) -> None:
         self.pid = pid
         self.interval_s = interval_s
         self.uss_every = uss_every
@@ -176,6 +181,12 @@ class Sampler:
         self.requested = 0
         self._stop = threading.Event()
         self._reader = _ProcReader(pid) if os.path.exists(f"/proc/{pid}/statm") else _PsutilReader(pid)
+        self._rapl = self._nvml = None
+        if energy:
+            self._rapl, self._nvml = RaplReader(), NvmlEnergy()
+            sources = [n for n, r in (("rapl", self._rapl), ("nvml", self._nvml)) if r.available]
+            self.timeline.energy_source = "+".join(sources) or None
+            self.timeline.energy_note = "; ".join(r.reason for r in (self._rapl, self._nvml) if r.reason) or None
         self._thread = threading.Thread(target=self._loop, name=f"sampler-{pid}", daemon=True)
         self.started_at: float | None = None
 
@@ -207,6 +218,11 @@ class Sampler:
         except (OSError, ValueError, IndexError, psutil.Error):
             return False
         row["t"] = t
+        if with_system:
+            if self._rapl is not None and self._rapl.available:
+                row["cpu_energy_uj"] = self._rapl.read_uj()
+            if self._nvml is not None and self._nvml.available:
+                row["gpu_energy_mj"], row["gpu_power_mw"] = self._nvml.read(t)
         self.timeline.append(row)
         self.last_rss = row["rss"]
         self.peak_rss = max(self.peak_rss, row["rss"])

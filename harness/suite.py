@@ -25,6 +25,7 @@ import psutil
 from harness.artifact import ArtifactInfo, sha256_file
 from harness.budget import CgroupBudget, create_budget, drop_cached_pages
 from harness.child import EXIT_GRACE_S, WorkerProcess
+from harness.energy import interpolate
 from harness.estimate import EstimateError, estimate
 from harness.fit import classify
 from harness.machine import Machine
@@ -393,11 +394,34 @@ def _rows(case: Case, base: dict, ev: dict, tl: Timeline, status: str, error: st
             "read_bytes": _int(tl.delta("read_bytes", t0, t1)),
             "swap_in_pages": _int(tl.delta("pswpin", t0, t1)), "swap_out_pages": _int(tl.delta("pswpout", t0, t1)),
             "cpu_util": cpu / (t1 - t0) if cpu is not None and t1 > t0 else None,
+            **energy_columns(tl, t0, stamps),
         })
     if status != "ok":
         # The failure is a row of its own, after any repetitions that did finish.
         rows.append({**case_level, "repetition": None, "status": status, "error": error})
     return rows
+
+
+def energy_columns(tl: Timeline, t0: float, stamps: list[float]) -> dict[str, Any]:
+    """Joules for prefill and decode from the cumulative counters, interpolated at the phase edges."""
+    out: dict[str, Any] = {"energy_source": tl.energy_source, "energy_note": tl.energy_note}
+    ts = tl.samples["t"]
+
+    def joules(t: float) -> float | None:
+        cpu = interpolate(ts, tl.samples["cpu_energy_uj"], t)
+        gpu = interpolate(ts, tl.samples["gpu_energy_mj"], t)
+        if cpu is None and gpu is None:
+            return None
+        return (cpu or 0.0) / 1e6 + (gpu or 0.0) / 1e3
+
+    e0, e1, e2 = joules(t0), joules(stamps[0]), joules(stamps[-1])
+    if None in (e0, e1, e2):
+        return out
+    out["energy_prefill_j"] = e1 - e0
+    out["energy_decode_j"] = e2 - e1
+    out["energy_j_per_token"] = (e2 - e1) / (len(stamps) - 1) if len(stamps) > 1 else None
+    out["avg_power_w"] = (e2 - e0) / (stamps[-1] - t0) if stamps[-1] > t0 else None
+    return out
 
 
 def timeline_columns(result: CaseResult, run_id: str) -> dict[str, list]:
@@ -414,6 +438,7 @@ def timeline_columns(result: CaseResult, run_id: str) -> dict[str, list]:
         "rss_bytes": s["rss"], "uss_bytes": s["uss"], "sys_available_bytes": s["sys_available"],
         "swap_used_bytes": s["swap_used"], "pswpin": s["pswpin"], "pswpout": s["pswpout"],
         "minflt": s["minflt"], "majflt": s["majflt"], "cpu_s": s["cpu_s"], "read_bytes": s["read_bytes"],
+        "cpu_energy_uj": s["cpu_energy_uj"], "gpu_energy_mj": s["gpu_energy_mj"], "gpu_power_mw": s["gpu_power_mw"],
     }
 
 
