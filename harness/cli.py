@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from harness import machine as machine_mod
-from harness.fit import THRESHOLD_HELP, Thresholds, parse_size, worst
+from harness.fit import THRESHOLD_HELP, Thresholds, case_verdict, parse_size
 from harness.metrics import summarize
 from harness.preflight import OutputError, check_output_dir, check_scenario
 from harness.results import ResultsError, ResultWriter, read_results
@@ -30,10 +30,10 @@ from harness.compare import CompareError, Side, compare, expand, table_rows, to_
 from harness.report import ReportError, build
 from harness.catalog import DEFAULT_CATALOG, CatalogError, load_catalog, options_label, query, save_catalog, update_catalog
 from harness.estimate import EstimateError, estimate
-from harness.fitsearch import case_verdict, search
+from harness.fitsearch import search
 from harness.resume import RunLock, latest_results, load_for_resume
 from harness.scenario import parse_scenario
-from harness.suite import ArtifactHashes, CaseResult, SuiteInterrupted, new_run_id, run_case, run_suite, timeline_columns
+from harness.suite import ArtifactHashes, CaseResult, SuiteInterrupted, new_run_id, record, run_case, run_suite
 from runners.base import get_runner_class, registered_runners
 
 EXIT_USAGE = 2
@@ -219,9 +219,9 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
             try:
                 result = run_case(case, artifacts[case.artifact], mach, run_id, hashes)
             except SuiteInterrupted as stop:
-                writer.add_case(stop.args[0].rows, timeline_columns(stop.args[0], run_id))
+                record(writer, stop.args[0], run_id)
                 raise
-        writer.add_case(result.rows, timeline_columns(result, run_id))
+        record(writer, result, run_id)
         cls, reason = case_verdict(result.rows)
         console.print(f"  ctx {n_ctx:>6,}: {FIT_STYLE.get(cls or '', '{}').format(cls or 'no verdict')} - {reason}")
         return cls, reason
@@ -490,7 +490,7 @@ def _sigterm_as_interrupt(signum, frame) -> None:
 
 def _case_line(r: CaseResult, total: int) -> str:
     head = f"[{r.case.index + 1}/{total}] {r.case.model_label} {r.case.label}"
-    fit = case_fit(r.rows)
+    fit = case_verdict(r.rows)[0]
     if r.status != "ok":
         return f"{head}: [red]{r.status}[/] (fit: {fit or 'no verdict'}) {r.error}"
     ok_rows = [row for row in r.rows if row["status"] == "ok"]
@@ -502,11 +502,6 @@ def _case_line(r: CaseResult, total: int) -> str:
 
 FIT_STYLE = {"fits": "[green]{}[/]", "tight": "[yellow]{}[/]", "slow": "[yellow]{}[/]", "offload": "[magenta]{}[/]",
              "spill": "[red]{}[/]", "no_fit": "[bold red]{}[/]"}
-
-
-def case_fit(rows: list[dict]) -> str | None:
-    """A case's verdict is its worst row's."""
-    return worst([row.get("fit_class") for row in rows])
 
 
 def _summary_table(results: list[CaseResult]) -> None:
@@ -530,7 +525,7 @@ def _summary_table(results: list[CaseResult]) -> None:
         decode = "-" if dec is None else f"{dec.median:,.1f}±{dec.stdev:,.1f}"
         status = "[green]ok[/]" if r.status == "ok" else f"[red]{r.status}[/]"
         read = mib(max(row["read_bytes"] or 0 for row in ok_rows)) if ok_rows else "-"
-        fit = case_fit(r.rows) or "-"
+        fit = case_verdict(r.rows)[0] or "-"
         table.add_row(str(r.case.index + 1), *([r.case.model_label] if show_model else []), r.case.label, status,
                       FIT_STYLE.get(fit, "{}").format(fit), med("ttft_s", 1000, "{:,.0f}"), med("prefill_tok_s"),
                       decode, mib(r.peak_rss), mib(r.vmhwm), read)

@@ -88,6 +88,13 @@ def worst(classes: list[str | None]) -> str | None:
     return max(present, key=ORDER.index) if present else None
 
 
+def case_verdict(rows: list[dict]) -> tuple[str | None, str]:
+    """A case's verdict is its worst row's, with that row's reason."""
+    cls = worst([r.get("fit_class") for r in rows])
+    reason = next((r.get("fit_reason") for r in rows if r.get("fit_class") == cls), "") or ""
+    return cls, reason
+
+
 def classify(row: dict, budget_bytes: int, t: Thresholds = Thresholds()) -> Verdict:
     """Judge one result row (a repetition, or a failed case's row)."""
     status = row.get("status")

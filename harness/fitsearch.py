@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from harness.fit import ORDER, worst
+from harness.fit import ORDER
 
 
 @dataclass
@@ -87,8 +87,3 @@ def search(probe: Callable[[int], tuple[str | None, str]], min_ctx: int, max_ctx
     result.max_fit = last_fit
     return result
 
-
-def case_verdict(rows: list[dict]) -> tuple[str | None, str]:
-    cls = worst([r.get("fit_class") for r in rows])
-    reason = next((r.get("fit_reason") for r in rows if r.get("fit_class") == cls), "") or ""
-    return cls, reason

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from harness.fit import ORDER  # noqa: E402
+from harness.fit import worst  # noqa: E402
 from harness.results import read_results, timeline_path_for  # noqa: E402
 
 FIT_COLOURS = {"fits": "#2e7d32", "tight": "#c0a000", "slow": "#ef8a00", "offload": "#7b1fa2", "spill": "#d84315",
@@ -55,18 +55,16 @@ def load(paths: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def per_case(df: pd.DataFrame) -> pd.DataFrame:
     """One line per case: medians over ok repetitions, worst fit class, first failure."""
-    rank = {c: i for i, c in enumerate(ORDER)}
     rows = []
     for (run_id, key), g in df.groupby(["run_id", "case_key"], sort=False):
         ok = g[g["status"] == "ok"]
-        fits = [f for f in g["fit_class"] if isinstance(f, str)]
         rows.append({
             "series": g["series"].iloc[0], "case_label": g["case_label"].iloc[0], "case_key": key, "run_id": run_id,
             "n_ctx": int(g["n_ctx"].iloc[0]), "prompt_tokens": int(g["prompt_tokens"].iloc[0]),
             "budget_mib": (g["budget_bytes"].iloc[0] / 2**20 if g["budget_method"].iloc[0] not in (None, "none")
                            else None),
             "status": "ok" if (g["status"] == "ok").all() else ",".join(sorted(set(g["status"]) - {"ok"})),
-            "fit_class": max(fits, key=rank.get) if fits else None,
+            "fit_class": worst([f if isinstance(f, str) else None for f in g["fit_class"]]),
             "decode_tok_s": ok["decode_tok_s"].median() if len(ok) else None,
             "prefill_tok_s": ok["prefill_tok_s"].median() if len(ok) else None,
             "ttft_s": ok["ttft_s"].median() if len(ok) else None,
@@ -126,15 +124,13 @@ def plot_fit_matrix(cases: pd.DataFrame) -> bytes:
     label = series_label(cases)
     rows = sorted(label.unique())
     cols = sorted(cases["n_ctx"].unique())
-    rank = {c: i for i, c in enumerate(ORDER)}
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(cols) + 3), 0.6 * len(rows) + 1.6))
     for i, row in enumerate(rows):
         for j, n_ctx in enumerate(cols):
             cell = cases[(label == row) & (cases["n_ctx"] == n_ctx)]
-            fits = [f for f in cell["fit_class"] if isinstance(f, str)]
-            fit = max(fits, key=rank.get) if fits else (None if cell.empty else "?")
             if cell.empty:
                 continue
+            fit = worst([f if isinstance(f, str) else None for f in cell["fit_class"]]) or "?"
             ax.add_patch(plt.Rectangle((j, i), 0.95, 0.9, color=FIT_COLOURS.get(fit, "#9e9e9e")))
             ax.text(j + 0.475, i + 0.45, fit or "n/a", ha="center", va="center", color="white", fontsize=9,
                     fontweight="bold")

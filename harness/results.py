@@ -53,7 +53,7 @@ RESULT_COLUMNS: list[Column] = _cols(
     ("case_key", S, "stable hash of what is measured: artifact, runtime, options, n_ctx, prompt and gen tokens"),
     ("case_label", S, "llama-bench style label, e.g. pp1024+tg32 @ ctx2048"),
     ("repetition", I, "0-based repetition; null when the case failed before any repetition"),
-    ("status", S, "ok | load_error | runtime_error | oom | killed | crashed | timeout | stopped | unavailable | interrupted | skipped"),
+    ("status", S, " | ".join(STATUSES)),
     ("error", S, "what went wrong, one line; null when ok"),
     ("started_at", T, "when the case started (UTC)"),
     # artifact

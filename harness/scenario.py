@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from harness.fit import Thresholds, parse_size
-from runners.base import OptionError, UnknownRunner, get_runner_class
+from runners.base import OptionError, UnknownRunner, get_runner_class, short_repr
 
 TOP_FIELDS = {
     "name": "short name, used in result file names",
@@ -156,7 +156,7 @@ def parse_scenario(data: Any, source: str = "<scenario>", base_dir: Path | None 
     # Without a name, the file's stem made safe for file names ("my scenario.yaml" -> my-scenario).
     name = data.get("name") or re.sub(r"[^A-Za-z0-9_-]+", "-", Path(source).stem).strip("-")[:64] or "scenario"
     if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
-        raise ScenarioError(source, "name", f"must be up to 64 letters, digits, '-' or '_', got {_short(name)}")
+        raise ScenarioError(source, "name", f"must be up to 64 letters, digits, '-' or '_', got {short_repr(name)}")
 
     models_raw = data["models"]
     if not isinstance(models_raw, list) or not models_raw:
@@ -300,7 +300,7 @@ def _reject_unknown(source: str, where: str, raw: dict, known: dict) -> None:
 
 def _typed(source: str, where: str, value: Any, kind: type) -> Any:
     if not isinstance(value, kind):
-        raise ScenarioError(source, where, f"must be a {kind.__name__}, got {_short(value)}")
+        raise ScenarioError(source, where, f"must be a {kind.__name__}, got {short_repr(value)}")
     return value
 
 
@@ -311,24 +311,19 @@ MAX_NUMBER = 7 * 24 * 3600.0
 
 def _int(source: str, where: str, value: Any, minimum: int, maximum: int = MAX_INT) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ScenarioError(source, where, f"must be an integer, got {_short(value)}")
+        raise ScenarioError(source, where, f"must be an integer, got {short_repr(value)}")
     if value < minimum:
         raise ScenarioError(source, where, f"must be at least {minimum}, got {value}")
     if value > maximum:
-        raise ScenarioError(source, where, f"must be at most {maximum:,}, got {_short(value)}")
+        raise ScenarioError(source, where, f"must be at most {maximum:,}, got {short_repr(value)}")
     return value
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _number(source: str, where: str, value: Any, minimum: float, maximum: float = MAX_NUMBER) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ScenarioError(source, where, f"must be a number, got {_short(value)}")
+        raise ScenarioError(source, where, f"must be a number, got {short_repr(value)}")
     if not minimum <= value <= maximum:  # also rejects NaN
-        raise ScenarioError(source, where, f"must be between {minimum:g} and {maximum:g}, got {_short(value)}")
+        raise ScenarioError(source, where, f"must be between {minimum:g} and {maximum:g}, got {short_repr(value)}")
     return float(value)
 
 
@@ -346,7 +341,7 @@ def _fill_list(source: str, value: Any) -> list[float]:
     out = []
     for i, v in enumerate(values):
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v > MAX_FILL:
-            raise ScenarioError(source, f"fill[{i}]", f"must be at most {MAX_FILL} (generated tokens need room), got {_short(v)}")
+            raise ScenarioError(source, f"fill[{i}]", f"must be at most {MAX_FILL} (generated tokens need room), got {short_repr(v)}")
         f = _number(source, f"fill[{i}]", v, minimum=0.0, maximum=MAX_FILL)
         out.append(f)
     return out

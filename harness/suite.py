@@ -100,28 +100,29 @@ def run_suite(
     results = []
     for case in cases:
         on_case_start(case)
+        stop: SuiteInterrupted | None = None
         too_big = None if force else obviously_too_big(case, artifacts[case.artifact])
         if too_big:
             base = _base_row(case, artifacts[case.artifact], machine, run_id, datetime.now(timezone.utc), hashes)
             result = CaseResult(case, "skipped", too_big, [{**base, "status": "skipped", "error": too_big}])
             judge(result.rows, case, machine, "none")
-            writer.add_case(result.rows, {})
-            on_case_end(result)
-            results.append(result)
-            continue
-        try:
-            result = run_case(case, artifacts[case.artifact], machine, run_id, hashes,
-                              lambda p, c=case: on_progress(c, p))
-        except SuiteInterrupted as stop:
-            result = stop.args[0]
-            writer.add_case(result.rows, timeline_columns(result, run_id))
-            on_case_end(result)
-            results.append(result)
-            raise
-        writer.add_case(result.rows, timeline_columns(result, run_id))
+        else:
+            try:
+                result = run_case(case, artifacts[case.artifact], machine, run_id, hashes,
+                                  lambda p, c=case: on_progress(c, p))
+            except SuiteInterrupted as interrupted:
+                stop, result = interrupted, interrupted.args[0]
+        record(writer, result, run_id)
         on_case_end(result)
         results.append(result)
+        if stop is not None:
+            raise stop
     return results
+
+
+def record(writer: ResultWriter, result: CaseResult, run_id: str) -> None:
+    """Write a finished (or failed, or interrupted) case's rows and timeline."""
+    writer.add_case(result.rows, timeline_columns(result, run_id))
 
 
 def run_case(

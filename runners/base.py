@@ -123,7 +123,8 @@ class Runner:
         pass
 
 
-def _short(value: Any) -> str:
+def short_repr(value: Any) -> str:
+    """repr() cut to one readable line, for error messages about untrusted values."""
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -131,16 +132,16 @@ def _short(value: Any) -> str:
 def _coerce(key: str, value: Any, spec: Option) -> Any:
     # bool is an int subclass in Python: keep the two apart on purpose.
     if spec.type is bool and not isinstance(value, bool):
-        raise OptionError(f"option {key!r} must be true or false, got {_short(value)}")
+        raise OptionError(f"option {key!r} must be true or false, got {short_repr(value)}")
     if spec.type is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise OptionError(f"option {key!r} must be an integer, got {_short(value)}")
+        raise OptionError(f"option {key!r} must be an integer, got {short_repr(value)}")
     if spec.type is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise OptionError(f"option {key!r} must be a number, got {_short(value)}")
+        raise OptionError(f"option {key!r} must be a number, got {short_repr(value)}")
     if spec.type is str and not isinstance(value, str):
-        raise OptionError(f"option {key!r} must be a string, got {_short(value)}")
+        raise OptionError(f"option {key!r} must be a string, got {short_repr(value)}")
     if spec.choices is not None and value not in spec.choices:
         choices = ", ".join(str(c) for c in spec.choices)
-        raise OptionError(f"option {key!r} must be one of {choices}, got {_short(value)}")
+        raise OptionError(f"option {key!r} must be one of {choices}, got {short_repr(value)}")
     return spec.type(value)
 
 

@@ -26,8 +26,13 @@ FUZZ = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCh
 COUNTS: dict[str, int] = {}
 
 
-def count(name: str) -> None:
+def survives(name: str, error: type[Exception], read, *args) -> None:
+    """``read(*args)`` either succeeds or raises ``error`` with a one-line message; counts the try."""
     COUNTS[name] = COUNTS.get(name, 0) + 1
+    try:
+        read(*args)
+    except error as exc:
+        assert "\n" not in str(exc) and len(str(exc)) < 500
 
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
@@ -45,12 +50,7 @@ def test_scenario_parser_never_crashes(tmp_path, data, with_model):
     if with_model:
         art = write_tiny_gguf(tmp_path / "t.gguf")
         data = {**data, "models": [{"artifact": str(art), "runtime": "llama.cpp", "options": data.get("bogus", {})}]}
-    count("scenario structures")
-    try:
-        s = parse_scenario(data, source="fuzz.yaml")
-        s.cases()
-    except ScenarioError as exc:
-        assert "\n" not in str(exc) and len(str(exc)) < 500
+    survives("scenario structures", ScenarioError, lambda: parse_scenario(data, source="fuzz.yaml").cases())
 
 
 @FUZZ
@@ -58,11 +58,7 @@ def test_scenario_parser_never_crashes(tmp_path, data, with_model):
 def test_scenario_text_never_crashes(tmp_path, text):
     path = tmp_path / "s.yaml"
     path.write_text(text)
-    count("scenario texts")
-    try:
-        load_scenario(path)
-    except ScenarioError as exc:
-        assert "\n" not in str(exc)
+    survives("scenario texts", ScenarioError, load_scenario, path)
 
 
 def test_yaml_bomb_is_cheap(tmp_path):
@@ -119,11 +115,7 @@ def test_gguf_reader_survives_damage(tmp_path, data):
             blob[i:i + 8] = b"\xff" * 8
     path = tmp_path / "f.gguf"
     path.write_bytes(bytes(blob))
-    count("damaged GGUF headers")
-    try:
-        inspect_artifact(path)
-    except ArtifactError as exc:
-        assert "\n" not in str(exc)
+    survives("damaged GGUF headers", ArtifactError, inspect_artifact, path)
 
 
 def test_gguf_fixture_is_valid(tmp_path):
@@ -137,7 +129,7 @@ def test_gguf_fixture_is_valid(tmp_path):
 def test_results_reader_survives_garbage(tmp_path, blob):
     path = tmp_path / "r.parquet"
     path.write_bytes(blob)
-    count("garbage result files")
+    COUNTS["garbage result files"] = COUNTS.get("garbage result files", 0) + 1
     with pytest.raises(ResultsError):
         read_results(path)
 
