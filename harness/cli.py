@@ -600,6 +600,29 @@ def machine(as_json: bool) -> None:
     console.print(table)
 
 
+@cli.group()
+def models() -> None:
+    """Sample artifacts for every runtime, made locally from the bundled GGUF."""
+
+
+@models.command("prepare-sample")
+@click.option("--models-dir", type=click.Path(path_type=Path), default=Path("models"), show_default=True,
+              help="where the sample GGUF is and the artifacts go")
+@click.option("--only", help="comma-separated steps to make (default: all)")
+@click.option("--force", is_flag=True, help="remake artifacts that already exist")
+def models_prepare_sample(models_dir: Path, only: str | None, force: bool) -> None:
+    """Make the HF safetensors, ONNX and MLX variants of the sample model (cached, idempotent)."""
+    from harness import samples
+
+    wanted = [s.strip() for s in only.split(",") if s.strip()] if only else None
+    try:
+        made = samples.prepare(models_dir, wanted, force, progress=lambda msg: err_console.print(msg))
+    except samples.SampleError as exc:
+        raise FitbenchError(str(exc)) from exc
+    for name, path in made.items():
+        console.print(f"{name}\t{path}")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
