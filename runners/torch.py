@@ -206,14 +206,14 @@ class TorchRunner(Runner):
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self._cache = self._new_cache(text_config, n_ctx, dtype)
         placement = self._placement()
-        self._cuda_indices = sorted({d.index or 0 for d in placement if d.type == "cuda"} |
+        self._cuda_indices = sorted({int(d.partition(":")[2] or 0) for d in placement if d.startswith("cuda")} |
                                     ({device.index or 0} if device.type == "cuda" else set()))
         if device.type == "cuda":
             for i in self._cuda_indices:
                 torch.cuda.synchronize(i)
                 torch.cuda.reset_peak_memory_stats(i)  # the peak covers generation, weights included
         n_layers = getattr(text_config, "num_hidden_layers", None)
-        layers_on_device = self._layers_on_accelerator(placement, n_layers)
+        layers_on_device = self._layers_on_accelerator(n_layers)
         kv = KV_NAMES.get(str(dtype).removeprefix("torch."), str(dtype))
         gpu_names = [torch.cuda.get_device_name(i) for i in self._cuda_indices] if device.type == "cuda" else []
         return LoadInfo(
@@ -275,27 +275,23 @@ class TorchRunner(Runner):
 
     # --- placement: what lives where -----------------------------------------------
 
-    def _placement(self) -> dict[Any, int]:
-        """Parameter bytes per device. With an accelerate device map, modules mapped to the CPU
-        hold their weights on the host (their parameters may show as 'meta' on the module)."""
-        import torch
-
+    def _placement(self) -> dict[str, int]:
+        """Parameter bytes per device ("cpu", "disk", "cuda:0", "mps"). With an accelerate device
+        map, modules mapped to the host keep their weights there (their parameters may show as
+        'meta' on the module), so the map decides, not ``p.device``."""
         hf_map = getattr(self._model, "hf_device_map", None) or {}
-        out: dict[Any, int] = {}
+        out: dict[str, int] = {}
         for name, p in self._model.named_parameters():
-            dev = _mapped_device(hf_map, name) if hf_map else p.device
-            dev = torch.device(dev) if not isinstance(dev, torch.device) else dev
-            nbytes = p.numel() * p.element_size()
-            out[dev] = out.get(dev, 0) + nbytes
+            dev = _mapped_device(hf_map, name) if hf_map else _device_name(p.device)
+            out[dev] = out.get(dev, 0) + p.numel() * p.element_size()
         return out
 
     @staticmethod
-    def _host_bytes(placement: dict[Any, int]) -> int:
-        return sum(n for d, n in placement.items() if d.type in ("cpu", "disk", "meta"))
+    def _host_bytes(placement: dict[str, int]) -> int:
+        return sum(n for d, n in placement.items() if d in HOST_DEVICES)
 
-    def _layers_on_accelerator(self, placement: dict[Any, int], n_layers: int | None) -> int | None:
-        import torch
-
+    def _layers_on_accelerator(self, n_layers: int | None) -> int | None:
+        """Transformer blocks whose weights live on the accelerator (0 on the CPU)."""
         if n_layers is None:
             return None
         if self._device.type == "cpu":
@@ -303,12 +299,13 @@ class TorchRunner(Runner):
         hf_map = getattr(self._model, "hf_device_map", None) or {}
         if not hf_map:
             return n_layers
-        on = 0
-        for i in range(n_layers):
-            name = next((n for n, _ in self._model.named_parameters() if re.search(rf"\.layers\.{i}\.", n)), None)
-            if name is not None and torch.device(_mapped_device(hf_map, name)).type not in ("cpu", "disk", "meta"):
-                on += 1
-        return on
+        first_param: dict[int, str] = {}
+        for name, _ in self._model.named_parameters():
+            m = re.search(r"\.layers\.(\d+)\.", name)
+            if m:
+                first_param.setdefault(int(m.group(1)), name)
+        return sum(1 for i in range(n_layers)
+                   if i in first_param and _mapped_device(hf_map, first_param[i]) not in HOST_DEVICES)
 
     # --- the timed path -----------------------------------------------------------
 
@@ -424,15 +421,24 @@ class TorchRunner(Runner):
         self._model = self._cache = self._tokenizer = None
 
 
-def _mapped_device(hf_map: dict[str, Any], param_name: str) -> Any:
+HOST_DEVICES = ("cpu", "disk", "meta")
+
+
+def _device_name(dev: Any) -> str:
+    """'cuda:0' for CUDA devices (index made explicit), else the device type."""
+    if isinstance(dev, int):
+        return f"cuda:{dev}"
+    text = str(dev)
+    return "cuda:0" if text == "cuda" else text
+
+
+def _mapped_device(hf_map: dict[str, Any], param_name: str) -> str:
     """The device accelerate's map gives a parameter: the entry of its longest module prefix."""
     best, best_len = hf_map.get("", "cpu"), -1
     for module, dev in hf_map.items():
         if module and (param_name == module or param_name.startswith(module + ".")) and len(module) > best_len:
             best, best_len = dev, len(module)
-    if isinstance(best, int):
-        return f"cuda:{best}"
-    return best
+    return _device_name(best)
 
 
 def _host_memory() -> int:

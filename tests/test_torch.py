@@ -180,6 +180,31 @@ def test_memory_stats_on_cpu(runner):
 
 
 @pytest.mark.model
+def test_weight_placement_follows_the_accelerate_device_map(runner):
+    """What memory_stats and n_layers_device report for a split model, from a device map as
+    accelerate writes it (ints are CUDA indices); no GPU needed to check the bookkeeping."""
+    import torch
+
+    model = runner._model
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    hf_map = {"model.embed_tokens": 0, "lm_head": 0, "model.norm": "cpu", "model.rotary_emb": "cpu",
+              **{f"model.layers.{i}": 0 if i < 12 else "cpu" for i in range(30)}}
+    saved_device = runner._device
+    model.hf_device_map = hf_map
+    runner._device = torch.device("cuda", 0)
+    try:
+        placement = runner._placement()
+        assert set(placement) == {"cuda:0", "cpu"} and sum(placement.values()) == total
+        assert runner._host_bytes(placement) == 18 * layer_bytes + 576 * 4  # 18 layers and the final norm
+        assert runner._layers_on_accelerator(30) == 12
+    finally:
+        del model.hf_device_map
+        runner._device = saved_device
+    assert runner._placement() == {"cpu": total} and runner._layers_on_accelerator(30) == 0
+
+
+@pytest.mark.model
 def test_cuda_on_a_cpu_build_is_an_option_error(hf_model):
     import torch
 
