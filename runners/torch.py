@@ -265,9 +265,9 @@ class TorchRunner(Runner):
         hf_map = getattr(self._model, "hf_device_map", None) or {}
         gpus = {v for v in hf_map.values() if isinstance(v, int) or str(v).startswith("cuda")}
         if hasattr(cache, "early_initialization") and len(gpus) <= 1:
-            # Layers split over several GPUs keep their KV on their own GPU: those are allocated
-            # at the first forward (the warm-up) instead.
             # Allocate the whole KV now, so "configured context" is memory really held from load on.
+            # (Layers split over several GPUs keep their KV on their own GPU: that is allocated at
+            # the first forward, the warm-up, instead.)
             heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
             head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
             cache.early_initialization(1, heads, head_dim, dtype, self._device)
