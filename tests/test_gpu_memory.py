@@ -134,8 +134,12 @@ def test_case_rows_carry_gpu_and_runtime_memory(tmp_path, tiny_gguf, monkeypatch
     s = scenario(tiny_gguf, ["OffloadStatsRunner"], repetitions=2, gen_tokens=40,
                  models=[{"artifact": str(tiny_gguf), "runtime": "fake_runners:OffloadStatsRunner",
                           "options": {"token_delay": 0.01}}])
-    _, df = run(s, tmp_path)
+    results, df = run(s, tmp_path)
     assert (df["status"] == "ok").all() and len(df) == 2
+    from harness.cli import _case_line
+
+    line = _case_line(results[0], 1)
+    assert "GPU 1,024 MiB (allocator 123)" in line and "40 MiB of weights on the host" in line
     row = df.iloc[0]
     assert row["runtime_peak_bytes"] == 123 << 20
     assert (row["offload_host_bytes"], row["offload_device_bytes"]) == (40 << 20, 60 << 20)
