@@ -245,17 +245,27 @@ def _safetensors_params(path: Path) -> tuple[int, set[str]]:
             header = json.loads(fh.read(n))
         except ValueError:
             raise ArtifactError(f"{path}: safetensors header is not valid JSON; the file is damaged") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path}: safetensors header is not a JSON object; the file is damaged")
     params, dtypes, data_end = 0, set(), 0
     for name, t in header.items():
-        if name == "__metadata__" or not isinstance(t, dict):
+        if name == "__metadata__":
             continue
-        count = 1
-        for d in t.get("shape", []):
-            count *= int(d)
+        try:
+            shape, offsets = t["shape"], t["data_offsets"]
+            count = 1
+            for d in shape:
+                if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+                    raise ValueError(d)
+                count *= d
+            end = offsets[1]
+            if not isinstance(end, int) or isinstance(end, bool) or end < 0:
+                raise ValueError(end)
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise ArtifactError(f"{path}: tensor {str(name)[:60]!r} has a malformed safetensors entry; the file is damaged") from None
         params += count
-        dtypes.add(str(t.get("dtype")))
-        offsets = t.get("data_offsets") or [0, 0]
-        data_end = max(data_end, int(offsets[1]))
+        dtypes.add(str(t.get("dtype"))[:16])
+        data_end = max(data_end, end)
     if 8 + n + data_end > size:
         raise ArtifactError(f"{path} is truncated: its tensors need {8 + n + data_end:,} bytes but the file has {size:,}")
     return params, dtypes
@@ -275,7 +285,7 @@ def _inspect_hf(path: Path) -> ArtifactInfo:
     def num(*keys: str) -> int | None:
         for k in keys:
             v = text.get(k)
-            if isinstance(v, int) and not isinstance(v, bool):
+            if isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**53:  # untrusted: sane positive sizes
                 return v
         return None
 
@@ -288,16 +298,16 @@ def _inspect_hf(path: Path) -> ArtifactInfo:
     head_dim = num("head_dim") or (embedding // heads if heads and embedding else None)
     quant_cfg = config.get("quantization_config")
     if isinstance(quant_cfg, dict):
-        quant = str(quant_cfg.get("quant_method") or "quantized")
+        quant = str(quant_cfg.get("quant_method") or "quantized")[:32]
     else:
         dtype = config.get("dtype") or config.get("torch_dtype")
-        quant = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(str(dtype)) or (
+        quant = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(dtype if isinstance(dtype, str) else "") or (
             "/".join(sorted(dtypes)) if dtypes else None)
     return ArtifactInfo(
         path=path,
         format="hf",
         size_bytes=sum(p.stat().st_size for p in _folder_files(path)),
-        architecture=config.get("model_type"),
+        architecture=config["model_type"][:64] if isinstance(config.get("model_type"), str) else None,
         quant=quant,
         n_params=n_params or None,
         n_layers=num("num_hidden_layers", "n_layer", "num_layers"),
@@ -307,5 +317,6 @@ def _inspect_hf(path: Path) -> ArtifactInfo:
         context_length=num("max_position_embeddings", "n_positions"),
         head_dim=head_dim,
         vocab_size=num("vocab_size"),
-        metadata={k: v for k, v in config.items() if isinstance(v, (str, int, float, bool))},
+        metadata={k: v for k, v in config.items() if isinstance(v, (str, float, bool)) or
+                  (isinstance(v, int) and abs(v) < 2**53)},
     )
