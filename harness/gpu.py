@@ -10,7 +10,10 @@ It reuses the NVML session that ``harness.energy.NvmlEnergy`` opened (one
   ``max_memory_allocated`` counts only live tensors);
 - ``gpu_util``: GPU utilisation in percent (mean over the GPUs).
 
-``gpu_total`` is read once. Everything is ``None`` where NVML, a GPU or the
+``gpu_total`` is read once. The sampler reads these with the system-wide
+figures (every ``system_every`` samples, 50 ms by default), so a spike
+shorter than that can be missed; the runtime's own allocator peak
+(``runtime_peak_bytes``) is the exact complement for torch. Everything is ``None`` where NVML, a GPU or the
 figure is not available (no driver, MIG slices without utilisation, a
 container whose PID namespace hides the process from NVML).
 """
