@@ -74,6 +74,21 @@ def test_unavailable_with_install_hint(monkeypatch):
     assert "pip install 'fitbench[torch]'" in avail.install
 
 
+def test_runners_command_shows_torch_unavailable_with_the_install_line(monkeypatch):
+    from click.testing import CliRunner
+
+    from harness.cli import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    result = CliRunner().invoke(cli, ["runners", "--json"])
+    assert result.exit_code == 0, result.output
+    [row] = [r for r in json.loads(result.output) if r["runtime"] == "torch"]
+    assert not row["available"] and "torch" in row["reason"] and "fitbench[torch]" in row["install"]
+    table = CliRunner().invoke(cli, ["runners"]).output
+    assert "torch" in table and "not installed" in table
+
+
 # --- the real model ---------------------------------------------------------------
 
 @pytest.mark.model
