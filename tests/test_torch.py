@@ -66,6 +66,16 @@ def test_registered_and_options_checked_without_importing_torch():
     assert parse_bytes("200MiB") == 200 << 20 and parse_bytes("1.5GB") == 1_500_000_000
 
 
+def test_importing_the_runner_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, runners.torch as t; t.TorchRunner.validate_options({'dtype': 'float32'}); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported the runtime'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_unavailable_with_install_hint(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
