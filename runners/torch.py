@@ -342,8 +342,11 @@ class TorchRunner(Runner):
             kwargs["cache_position"] = positions
         out = self._model(input_ids=ids, **kwargs)
         self._pos += n
-        if not self._static:
-            self._cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None) or self._cache
+        if not self._static:  # a DynamicCache is updated in place; older transformers may return a new one
+            returned = getattr(out, "cache", None)
+            returned = returned if returned is not None else getattr(out, "past_key_values", None)
+            if returned is not None:
+                self._cache = returned
         return out.logits[0]
 
     def _check_room(self, needed: int) -> None:
