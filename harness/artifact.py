@@ -49,7 +49,7 @@ def inspect_artifact(path: Path) -> ArtifactInfo:
     if not path.exists():
         raise ArtifactError(f"artifact not found: {path}")
     if path.is_dir():
-        raise ArtifactError(f"artifact {path} is a folder; fitbench knows GGUF files so far")
+        return inspect_folder(path)
     try:
         with path.open("rb") as fh:
             magic = fh.read(4)
@@ -63,6 +63,12 @@ def inspect_artifact(path: Path) -> ArtifactInfo:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file; of a folder artifact, over its files' relative paths and their hashes."""
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for member in _folder_files(path):
+            digest.update(f"{member.relative_to(path).as_posix()}\0{sha256_file(member, chunk)}\n".encode())
+        return digest.hexdigest()
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         while block := fh.read(chunk):
@@ -201,4 +207,116 @@ def _inspect_gguf(path: Path) -> ArtifactInfo:
         head_dim=head_dim if isinstance(head_dim, int) else None,
         vocab_size=vocab if isinstance(vocab, int) else None,
         metadata=small_meta,
+    )
+
+
+# --- folders (Hugging Face checkpoints) ------------------------------------
+
+def _folder_files(path: Path) -> list[Path]:
+    """Regular files of a folder artifact, in a stable order; hidden files (caches, temp files) excluded."""
+    return sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+
+
+def inspect_folder(path: Path) -> ArtifactInfo:
+    """A folder artifact: a Hugging Face checkpoint (config.json + safetensors) so far."""
+    if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))):
+        return _inspect_hf(path)
+    raise ArtifactError(f"artifact folder {path} is not a model fitbench knows "
+                        "(a Hugging Face checkpoint needs config.json and *.safetensors)")
+
+
+_SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                            "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _safetensors_params(path: Path) -> tuple[int, set[str]]:
+    """Parameter count and element types from a safetensors header (8-byte length + JSON), without reading tensors."""
+    import json
+
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise ArtifactError(f"{path} is truncated (no safetensors header); re-download or re-convert it")
+        n = struct.unpack("<Q", raw)[0]
+        if n > min(size - 8, 100 << 20):
+            raise ArtifactError(f"{path}: safetensors header claims {n:,} bytes; the file is truncated or damaged")
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError:
+            raise ArtifactError(f"{path}: safetensors header is not valid JSON; the file is damaged") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path}: safetensors header is not a JSON object; the file is damaged")
+    params, dtypes, data_end = 0, set(), 0
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            shape, offsets = t["shape"], t["data_offsets"]
+            count = 1
+            for d in shape:
+                if not isinstance(d, int) or isinstance(d, bool) or d < 0:
+                    raise ValueError(d)
+                count *= d
+            end = offsets[1]
+            if not isinstance(end, int) or isinstance(end, bool) or end < 0:
+                raise ValueError(end)
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise ArtifactError(f"{path}: tensor {str(name)[:60]!r} has a malformed safetensors entry; the file is damaged") from None
+        params += count
+        dtypes.add(str(t.get("dtype"))[:16])
+        data_end = max(data_end, end)
+    if 8 + n + data_end > size:
+        raise ArtifactError(f"{path} is truncated: its tensors need {8 + n + data_end:,} bytes but the file has {size:,}")
+    return params, dtypes
+
+
+def _inspect_hf(path: Path) -> ArtifactInfo:
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}/config.json is not readable JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{path}/config.json is not a JSON object")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+
+    def num(*keys: str) -> int | None:
+        for k in keys:
+            v = text.get(k)
+            if isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**53:  # untrusted: sane positive sizes
+                return v
+        return None
+
+    n_params, dtypes = 0, set()
+    for shard in sorted(path.glob("*.safetensors")):
+        p, d = _safetensors_params(shard)
+        n_params += p
+        dtypes |= d
+    heads, embedding = num("num_attention_heads", "n_head"), num("hidden_size", "n_embd", "d_model")
+    head_dim = num("head_dim") or (embedding // heads if heads and embedding else None)
+    quant_cfg = config.get("quantization_config")
+    if isinstance(quant_cfg, dict):
+        quant = str(quant_cfg.get("quant_method") or "quantized")[:32]
+    else:
+        dtype = config.get("dtype") or config.get("torch_dtype")
+        quant = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(dtype if isinstance(dtype, str) else "") or (
+            "/".join(sorted(dtypes)) if dtypes else None)
+    return ArtifactInfo(
+        path=path,
+        format="hf",
+        size_bytes=sum(p.stat().st_size for p in _folder_files(path)),
+        architecture=config["model_type"][:64] if isinstance(config.get("model_type"), str) else None,
+        quant=quant,
+        n_params=n_params or None,
+        n_layers=num("num_hidden_layers", "n_layer", "num_layers"),
+        n_heads=heads,
+        n_kv_heads=num("num_key_value_heads") or heads,
+        embedding_length=embedding,
+        context_length=num("max_position_embeddings", "n_positions"),
+        head_dim=head_dim,
+        vocab_size=num("vocab_size"),
+        metadata={k: v for k, v in config.items() if isinstance(v, (str, float, bool)) or
+                  (isinstance(v, int) and abs(v) < 2**53)},
     )

@@ -235,7 +235,7 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
     console.print(f"results: {writer.results_path}")
 
 
-FORMAT_RUNTIMES = {"gguf": "llama.cpp"}
+FORMAT_RUNTIMES = {"gguf": "llama.cpp", "hf": "torch"}
 
 
 @cli.group()
@@ -496,8 +496,14 @@ def _case_line(r: CaseResult, total: int) -> str:
     ok_rows = [row for row in r.rows if row["status"] == "ok"]
     ttft = summarize([row["ttft_s"] for row in ok_rows])
     dec = summarize([row["decode_tok_s"] for row in ok_rows])
+    first = ok_rows[0]
+    gpu = ""  # GPU cases: the process's GPU memory (NVML) and the allocator's peak, where known
+    if first.get("gpu_proc_peak_bytes") is not None or first.get("runtime_peak_bytes") is not None:
+        gpu = f", GPU {mib(first.get('gpu_proc_peak_bytes'))} MiB (allocator {mib(first.get('runtime_peak_bytes'))})"
+    if first.get("offload_host_bytes"):
+        gpu += f", {mib(first['offload_host_bytes'])} MiB of weights on the host"
     return (f"{head}: [green]ok[/] {FIT_STYLE.get(fit, '{}').format(fit)} · TTFT {ttft.median * 1000:,.0f} ms, decode {dec.median:,.1f} tok/s, "
-            f"peak RSS {mib(r.peak_rss)} MiB (VmHWM {mib(r.vmhwm)}), {r.wall_s:.1f} s")
+            f"peak RSS {mib(r.peak_rss)} MiB (VmHWM {mib(r.vmhwm)}){gpu}, {r.wall_s:.1f} s")
 
 
 FIT_STYLE = {"fits": "[green]{}[/]", "tight": "[yellow]{}[/]", "slow": "[yellow]{}[/]", "offload": "[magenta]{}[/]",

@@ -14,7 +14,9 @@ Components are judged separately, then the worst applicable class wins:
   model per token. TTFT alone misses this; bytes read do not.
 - speed: decode tok/s below ``min_decode_tok_s`` or TTFT above ``max_ttft_s``.
 - offload: fewer layers on the accelerator than the model has, when the
-  runtime put any there.
+  runtime put any there (llama.cpp ``n_gpu_layers``); or weight bytes in
+  host memory next to weight bytes on the accelerator (a torch/accelerate
+  ``device_map`` that spilled layers to the CPU: ``offload_host_bytes``).
 
 Failed cases: ``oom``/``killed``/``load_error`` are ``no_fit``; a case the
 spill watchdog stopped is ``spill``; a timeout is ``slow`` (it ran, too
@@ -148,9 +150,15 @@ def classify(row: dict, budget_bytes: int, t: Thresholds = Thresholds()) -> Verd
         reasons["slow"] = ", ".join(slow_parts)
 
     on_device, total = row.get("n_layers_device"), row.get("n_layers_total")
+    host_bytes, device_bytes = row.get("offload_host_bytes"), row.get("offload_device_bytes")
     offload = bool(on_device) and total is not None and on_device < total
     if offload:
         reasons["offload"] = f"{on_device} of {total} layers on the accelerator, the rest on the host"
+    elif host_bytes and device_bytes:
+        offload = True
+        share = host_bytes / (host_bytes + device_bytes)
+        reasons["offload"] = (f"{host_bytes / 2**20:,.0f} MiB of weights ({share:.0%}) in host memory, "
+                              f"{device_bytes / 2**20:,.0f} MiB on the accelerator")
 
     fit_class = worst(list(reasons)) or "fits"
     if fit_class == "fits":

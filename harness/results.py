@@ -111,6 +111,15 @@ RESULT_COLUMNS: list[Column] = _cols(
     ("sys_mem_total_bytes", I, "physical memory of the machine"),
     ("sys_available_min_bytes", I, "lowest system available memory seen during the case"),
     ("swap_used_max_bytes", I, "highest swap in use on the system during the case"),
+    # runtime allocator and GPU memory (torch runner, NVML in the sampler); null where not measurable
+    ("runtime_peak_bytes", I, "the runtime's own allocator peak since load, e.g. torch.cuda.max_memory_allocated; null on CPU"),
+    ("offload_host_bytes", I, "weight bytes the runtime placed in host memory while others are on the accelerator"),
+    ("offload_device_bytes", I, "weight bytes the runtime placed on the accelerator (with offload_host_bytes: a split model)"),
+    ("gpu_total_bytes", I, "memory of the visible NVIDIA GPUs (NVML), summed"),
+    ("gpu_used_peak_bytes", I, "highest GPU memory in use on the device(s) during the case, every process (NVML)"),
+    ("gpu_proc_peak_bytes", I, "highest GPU memory of the case's own process during the case (NVML per-process)"),
+    ("gpu_util_mean_pct", F, "mean GPU utilisation during the repetition, percent (NVML)"),
+    ("gpu_power_mean_w", F, "mean GPU power draw during the repetition, watts (NVML)"),
     # paging / spill during this repetition
     ("major_faults", I, "major page faults of the child during the repetition"),
     ("minor_faults", I, "minor page faults of the child during the repetition"),
@@ -176,6 +185,10 @@ TIMELINE_COLUMNS: list[Column] = _cols(
     ("cpu_energy_uj", I, "CPU package energy since the case started, microjoules (RAPL, unwrapped)"),
     ("gpu_energy_mj", F, "GPU energy since the case started, millijoules (NVML)"),
     ("gpu_power_mw", F, "GPU power draw, milliwatts (NVML)"),
+    # GPU memory (NVML in the sampler)
+    ("gpu_used_bytes", I, "GPU memory in use on the device(s), every process (NVML)"),
+    ("gpu_proc_bytes", I, "GPU memory of the case's own process (NVML per-process)"),
+    ("gpu_util_pct", F, "GPU utilisation, percent (NVML)"),
 )
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from harness.energy import NvmlEnergy, RaplReader
+from harness.gpu import NvmlMemory
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -30,6 +31,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 COLUMNS = (
     "t", "rss", "uss", "sys_available", "swap_used", "pswpin", "pswpout",
     "minflt", "majflt", "cpu_s", "read_bytes", "cpu_energy_uj", "gpu_energy_mj", "gpu_power_mw",
+    "gpu_used", "gpu_proc", "gpu_util",
 )
 
 
@@ -42,6 +44,7 @@ class Timeline:
     vmhwm: int | None = None  # the kernel's own peak RSS of the child
     energy_source: str | None = None  # "rapl", "nvml", "rapl+nvml" or None
     energy_note: str | None = None  # why there is no (or only partial) energy data
+    gpu_total: int | None = None  # memory of the visible NVIDIA GPUs (NVML), read once
 
     def __len__(self) -> int:
         return len(self.samples["t"])
@@ -170,7 +173,7 @@ class Sampler:
     """Samples ``pid`` every ``interval_s`` seconds in a daemon thread until stopped."""
 
     def __init__(self, pid: int, interval_s: float = 0.01, uss_every: int = 100, system_every: int = 5,
-                 energy: bool = True) -> None:
+                 energy: bool = True, gpu: bool = True) -> None:
         self.pid = pid
         self.interval_s = interval_s
         self.uss_every = uss_every
@@ -181,12 +184,16 @@ class Sampler:
         self.requested = 0
         self._stop = threading.Event()
         self._reader = _ProcReader(pid) if os.path.exists(f"/proc/{pid}/statm") else _PsutilReader(pid)
-        self._rapl = self._nvml = None
+        self._rapl = self._nvml = self._gpu = None
+        session = NvmlEnergy() if energy or gpu else None  # one NVML session for energy and memory
         if energy:
-            self._rapl, self._nvml = RaplReader(), NvmlEnergy()
+            self._rapl, self._nvml = RaplReader(), session
             sources = [n for n, r in (("rapl", self._rapl), ("nvml", self._nvml)) if r.available]
             self.timeline.energy_source = "+".join(sources) or None
             self.timeline.energy_note = "; ".join(r.reason for r in (self._rapl, self._nvml) if r.reason) or None
+        if gpu and session is not None and session.available:
+            self._gpu = NvmlMemory(session, pid)
+            self.timeline.gpu_total = self._gpu.total
         self._thread = threading.Thread(target=self._loop, name=f"sampler-{pid}", daemon=True)
         self.started_at: float | None = None
 
@@ -223,6 +230,8 @@ class Sampler:
                 row["cpu_energy_uj"] = self._rapl.read_uj()
             if self._nvml is not None and self._nvml.available:
                 row["gpu_energy_mj"], row["gpu_power_mw"] = self._nvml.read(t)
+            if self._gpu is not None:
+                row.update(self._gpu.read())
         self.timeline.append(row)
         self.last_rss = row["rss"]
         self.peak_rss = max(self.peak_rss, row["rss"])

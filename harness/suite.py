@@ -33,7 +33,7 @@ from harness.metrics import timing
 from harness.results import SCHEMA_VERSION, ResultWriter
 from harness.sampler import Sampler, Timeline
 from harness.scenario import Case
-from runners.base import get_runner_class
+from runners.base import MEMORY_STATS_KEYS, get_runner_class
 
 POLL_S = 0.1  # how often the parent wakes while waiting (it blocks, it never spins)
 
@@ -351,6 +351,20 @@ def _int(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
+def _mean(values: list) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _scaled(value: float | None, factor: float) -> float | None:
+    return None if value is None else value * factor
+
+
+def runtime_memory_columns(ev: dict) -> dict[str, int | None]:
+    """The runner's allocator figures from the worker's "done" message (absent after a failure)."""
+    memory = (ev.get("done") or {}).get("memory") or {}
+    return {key: memory.get(key) for key in MEMORY_STATS_KEYS}
+
+
 def _rows(case: Case, base: dict, ev: dict, tl: Timeline, status: str, error: str | None,
           exit_code: int | None, wall_s: float, t_spawn: float) -> list[dict[str, Any]]:
     loaded = ev.get("loaded") or {}
@@ -378,6 +392,9 @@ def _rows(case: Case, base: dict, ev: dict, tl: Timeline, status: str, error: st
         "case_major_faults": _int(tl.delta("majflt", t_spawn, float("inf"))),
         "case_read_bytes": _int(tl.delta("read_bytes", t_spawn, float("inf"))),
         "sampler_samples": len(tl), "exit_code": exit_code,
+        **runtime_memory_columns(ev),
+        "gpu_total_bytes": tl.gpu_total, "gpu_used_peak_bytes": _int(tl.peak("gpu_used")),
+        "gpu_proc_peak_bytes": _int(tl.peak("gpu_proc")),
     }
     rows = []
     for rep in ev["reps"]:
@@ -395,6 +412,8 @@ def _rows(case: Case, base: dict, ev: dict, tl: Timeline, status: str, error: st
             "read_bytes": _int(tl.delta("read_bytes", t0, t1)),
             "swap_in_pages": _int(tl.delta("pswpin", t0, t1)), "swap_out_pages": _int(tl.delta("pswpout", t0, t1)),
             "cpu_util": cpu / (t1 - t0) if cpu is not None and t1 > t0 else None,
+            "gpu_util_mean_pct": _mean(tl.window("gpu_util", t0, t1)),
+            "gpu_power_mean_w": _scaled(_mean(tl.window("gpu_power_mw", t0, t1)), 1e-3),
             **energy_columns(tl, t0, stamps),
         })
     if status != "ok":
@@ -440,6 +459,7 @@ def timeline_columns(result: CaseResult, run_id: str) -> dict[str, list]:
         "swap_used_bytes": s["swap_used"], "pswpin": s["pswpin"], "pswpout": s["pswpout"],
         "minflt": s["minflt"], "majflt": s["majflt"], "cpu_s": s["cpu_s"], "read_bytes": s["read_bytes"],
         "cpu_energy_uj": s["cpu_energy_uj"], "gpu_energy_mj": s["gpu_energy_mj"], "gpu_power_mw": s["gpu_power_mw"],
+        "gpu_used_bytes": s["gpu_used"], "gpu_proc_bytes": s["gpu_proc"], "gpu_util_pct": s["gpu_util"],
     }
 
 

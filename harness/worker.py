@@ -15,7 +15,8 @@ back on the message pipe:
   warmup   {t0, t1}                   span of the unrecorded warm-up
   rep      {repetition, t_start, stamps}
   error    {status, error}            a failure it could catch itself
-  done     {}                         then it waits for the parent's "exit"
+  done     {memory}                   runtime allocator figures (Runner.memory_stats),
+                                     then it waits for the parent's "exit"
 
 The parent reads the kernel's VmHWM between "done" and "exit", while the
 child still exists.
@@ -137,9 +138,10 @@ def child_main(conn: Any, spec: dict[str, Any]) -> None:
             for stamp in runner.generate(prompt, spec["gen_tokens"]):
                 stamps.append(stamp)
             conn.send(["rep", {"repetition": rep, "t_start": t_start, "stamps": stamps}])
+        memory = runtime_memory(runner)  # before close: the allocator's peak dies with the model
         runner.close()
         runner = None
-        conn.send(["done", {}])
+        conn.send(["done", {"memory": memory}])
         conn.recv()  # hold still until the parent has read our /proc entries
     except MemoryError:
         _report(conn, "oom", "MemoryError: the runtime could not allocate memory")
@@ -150,6 +152,22 @@ def child_main(conn: Any, spec: dict[str, Any]) -> None:
             status = "load_error"
         tail = "".join(traceback.format_exception(exc)[-3:]).strip().replace("\n", " | ")
         _report(conn, status, f"{type(exc).__name__}: {exc}" if str(exc) else tail, tail)
+
+
+def runtime_memory(runner: Any) -> dict[str, Any]:
+    """The runner's allocator figures, when its class provides them; a failure here
+    costs the columns, never the measured repetitions."""
+    from runners.base import MEMORY_STATS_KEYS, Runner
+
+    if type(runner).memory_stats is Runner.memory_stats:
+        return {}
+    try:
+        stats = runner.memory_stats() or {}
+    except Exception:  # noqa: BLE001
+        return {}
+    # All keys are byte counts (Parquet int64 columns).
+    return {k: None if v is None else int(v) for k, v in stats.items()
+            if k in MEMORY_STATS_KEYS and (v is None or isinstance(v, (int, float)))}
 
 
 def _report(conn: Any, status: str, error: str, detail: str = "") -> None:

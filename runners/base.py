@@ -24,6 +24,7 @@ ENTRY_POINT_GROUP = "fitbench.runners"
 # the entry points) is not installed.
 BUILTIN_RUNNERS = {
     "llama.cpp": "runners.llama_cpp:LlamaCppRunner",
+    "torch": "runners.torch:TorchRunner",
 }
 
 
@@ -119,8 +120,21 @@ class Runner:
         timestamp as each new token is produced, exactly ``max_new_tokens`` times."""
         raise NotImplementedError
 
+    def memory_stats(self) -> dict[str, int | float | None]:
+        """The runtime's own allocator figures after the measured repetitions, for the result row.
+
+        Keys among ``runtime_peak_bytes`` (e.g. torch ``max_memory_allocated``
+        since load, MLX peak memory), ``offload_host_bytes`` and
+        ``offload_device_bytes`` (weights placed on the host vs the
+        accelerator when a model is split). Called before ``close``; a runtime
+        that exposes nothing returns {} and the columns stay null."""
+        return {}
+
     def close(self) -> None:
         pass
+
+
+MEMORY_STATS_KEYS = ("runtime_peak_bytes", "offload_host_bytes", "offload_device_bytes")
 
 
 def short_repr(value: Any) -> str:

@@ -120,3 +120,18 @@ class AbortRunner(FakeRunner):
         print("GGML_ASSERT(n_tokens <= n_batch) failed", flush=True)
         os.abort()
         yield time.perf_counter()
+
+
+class OffloadStatsRunner(FakeRunner):
+    """Reports allocator figures like a GPU runtime whose model is split between GPU and host."""
+
+    def memory_stats(self) -> dict[str, int | float | None]:
+        return {"runtime_peak_bytes": 123 << 20, "offload_host_bytes": 40 << 20, "offload_device_bytes": 60 << 20,
+                "not_a_column": 1}
+
+
+class BrokenStatsRunner(FakeRunner):
+    """memory_stats raises: the repetitions must still become ok rows."""
+
+    def memory_stats(self) -> dict[str, int | float | None]:
+        raise RuntimeError("allocator stats unavailable")

@@ -55,5 +55,61 @@ def test_wrong_files(tmp_path: Path, content, name, words):
 def test_missing_and_folder(tmp_path):
     with pytest.raises(ArtifactError, match="not found"):
         inspect_artifact(tmp_path / "nope.gguf")
-    with pytest.raises(ArtifactError, match="is a folder"):
+    with pytest.raises(ArtifactError, match="is not a model fitbench knows"):
         inspect_artifact(tmp_path)
+
+
+def write_safetensors(path, tensors: dict, extra: bytes = b"") -> None:
+    import json
+    import struct
+
+    header, offset = {}, 0
+    for name, shape in tensors.items():
+        n = 2
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * offset + extra)
+
+
+def hf_folder(tmp_path):
+    import json
+
+    folder = tmp_path / "tiny-hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "dtype": "bfloat16", "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "hidden_size": 64, "max_position_embeddings": 1024, "vocab_size": 100}))
+    write_safetensors(folder / "model.safetensors", {"embed": (100, 64), "layer.0": (64, 64)})
+    return folder
+
+
+def test_hugging_face_folder(tmp_path):
+    from harness.artifact import sha256_file
+
+    folder = hf_folder(tmp_path)
+    info = inspect_artifact(folder)
+    assert (info.format, info.architecture, info.quant) == ("hf", "llama", "BF16")
+    assert info.n_params == 100 * 64 + 64 * 64
+    assert (info.n_layers, info.n_heads, info.n_kv_heads, info.head_dim) == (2, 4, 2, 16)
+    assert info.context_length == 1024 and info.vocab_size == 100
+    assert info.size_bytes == sum(p.stat().st_size for p in folder.iterdir())
+    digest = sha256_file(folder)
+    (folder / "config.json").write_text((folder / "config.json").read_text() + " ")
+    assert sha256_file(folder) != digest  # any file of the folder changes the artifact's hash
+
+
+def test_damaged_hugging_face_folder(tmp_path):
+    folder = hf_folder(tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ArtifactError, match="truncated"):
+        inspect_artifact(folder)
+    weights.write_bytes(b"\xff" * 8 + b"{}")
+    with pytest.raises(ArtifactError, match="header claims"):
+        inspect_artifact(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="config.json is not readable JSON"):
+        inspect_artifact(folder)

@@ -145,6 +145,33 @@ def test_results_reader_survives_damaged_parquet(tmp_path):
             read_results(bad)
 
 
+@FUZZ
+@given(values, st.binary(max_size=200), st.booleans())
+def test_hf_folder_reader_survives_damage(tmp_path, config, header, well_formed_length):
+    """A Hugging Face folder is untrusted too: any config.json and any safetensors header."""
+    import json
+
+    folder = tmp_path / "hf"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, default=str))
+    length = len(header) if well_formed_length else int.from_bytes(header[:8].ljust(8, b"\0"), "little")
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", length) + header)
+    survives("damaged HF folders", ArtifactError, inspect_artifact, folder)
+
+
+@FUZZ
+@given(st.dictionaries(st.text(max_size=8), values, max_size=4))
+def test_safetensors_header_entries_are_checked(tmp_path, header):
+    import json
+
+    folder = tmp_path / "hf2"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2}))
+    raw = json.dumps(header, default=str).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    survives("damaged safetensors headers", ArtifactError, inspect_artifact, folder)
+
+
 def test_report_fuzz_counts(capsys):
     """Runs last in this module: prints how many inputs the properties above tried."""
     with capsys.disabled():
