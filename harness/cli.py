@@ -150,7 +150,7 @@ def _run_cases(sc, cases: list, total: int, artifacts: dict, writer: ResultWrite
     with progress:
         try:
             run_suite(cases, artifacts, mach, writer, run_id, on_progress=on_progress, on_case_end=on_case_end,
-                      force=force)
+                      force=force, on_note=lambda text: progress.console.print(text))
         except (SuiteInterrupted, KeyboardInterrupt):
             interrupted = True
     _summary_table(results)
@@ -497,11 +497,31 @@ def _case_line(r: CaseResult, total: int) -> str:
     ttft = summarize([row["ttft_s"] for row in ok_rows])
     dec = summarize([row["decode_tok_s"] for row in ok_rows])
     return (f"{head}: [green]ok[/] {FIT_STYLE.get(fit, '{}').format(fit)} · TTFT {ttft.median * 1000:,.0f} ms, decode {dec.median:,.1f} tok/s, "
-            f"peak RSS {mib(r.peak_rss)} MiB (VmHWM {mib(r.vmhwm)}), {r.wall_s:.1f} s")
+            f"peak RSS {mib(r.peak_rss)} MiB (VmHWM {mib(r.vmhwm)}), {r.wall_s:.1f} s{_quality_text(ok_rows[0])}")
 
 
-FIT_STYLE = {"fits": "[green]{}[/]", "tight": "[yellow]{}[/]", "slow": "[yellow]{}[/]", "offload": "[magenta]{}[/]",
+def _quality_text(row: dict) -> str:
+    """' · PPL 14.2, KL 0.012, top-1 96%, tasks 4/5' for a case with a quality probe."""
+    parts = []
+    if row.get("quality_ppl") is not None:
+        parts.append(f"PPL {row['quality_ppl']:,.2f}")
+    if row.get("quality_kl_mean") is not None:
+        parts.append(f"KL {row['quality_kl_mean']:.4f}, top-1 {row['quality_top1_agree']:.1%}")
+    if row.get("task_count"):
+        parts.append(f"tasks {row['task_passed']}/{row['task_count']}")
+    if row.get("quality_error"):
+        parts.append(f"[yellow]quality: {row['quality_error']}[/]")
+    return (" · " + ", ".join(parts)) if parts else ""
+
+
+FIT_STYLE = {"fits": "[green]{}[/]", "tight": "[yellow]{}[/]", "degraded": "[yellow]{}[/]", "slow": "[yellow]{}[/]", "offload": "[magenta]{}[/]",
              "spill": "[red]{}[/]", "no_fit": "[bold red]{}[/]"}
+
+
+def _quality_cells(row: dict) -> list[str]:
+    return [_fmt(row.get("quality_ppl"), "{:,.2f}"), _fmt(row.get("quality_kl_mean"), "{:.4f}"),
+            _fmt(row.get("quality_top1_agree"), "{:.1%}"),
+            f"{row['task_passed']}/{row['task_count']}" if row.get("task_count") else "-"]
 
 
 def _summary_table(results: list[CaseResult]) -> None:
@@ -510,8 +530,9 @@ def _summary_table(results: list[CaseResult]) -> None:
         return
     show_model = len({r.case.model_label for r in results}) > 1
     table = Table(title="fitbench summary (medians over repetitions)")
+    quality = any(row.get("quality_text_id") for r in results for row in r.rows)
     headers = ["#", *(["model"] if show_model else []), "case", "status", "fit", "TTFT ms", "pp tok/s", "tg tok/s",
-               "peak MiB", "HWM MiB", "read MiB"]
+               "peak MiB", "HWM MiB", "read MiB", *(["PPL", "KL", "top-1", "tasks"] if quality else [])]
     for col in headers:
         table.add_column(col, justify="left" if col in ("model", "case", "status", "fit") else "right", no_wrap=True)
     for r in results:
@@ -528,7 +549,7 @@ def _summary_table(results: list[CaseResult]) -> None:
         fit = case_verdict(r.rows)[0] or "-"
         table.add_row(str(r.case.index + 1), *([r.case.model_label] if show_model else []), r.case.label, status,
                       FIT_STYLE.get(fit, "{}").format(fit), med("ttft_s", 1000, "{:,.0f}"), med("prefill_tok_s"),
-                      decode, mib(r.peak_rss), mib(r.vmhwm), read)
+                      decode, mib(r.peak_rss), mib(r.vmhwm), read, *(_quality_cells(r.rows[0]) if quality else []))
     console.print(table)
     if show_model is False:
         console.print(f"model: {results[0].case.model_label} ({results[0].case.runtime})")

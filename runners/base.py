@@ -119,8 +119,24 @@ class Runner:
         timestamp as each new token is produced, exactly ``max_new_tokens`` times."""
         raise NotImplementedError
 
+    # Quality probe (optional; the harness calls these only where a runner overrides them).
+    def logits(self, tokens: list[int]) -> Any:
+        """From an empty cache, evaluate ``tokens`` and return float32 raw logits as a
+        numpy array of shape ``(len(tokens), n_vocab)``; row i predicts token i+1."""
+        raise NotImplementedError
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """Token ids -> text, special (control) tokens rendered as nothing."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
+
+
+def overrides(runner: Runner | type[Runner], method: str) -> bool:
+    """Whether a runner implements an optional protocol method (rather than inheriting the stub)."""
+    cls = runner if isinstance(runner, type) else type(runner)
+    return getattr(cls, method, None) is not getattr(Runner, method, None)
 
 
 def short_repr(value: Any) -> str:

@@ -156,6 +156,43 @@ class LlamaCppRunner(Runner):
             if i + 1 < max_new_tokens:
                 self._decode(llama_cpp, ctx, one, 1)
 
+    def logits(self, tokens: list[int]) -> Any:
+        """Raw logits for every position: a batch with the output flag set on each token
+        (``llama_batch_get_one`` only returns the last), read back with ``llama_get_logits``."""
+        import llama_cpp
+        import numpy as np
+
+        ctx = self._llama.ctx
+        n_ctx = int(llama_cpp.llama_n_ctx(ctx))
+        if len(tokens) > n_ctx:
+            raise RunnerError(f"{len(tokens)} tokens do not fit the loaded context of {n_ctx}")
+        n_vocab = int(self._llama.n_vocab())
+        out = np.empty((len(tokens), n_vocab), dtype=np.float32)
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        try:
+            for start in range(0, len(tokens), self._n_batch):
+                n = min(self._n_batch, len(tokens) - start)
+                batch.n_tokens = n
+                for j in range(n):
+                    batch.token[j] = tokens[start + j]
+                    batch.pos[j] = start + j
+                    batch.n_seq_id[j] = 1
+                    batch.seq_id[j][0] = 0
+                    batch.logits[j] = 1
+                rc = llama_cpp.llama_decode(ctx, batch)
+                if rc != 0:
+                    raise RunnerError(f"llama_decode failed with code {rc} while scoring")
+                # Outputs come back contiguous, in batch order, one n_vocab row per flagged token.
+                ptr = llama_cpp.llama_get_logits(ctx)
+                out[start:start + n] = np.ctypeslib.as_array(ptr, shape=(n, n_vocab))
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        return out
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._llama.detokenize(list(tokens)).decode("utf-8", errors="replace")
+
     @staticmethod
     def _decode(llama_cpp: Any, ctx: Any, tokens: Any, n: int) -> None:
         rc = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(tokens, n))
