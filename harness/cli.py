@@ -288,7 +288,8 @@ def catalog_show(catalog_path: Path, machine_class: str | None, context: int | N
     title = f"catalog: {mc or 'all machine classes'}" + (f", context >= {context:,}" if context else "")
     table = Table(title=title + (f", judged against {budget}" if budget else ""))
     cols = ["artifact", *(["machine"] if mc is None else []), "runtime", "options", "n_ctx", "prompt", "budget MiB",
-            "fit", *(["at budget"] if budget else []), "peak MiB", "tg tok/s", "TTFT s", "runs"]
+            "fit", *(["at budget"] if budget else []), "peak MiB", "tg tok/s", "TTFT s",
+            *(["PPL", "KL", "top-1", "tasks"] if any("quality_text" in f for f in rows) else []), "runs"]
     for col in cols:
         table.add_column(col, no_wrap=col not in ("artifact",))
     for f in rows:
@@ -299,7 +300,11 @@ def catalog_show(catalog_path: Path, machine_class: str | None, context: int | N
                       FIT_STYLE.get(fit_cls, "{}").format(fit_cls),
                       *([FIT_STYLE.get(f["budget_verdict"], "{}").format(f["budget_verdict"])] if budget else []),
                       mib(f.get("peak_rss_bytes")), _fmt(f.get("decode_tok_s"), "{:,.1f}"),
-                      _fmt(f.get("ttft_s"), "{:,.2f}"), str(f.get("count", 1)))
+                      _fmt(f.get("ttft_s"), "{:,.2f}"),
+                      *([_fmt(f.get("quality_ppl"), "{:,.2f}"), _fmt(f.get("quality_kl"), "{:.4f}"),
+                         _fmt(f.get("quality_top1"), "{:.1%}"), _fmt(f.get("task_pass_rate"), "{:.0%}")]
+                        if "PPL" in cols else []),
+                      str(f.get("count", 1)))
     console.print(table)
 
 

@@ -25,7 +25,7 @@ STDLIB_MODULES = (
     "hmac", "html", "http.client", "imaplib", "inspect", "ipaddress", "json", "logging", "mailbox",
     "pathlib", "pickle", "pprint", "queue", "random", "sched", "secrets", "shlex", "shutil", "smtplib",
     "statistics", "string", "tarfile", "tempfile", "textwrap", "threading", "timeit", "tokenize",
-    "traceback", "typing", "urllib.parse", "uuid", "warnings", "wave", "weakref", "zipfile",
+    "traceback", "urllib.parse", "uuid", "warnings", "wave", "weakref", "zipfile",
 )
 TEXT_VERSION = 1
 STDLIB_CHARS = 200_000  # far more than any scoring needs; the token count cuts it further

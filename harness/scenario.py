@@ -245,6 +245,10 @@ def validate_cases(s: Scenario) -> None:
                 raise ScenarioError(s.source, "prompt_tokens",
                                     f"no prompt length fits context {n_ctx} with gen_tokens {s.gen_tokens}; "
                                     "use a larger context or shorter prompts")
+    if s.quality is not None and s.quality.tokens and max(s.contexts) < s.quality.window:
+        raise ScenarioError(s.source, "quality.window",
+                            f"window {s.quality.window} is larger than every context ({max(s.contexts)}); "
+                            "the probe runs in a case whose n_ctx holds one window: lower it or add a context")
     for n_ctx in s.contexts:
         if n_ctx <= s.gen_tokens:
             raise ScenarioError(s.source, "contexts", f"context {n_ctx} cannot hold gen_tokens {s.gen_tokens}")
