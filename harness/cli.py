@@ -569,7 +569,8 @@ def thresholds() -> None:
     defaults = Thresholds()
     for name, text in THRESHOLD_HELP.items():
         value = getattr(defaults, name)
-        table.add_row(name, f"{value:,}" if isinstance(value, int) else f"{value:g}", text)
+        shown = "off" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:g}"
+        table.add_row(name, shown, text)
     console.print(table)
 
 

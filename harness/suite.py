@@ -146,6 +146,10 @@ def _quality_for(case: Case, reference: ReferenceResult | None,
         return None, None
     if case.quality_group in probed:
         return None, probed[case.quality_group]
+    if case.budget_bytes is not None:
+        # The probe's own arrays (n_vocab floats per position) would count against the budget
+        # and could turn a fitting case into an OOM; an unbudgeted case measures quality.
+        return None, {"quality_error": "not probed under a memory budget; add an unbudgeted case (budget: [none, ...])"}
     spec = reference.worker_spec(case.quality) if reference is not None else case.quality.worker_spec()
     return spec, None
 

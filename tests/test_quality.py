@@ -241,6 +241,20 @@ def test_suite_runs_the_probe_once_per_artifact_with_a_cached_reference(tmp_path
     assert other["quality_error"].str.contains("tokenizer differs from ref").all()
     assert (df["task_count"] == 2).all() and (df["task_pass_rate"] == 0.5).all()
     assert df["quality_text_id"].eq("file:text.txt").all() and df["quality_positions"].eq(3 * 127 + 15).all()
+    # the report's intelligence density table and plot; the catalog's quality figures
+    proc = fitbench("report", str(results[0]), "-o", str(tmp_path / "r.html"), "--png", str(tmp_path / "png"))
+    assert proc.returncode == 0, proc.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert '<table id="quality">' in page and "noisy · fake_runners:LogitsRunner" in page
+    assert (tmp_path / "png" / "quality_density.png").stat().st_size > 1000
+    catalog = tmp_path / "catalog.yaml"
+    assert fitbench("catalog", "update", str(results[0]), "--catalog", str(catalog)).returncode == 0
+    assert "quality_kl:" in catalog.read_text() and "quality_text: file:text.txt@" in catalog.read_text()
+    from harness.catalog import load_catalog, query
+
+    fits = query(load_catalog(catalog))
+    assert {f["fit_class"] for f in fits if f.get("quality_kl", 0) > 0.05} == {"degraded"}
+    assert fitbench("catalog", "show", "--catalog", str(catalog), "--machine-class", "all").returncode == 0
     # a second run reuses the reference cache
     proc = fitbench("run", str(tmp_path / "s.yaml"), "-o", str(tmp_path / "out2"), env=env)
     assert proc.returncode == 0 and "scoring the quality reference" not in proc.stdout
