@@ -523,10 +523,34 @@ FIT_STYLE = {"fits": "[green]{}[/]", "tight": "[yellow]{}[/]", "degraded": "[yel
              "spill": "[red]{}[/]", "no_fit": "[bold red]{}[/]"}
 
 
-def _quality_cells(row: dict) -> list[str]:
-    return [_fmt(row.get("quality_ppl"), "{:,.2f}"), _fmt(row.get("quality_kl_mean"), "{:.4f}"),
-            _fmt(row.get("quality_top1_agree"), "{:.1%}"),
-            f"{row['task_passed']}/{row['task_count']}" if row.get("task_count") else "-"]
+def _quality_table(results: list[CaseResult]) -> None:
+    """One line per artifact/runtime/options with a quality probe: quality next to memory and speed."""
+    seen: dict[str, tuple[CaseResult, dict]] = {}
+    for r in results:
+        ok_rows = [row for row in r.rows if row["status"] == "ok"]
+        if ok_rows and ok_rows[0].get("quality_text_id") and r.case.quality_group not in seen:
+            seen[r.case.quality_group] = (r, ok_rows[0])
+    if not seen:
+        return
+    ref = next((row.get("quality_reference") for _, row in seen.values() if row.get("quality_reference")), None)
+    table = Table(title="quality" + (f" (KL and top-1 vs {ref})" if ref else ""))
+    for col in ("model", "runtime", "size MiB", "peak MiB", "tg tok/s", "PPL", "PPL/ref", "KL", "KL p99", "top-1",
+                "tasks", "fit"):
+        table.add_column(col, justify="left" if col in ("model", "runtime", "fit") else "right", no_wrap=True)
+    for r, row in seen.values():
+        dec = summarize([x["decode_tok_s"] for x in r.rows if x["status"] == "ok"])
+        fit = case_verdict(r.rows)[0] or "-"
+        table.add_row(r.case.model_label, r.case.runtime, mib(row.get("artifact_size_bytes")), mib(r.peak_rss),
+                      "-" if dec is None else f"{dec.median:,.1f}", _fmt(row.get("quality_ppl"), "{:,.3f}"),
+                      _fmt(row.get("quality_ppl_ratio"), "{:.3f}"), _fmt(row.get("quality_kl_mean"), "{:.4f}"),
+                      _fmt(row.get("quality_kl_p99"), "{:.3f}"), _fmt(row.get("quality_top1_agree"), "{:.1%}"),
+                      f"{row['task_passed']}/{row['task_count']}" if row.get("task_count") else "-",
+                      FIT_STYLE.get(fit, "{}").format(fit))
+    console.print(table)
+    text = next(row for _, row in seen.values())
+    console.print(f"evaluation text: {text.get('quality_text_id')} sha256 {str(text.get('quality_text_sha256'))[:12]}…"
+                  f", window {text.get('quality_window')} tokens; KL over the reference's top-{text.get('quality_top_k')}"
+                  " tokens + a tail bucket (a lower bound)")
 
 
 def _summary_table(results: list[CaseResult]) -> None:
@@ -535,9 +559,8 @@ def _summary_table(results: list[CaseResult]) -> None:
         return
     show_model = len({r.case.model_label for r in results}) > 1
     table = Table(title="fitbench summary (medians over repetitions)")
-    quality = any(row.get("quality_text_id") for r in results for row in r.rows)
     headers = ["#", *(["model"] if show_model else []), "case", "status", "fit", "TTFT ms", "pp tok/s", "tg tok/s",
-               "peak MiB", "HWM MiB", "read MiB", *(["PPL", "KL", "top-1", "tasks"] if quality else [])]
+               "peak MiB", "HWM MiB", "read MiB"]
     for col in headers:
         table.add_column(col, justify="left" if col in ("model", "case", "status", "fit") else "right", no_wrap=True)
     for r in results:
@@ -554,8 +577,9 @@ def _summary_table(results: list[CaseResult]) -> None:
         fit = case_verdict(r.rows)[0] or "-"
         table.add_row(str(r.case.index + 1), *([r.case.model_label] if show_model else []), r.case.label, status,
                       FIT_STYLE.get(fit, "{}").format(fit), med("ttft_s", 1000, "{:,.0f}"), med("prefill_tok_s"),
-                      decode, mib(r.peak_rss), mib(r.vmhwm), read, *(_quality_cells(r.rows[0]) if quality else []))
+                      decode, mib(r.peak_rss), mib(r.vmhwm), read)
     console.print(table)
+    _quality_table(results)
     if show_model is False:
         console.print(f"model: {results[0].case.model_label} ({results[0].case.runtime})")
 
