@@ -176,6 +176,13 @@ def test_bad_quality_sections(tiny_gguf, quality, where, words):
     assert info.value.where == where and words in info.value.message
 
 
+def test_a_window_larger_than_every_context_is_a_usage_error(tmp_path, tiny_gguf):
+    path = tmp_path / "s.yaml"
+    path.write_text(json.dumps(_scenario(tiny_gguf, window=512)))
+    assert_usage_error(fitbench("run", str(path), "-o", str(tmp_path / "out")), "quality.window",
+                       "larger than every context (256)")
+
+
 def test_quality_section_parses_with_a_reference_label(tiny_gguf):
     sc = parse_scenario(_scenario(tiny_gguf, reference="a", tokens=300, window=128, top_k=16))
     q = sc.cases()[0].quality
