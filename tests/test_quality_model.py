@@ -52,6 +52,13 @@ def test_llama_logits_are_per_position_causal_and_match_greedy(llama):
     assert np.exp(-lp[np.arange(99), tokens[1:]].mean()) < 100  # perplexity, vs 49152 for chance
 
 
+def test_logits_refuse_more_tokens_than_the_context(llama):
+    from runners.base import RunnerError
+
+    with pytest.raises(RunnerError, match="300 tokens do not fit the loaded context of 256"):
+        llama.logits([1] * 300)
+
+
 def test_greedy_answers_through_logits_and_detokenize(llama):
     assert llama.detokenize(llama.tokenize(" Hello world")).strip() == "Hello world"
     answer = Q.greedy(llama, llama.tokenize("The capital of France is"), 6, [])
@@ -64,8 +71,8 @@ def test_same_text_same_perplexity_across_two_loads(sample_model):
         runner = LlamaCppRunner()
         runner.prepare()
         runner.load(sample_model, 256, {})
-        tokens = Q.eval_tokens(runner, TEXT, 256)
-        ppls.append(float(np.exp(Q.score(runner, tokens, 256, 32)["nll"].mean())))
+        tokens = Q.eval_tokens(runner, TEXT, 192)
+        ppls.append(float(np.exp(Q.score(runner, tokens, 96, 32)["nll"].mean())))
         runner.close()
     assert abs(ppls[0] - ppls[1]) / ppls[0] < 0.01, ppls
 
