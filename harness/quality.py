@@ -227,9 +227,18 @@ def _perplexity_and_kl(runner: Any, q: dict[str, Any], errors: list[str]) -> dic
 
 
 def greedy(runner: Any, prompt: list[int], max_new: int, stop: list[str]) -> str:
-    """Greedy decoding through ``logits()`` alone, so any runner with logits can run tasks.
-    Re-scores the whole sequence per token: fine for the short answers task checks use.
-    A token that detokenizes to nothing is an end/control token: the answer ends there."""
+    """Greedy answer: the runner's ``greedy_tokens`` where it has one, else decoding through
+    ``logits()`` alone, so any runner with logits can run tasks (re-scoring the whole sequence
+    per token: fine for short answers). There, a token that detokenizes to nothing is an
+    end/control token: the answer ends."""
+    from runners.base import overrides
+
+    if overrides(runner, "greedy_tokens"):
+        return runner.detokenize(runner.greedy_tokens(list(prompt), max_new))
+    return greedy_by_logits(runner, prompt, max_new, stop)
+
+
+def greedy_by_logits(runner: Any, prompt: list[int], max_new: int, stop: list[str]) -> str:
     tokens, new = list(prompt), []
     for _ in range(max_new):
         nxt = int(np.argmax(runner.logits(tokens)[-1]))

@@ -210,6 +210,12 @@ def run_case(
             progress.peak_rss, progress.rss = sampler.peak_rss, sampler.last_rss
             on_progress(progress)
             if time.perf_counter() > deadline:
+                if progress.phase == "quality":
+                    # The timed part is done and valid: a slow probe costs its own figures only.
+                    events["quality"] = {"quality_error": f"the quality probe took longer than {case.timeout:g} s "
+                                                          "(the case timeout); lower quality.tokens or the tasks",
+                                         "t": time.perf_counter()}
+                    break
                 status, error = "timeout", f"case exceeded its timeout of {case.timeout:g} s (phase: {progress.phase})"
                 break
             stop = watch.check(sampler.timeline)
@@ -237,6 +243,7 @@ def run_case(
                 progress.repetition = len(events["reps"])
             elif kind == "quality_start":
                 progress.phase = "quality"
+                deadline = time.perf_counter() + case.timeout  # the probe gets its own allowance
                 sampler.read_vmhwm()  # the case's peak, before the probe's own arrays
             elif kind in ("done", "error"):
                 if kind == "error":

@@ -125,6 +125,12 @@ class Runner:
         numpy array of shape ``(len(tokens), n_vocab)``; row i predicts token i+1."""
         raise NotImplementedError
 
+    def greedy_tokens(self, prompt_tokens: list[int], max_new_tokens: int) -> list[int]:
+        """Optional fast path for task checks: greedy continuation from an empty cache, at most
+        ``max_new_tokens``, stopping at end-of-generation. Without it, the harness decodes
+        greedily through ``logits()`` (re-scoring the sequence per token)."""
+        raise NotImplementedError
+
     def detokenize(self, tokens: list[int]) -> str:
         """Token ids -> text, special (control) tokens rendered as nothing."""
         raise NotImplementedError

@@ -140,13 +140,7 @@ class LlamaCppRunner(Runner):
         import llama_cpp
 
         ctx = self._llama.ctx
-        # A real prefill every time: start from an empty KV cache.
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-        tokens = (llama_cpp.llama_token * len(prompt_tokens))(*prompt_tokens)
-        for start in range(0, len(prompt_tokens), self._n_batch):
-            n = min(self._n_batch, len(prompt_tokens) - start)
-            chunk = (llama_cpp.llama_token * n).from_buffer(tokens, start * ctypes.sizeof(llama_cpp.llama_token))
-            self._decode(llama_cpp, ctx, chunk, n)
+        self._prefill(llama_cpp, ctx, prompt_tokens)
         one = (llama_cpp.llama_token * 1)()
         for i in range(max_new_tokens):
             # Greedy pick from the last logits; EOS is not a stop: the case asks
@@ -155,6 +149,36 @@ class LlamaCppRunner(Runner):
             yield time.perf_counter()
             if i + 1 < max_new_tokens:
                 self._decode(llama_cpp, ctx, one, 1)
+
+    def _prefill(self, llama_cpp: Any, ctx: Any, prompt_tokens: list[int]) -> None:
+        # A real prefill every time: start from an empty KV cache.
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        tokens = (llama_cpp.llama_token * len(prompt_tokens))(*prompt_tokens)
+        for start in range(0, len(prompt_tokens), self._n_batch):
+            n = min(self._n_batch, len(prompt_tokens) - start)
+            chunk = (llama_cpp.llama_token * n).from_buffer(tokens, start * ctypes.sizeof(llama_cpp.llama_token))
+            self._decode(llama_cpp, ctx, chunk, n)
+
+    def greedy_tokens(self, prompt_tokens: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation, stopping at an end-of-generation token (for task checks)."""
+        import llama_cpp
+
+        ctx = self._llama.ctx
+        if len(prompt_tokens) + max_new_tokens > int(llama_cpp.llama_n_ctx(ctx)):
+            raise RunnerError(f"prompt ({len(prompt_tokens)}) + {max_new_tokens} new tokens exceed the loaded context")
+        vocab = llama_cpp.llama_model_get_vocab(self._llama._model.model)
+        self._prefill(llama_cpp, ctx, prompt_tokens)
+        out: list[int] = []
+        one = (llama_cpp.llama_token * 1)()
+        for i in range(max_new_tokens):
+            token = llama_cpp.llama_sampler_sample(self._sampler, ctx, -1)
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                break
+            out.append(int(token))
+            if i + 1 < max_new_tokens:
+                one[0] = token
+                self._decode(llama_cpp, ctx, one, 1)
+        return out
 
     def logits(self, tokens: list[int]) -> Any:
         """Raw logits for every position: a batch with the output flag set on each token

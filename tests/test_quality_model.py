@@ -61,8 +61,10 @@ def test_logits_refuse_more_tokens_than_the_context(llama):
 
 def test_greedy_answers_through_logits_and_detokenize(llama):
     assert llama.detokenize(llama.tokenize(" Hello world")).strip() == "Hello world"
-    answer = Q.greedy(llama, llama.tokenize("The capital of France is"), 6, [])
+    prompt = llama.tokenize("The capital of France is")
+    answer = Q.greedy(llama, prompt, 6, [])  # the runner's own greedy loop
     assert "Paris" in answer
+    assert Q.greedy_by_logits(llama, prompt, 3, []) == llama.detokenize(llama.greedy_tokens(prompt, 3))
 
 
 def test_same_text_same_perplexity_across_two_loads(sample_model):
