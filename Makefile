@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 # LLAMA_CFLAGS= (empty) to keep AMX on bare metal.
 LLAMA_CFLAGS ?= $(shell grep -qw amx_tile /proc/cpuinfo 2>/dev/null && echo "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
 
-.PHONY: help setup sample-models quick test bench llama-bench clean
+.PHONY: help setup sample-models quick test bench llama-bench llama-quantize quality-models quality clean
 
 help:
 	@echo "make quick          set up (venv, fitbench[llama], sample model) and run scenarios/quick.yaml"
@@ -25,6 +25,8 @@ help:
 	@echo "make bench          harness vs bare llama-cpp-python vs llama-bench, sampler cost, compare over 1M rows -> results/bench/"
 	@echo "make sample-models  fetch the SmolLM2-135M Q4_1 GGUF from PyPI into $(MODELS)/ and convert it for every runtime"
 	@echo "make setup          only create $(VENV) and install fitbench[$(EXTRAS)]"
+	@echo "make quality-models convert the sample to an F16 GGUF and quantize it ($(QUALITY_QUANTS)) with llama.cpp's own tools"
+	@echo "make quality        quality-models, then scenarios/quality.yaml: perplexity, KL vs F16, top-1, memory, tok/s"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fitbench needs Python 3.11+; set PYTHON=python3.11")'
@@ -82,6 +84,46 @@ $(LLAMA_BENCH): | $(STAMP)
 	  -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	  -DLLAMA_BUILD_SERVER=OFF > .cache/llama-bench-cmake.log
 	cmake --build .cache/llama.cpp/build --target llama-bench -j$$(nproc) > .cache/llama-bench-build.log
+
+# llama.cpp's own quantization tools from the same sdist sources, for the quality
+# comparison: convert_hf_to_gguf.py (needs the gguf package and torch) and llama-quantize.
+LLAMA_SRC := .cache/llama.cpp/CMakeLists.txt
+LLAMA_QUANTIZE := .cache/llama.cpp/build/bin/llama-quantize
+QUALITY_QUANTS ?= Q8_0 Q6_K Q4_K_M Q3_K_M Q2_K
+QUALITY_F16 := $(MODELS)/SmolLM2-135M-Instruct.F16.gguf
+QUALITY_GGUFS := $(foreach q,$(QUALITY_QUANTS),$(MODELS)/SmolLM2-135M-Instruct.$(q).gguf)
+
+$(LLAMA_SRC): | $(STAMP)
+	@mkdir -p .cache/sdist .cache/llama.cpp
+	version=$$($(PY) -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))'); \
+	  $(PIP) download --quiet --no-deps --no-binary :all: -d .cache/sdist "llama-cpp-python==$$version" && \
+	  tar xzf .cache/sdist/llama_cpp_python-$$version.tar.gz -C .cache/llama.cpp --strip-components=3 \
+	    llama_cpp_python-$$version/vendor/llama.cpp
+	touch $@
+
+llama-quantize: $(LLAMA_QUANTIZE)
+
+$(LLAMA_QUANTIZE): | $(LLAMA_SRC)
+	CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" cmake -S .cache/llama.cpp -B .cache/llama.cpp/build \
+	  -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	  -DLLAMA_BUILD_SERVER=OFF > .cache/llama-quantize-cmake.log
+	cmake --build .cache/llama.cpp/build --target llama-quantize -j$$(nproc) > .cache/llama-quantize-build.log
+
+# The sample only ships as Q4_1, so "F16" here is its dequantized weights
+# (via the HF folder) widened losslessly; each quant below is measured against it.
+$(QUALITY_F16): | $(LLAMA_SRC) sample-models
+	$(PY) .cache/llama.cpp/convert_hf_to_gguf.py $(MODELS)/SmolLM2-135M-Instruct-hf --outtype f16 \
+	  --outfile $@.part.gguf > .cache/convert-f16.log 2>&1 || { tail -5 .cache/convert-f16.log; exit 1; }
+	mv $@.part.gguf $@
+
+$(MODELS)/SmolLM2-135M-Instruct.%.gguf: $(QUALITY_F16) | $(LLAMA_QUANTIZE)
+	$(LLAMA_QUANTIZE) $(QUALITY_F16) $@.part.gguf $* > .cache/quantize-$*.log 2>&1 || { tail -5 .cache/quantize-$*.log; exit 1; }
+	mv $@.part.gguf $@
+
+quality-models: $(QUALITY_F16) $(QUALITY_GGUFS)
+
+quality: quality-models
+	$(VENV)/bin/fitbench run scenarios/quality.yaml -o results
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

@@ -165,6 +165,7 @@ def update_catalog(cat: Catalog, results: list[tuple[str, list[dict]]]) -> dict[
                 "peak_rss_bytes": max((r.get("peak_rss_bytes") or 0 for r in case_rows), default=None) or None,
                 "decode_tok_s": _round(_median([r.get("decode_tok_s") for r in ok])),
                 "ttft_s": _round(_median([r.get("ttft_s") for r in ok])),
+                **quality_entry(case_rows),
                 "runtime_version": first.get("runtime_version"),
                 "measured_at": str(max(r.get("started_at") for r in case_rows)),
                 "source": Path(source).name,
@@ -185,6 +186,22 @@ def update_catalog(cat: Catalog, results: list[tuple[str, list[dict]]]) -> dict[
                 existing["runs"], existing["count"] = runs, len(runs)
                 counts["updated"] += 1
     return counts
+
+
+def quality_entry(rows: list[dict]) -> dict:
+    """The quality figures of a case (null when it had no probe), and which text they were measured on."""
+    row = next((r for r in rows if r.get("quality_text_sha256")), None)
+    if row is None:
+        return {}
+    entry = {
+        "quality_text": f"{row.get('quality_text_id')}@{row['quality_text_sha256'][:12]}",
+        "quality_ppl": _round(row.get("quality_ppl")),
+        "quality_reference": row.get("quality_reference"),
+        "quality_kl": _round(row.get("quality_kl_mean")),
+        "quality_top1": _round(row.get("quality_top1_agree")),
+        "task_pass_rate": _round(row.get("task_pass_rate")),
+    }
+    return {k: v for k, v in entry.items() if v is not None}
 
 
 def _relative_path(cat: Catalog, path: str | None) -> str | None:

@@ -150,7 +150,7 @@ def _run_cases(sc, cases: list, total: int, artifacts: dict, writer: ResultWrite
     with progress:
         try:
             run_suite(cases, artifacts, mach, writer, run_id, on_progress=on_progress, on_case_end=on_case_end,
-                      force=force)
+                      force=force, on_note=lambda text: progress.console.print(text))
         except (SuiteInterrupted, KeyboardInterrupt):
             interrupted = True
     _summary_table(results)
@@ -288,7 +288,8 @@ def catalog_show(catalog_path: Path, machine_class: str | None, context: int | N
     title = f"catalog: {mc or 'all machine classes'}" + (f", context >= {context:,}" if context else "")
     table = Table(title=title + (f", judged against {budget}" if budget else ""))
     cols = ["artifact", *(["machine"] if mc is None else []), "runtime", "options", "n_ctx", "prompt", "budget MiB",
-            "fit", *(["at budget"] if budget else []), "peak MiB", "tg tok/s", "TTFT s", "runs"]
+            "fit", *(["at budget"] if budget else []), "peak MiB", "tg tok/s", "TTFT s",
+            *(["PPL", "KL", "top-1", "tasks"] if any("quality_text" in f for f in rows) else []), "runs"]
     for col in cols:
         table.add_column(col, no_wrap=col not in ("artifact",))
     for f in rows:
@@ -299,7 +300,11 @@ def catalog_show(catalog_path: Path, machine_class: str | None, context: int | N
                       FIT_STYLE.get(fit_cls, "{}").format(fit_cls),
                       *([FIT_STYLE.get(f["budget_verdict"], "{}").format(f["budget_verdict"])] if budget else []),
                       mib(f.get("peak_rss_bytes")), _fmt(f.get("decode_tok_s"), "{:,.1f}"),
-                      _fmt(f.get("ttft_s"), "{:,.2f}"), str(f.get("count", 1)))
+                      _fmt(f.get("ttft_s"), "{:,.2f}"),
+                      *([_fmt(f.get("quality_ppl"), "{:,.2f}"), _fmt(f.get("quality_kl"), "{:.4f}"),
+                         _fmt(f.get("quality_top1"), "{:.1%}"), _fmt(f.get("task_pass_rate"), "{:.0%}")]
+                        if "PPL" in cols else []),
+                      str(f.get("count", 1)))
     console.print(table)
 
 
@@ -503,11 +508,55 @@ def _case_line(r: CaseResult, total: int) -> str:
     if first.get("offload_host_bytes"):
         gpu += f", {mib(first['offload_host_bytes'])} MiB of weights on the host"
     return (f"{head}: [green]ok[/] {FIT_STYLE.get(fit, '{}').format(fit)} · TTFT {ttft.median * 1000:,.0f} ms, decode {dec.median:,.1f} tok/s, "
-            f"peak RSS {mib(r.peak_rss)} MiB (VmHWM {mib(r.vmhwm)}){gpu}, {r.wall_s:.1f} s")
+            f"peak RSS {mib(r.peak_rss)} MiB (VmHWM {mib(r.vmhwm)}){gpu}, {r.wall_s:.1f} s{_quality_text(first)}")
 
 
-FIT_STYLE = {"fits": "[green]{}[/]", "tight": "[yellow]{}[/]", "slow": "[yellow]{}[/]", "offload": "[magenta]{}[/]",
+def _quality_text(row: dict) -> str:
+    """' · PPL 14.2, KL 0.012, top-1 96%, tasks 4/5' for a case with a quality probe."""
+    parts = []
+    if row.get("quality_ppl") is not None:
+        parts.append(f"PPL {row['quality_ppl']:,.2f}")
+    if row.get("quality_kl_mean") is not None:
+        parts.append(f"KL {row['quality_kl_mean']:.4f}, top-1 {row['quality_top1_agree']:.1%}")
+    if row.get("task_count"):
+        parts.append(f"tasks {row['task_passed']}/{row['task_count']}")
+    if row.get("quality_error"):
+        parts.append(f"[yellow]quality: {row['quality_error']}[/]")
+    return (" · " + ", ".join(parts)) if parts else ""
+
+
+FIT_STYLE = {"fits": "[green]{}[/]", "tight": "[yellow]{}[/]", "degraded": "[yellow]{}[/]", "slow": "[yellow]{}[/]", "offload": "[magenta]{}[/]",
              "spill": "[red]{}[/]", "no_fit": "[bold red]{}[/]"}
+
+
+def _quality_table(results: list[CaseResult]) -> None:
+    """One line per artifact/runtime/options with a quality probe: quality next to memory and speed."""
+    seen: dict[str, tuple[CaseResult, dict]] = {}
+    for r in results:
+        ok_rows = [row for row in r.rows if row["status"] == "ok"]
+        if ok_rows and ok_rows[0].get("quality_text_id") and r.case.quality_group not in seen:
+            seen[r.case.quality_group] = (r, ok_rows[0])
+    if not seen:
+        return
+    ref = next((row.get("quality_reference") for _, row in seen.values() if row.get("quality_reference")), None)
+    table = Table(title="quality" + (f" (KL and top-1 vs {ref})" if ref else ""))
+    for col in ("model", "runtime", "size MiB", "peak MiB", "tg tok/s", "PPL", "PPL/ref", "KL", "KL p99", "top-1",
+                "tasks", "fit"):
+        table.add_column(col, justify="left" if col in ("model", "runtime", "fit") else "right", no_wrap=True)
+    for r, row in seen.values():
+        dec = summarize([x["decode_tok_s"] for x in r.rows if x["status"] == "ok"])
+        fit = case_verdict(r.rows)[0] or "-"
+        table.add_row(r.case.model_label, r.case.runtime, mib(row.get("artifact_size_bytes")), mib(r.peak_rss),
+                      "-" if dec is None else f"{dec.median:,.1f}", _fmt(row.get("quality_ppl"), "{:,.3f}"),
+                      _fmt(row.get("quality_ppl_ratio"), "{:.3f}"), _fmt(row.get("quality_kl_mean"), "{:.4f}"),
+                      _fmt(row.get("quality_kl_p99"), "{:.3f}"), _fmt(row.get("quality_top1_agree"), "{:.1%}"),
+                      f"{row['task_passed']}/{row['task_count']}" if row.get("task_count") else "-",
+                      FIT_STYLE.get(fit, "{}").format(fit))
+    console.print(table)
+    text = next(row for _, row in seen.values())
+    console.print(f"evaluation text: {text.get('quality_text_id')} sha256 {str(text.get('quality_text_sha256'))[:12]}…"
+                  f", window {text.get('quality_window')} tokens; KL over the reference's top-{text.get('quality_top_k')}"
+                  " tokens + a tail bucket (a lower bound)")
 
 
 def _summary_table(results: list[CaseResult]) -> None:
@@ -536,6 +585,7 @@ def _summary_table(results: list[CaseResult]) -> None:
                       FIT_STYLE.get(fit, "{}").format(fit), med("ttft_s", 1000, "{:,.0f}"), med("prefill_tok_s"),
                       decode, mib(r.peak_rss), mib(r.vmhwm), read)
     console.print(table)
+    _quality_table(results)
     if show_model is False:
         console.print(f"model: {results[0].case.model_label} ({results[0].case.runtime})")
 
@@ -549,7 +599,8 @@ def thresholds() -> None:
     defaults = Thresholds()
     for name, text in THRESHOLD_HELP.items():
         value = getattr(defaults, name)
-        table.add_row(name, f"{value:,}" if isinstance(value, int) else f"{value:g}", text)
+        shown = "off" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:g}"
+        table.add_row(name, shown, text)
     console.print(table)
 
 

@@ -40,6 +40,9 @@ METRICS = (
     ("prefill_tok_s", "prefill", "tok/s", True, 0.0),
     ("ttft_s", "TTFT", "s", False, 0.0),
     ("peak_rss_bytes", "peak RSS", "MiB", False, 1.0),
+    # quality probe: one figure per case, repeatable to well under 1 % on one machine
+    ("quality_ppl", "perplexity", "", False, 1.0),
+    ("task_pass_rate", "task pass rate", "", True, 1.0),
 )
 IGNORED_OPTIONS = ("n_threads", "n_threads_batch")
 # two-sided 95 % critical values of Student's t for df = 1..30; 1.96 beyond

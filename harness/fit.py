@@ -2,7 +2,7 @@
 
 Components are judged separately, then the worst applicable class wins:
 
-    no_fit > spill > offload > slow > tight > fits
+    no_fit > spill > offload > slow > degraded > tight > fits
 
 - memory: peak RSS against the budget (the --budget, else the machine's RAM):
   ``resident`` with headroom, ``tight`` inside the headroom margin,
@@ -17,6 +17,12 @@ Components are judged separately, then the worst applicable class wins:
   runtime put any there (llama.cpp ``n_gpu_layers``); or weight bytes in
   host memory next to weight bytes on the accelerator (a torch/accelerate
   ``device_map`` that spilled layers to the CPU: ``offload_host_bytes``).
+- quality: with a quality probe and targets (``max_kl``, ``max_ppl_ratio``,
+  ``min_pass_rate``), a case that misses one is ``degraded``: it fits and
+  may be fast, but its answers are worse than the user accepts. It ranks
+  above ``tight`` (a wrong answer is worse than little headroom) and below
+  ``slow`` and the memory failures, which say the case does not run as
+  configured at all. A target whose figure was not measured is not judged.
 
 Failed cases: ``oom``/``killed``/``load_error`` are ``no_fit``; a case the
 spill watchdog stopped is ``spill``; a timeout is ``slow`` (it ran, too
@@ -30,7 +36,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, fields
 
-ORDER = ("fits", "tight", "slow", "offload", "spill", "no_fit")
+ORDER = ("fits", "tight", "degraded", "slow", "offload", "spill", "no_fit")
 NO_FIT_STATUSES = {"oom", "killed", "load_error"}
 NO_VERDICT_STATUSES = {"crashed", "runtime_error", "interrupted", "unavailable", "skipped"}
 
@@ -43,7 +49,11 @@ THRESHOLD_HELP = {
     "spill_read_min_bytes": "... and at least this many bytes (a runtime loading its own code is not a spill)",
     "spill_swap_bytes": "spill when the system swaps this many bytes (in + out) during a repetition",
     "watchdog_read_factor": "stop a case early (spill) once it has re-read its artifact this many times after load",
+    "max_kl": "degraded when the mean KL divergence from the quality reference is above this (nats/token; off by default)",
+    "max_ppl_ratio": "degraded when perplexity / the reference's perplexity is above this, e.g. 1.05 (off by default)",
+    "min_pass_rate": "degraded when the task-check pass rate is below this fraction, e.g. 0.8 (off by default)",
 }
+QUALITY_TARGETS = ("max_kl", "max_ppl_ratio", "min_pass_rate")
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,10 @@ class Thresholds:
     spill_read_min_bytes: int = 16 << 20
     spill_swap_bytes: int = 64 << 20
     watchdog_read_factor: float = 64.0
+    # quality targets: None = not judged
+    max_kl: float | None = None
+    max_ppl_ratio: float | None = None
+    min_pass_rate: float | None = None
 
     def merged(self, overrides: dict) -> Thresholds:
         known = {f.name for f in fields(self)}
@@ -65,8 +79,12 @@ class Thresholds:
             raise ValueError(f"unknown threshold {sorted(unknown)[0]!r} (known: {', '.join(sorted(known))})")
         values = {**asdict(self), **{k: v for k, v in overrides.items() if v is not None}}
         for key, value in values.items():
+            if value is None and key in QUALITY_TARGETS:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"threshold {key!r} must be a non-negative number, got {value!r}")
+        if values["min_pass_rate"] is not None and values["min_pass_rate"] > 1:
+            raise ValueError(f"threshold 'min_pass_rate' is a fraction from 0 to 1, got {values['min_pass_rate']}")
         if values["headroom"] >= 1:
             raise ValueError(f"threshold 'headroom' is a fraction below 1, got {values['headroom']}")
         return Thresholds(**values)
@@ -160,6 +178,10 @@ def classify(row: dict, budget_bytes: int, t: Thresholds = Thresholds()) -> Verd
         reasons["offload"] = (f"{host_bytes / 2**20:,.0f} MiB of weights ({share:.0%}) in host memory, "
                               f"{device_bytes / 2**20:,.0f} MiB on the accelerator")
 
+    missed = quality_misses(row, t)
+    if missed:
+        reasons["degraded"] = "quality below target: " + ", ".join(missed)
+
     fit_class = worst(list(reasons)) or "fits"
     if fit_class == "fits":
         parts = ["resident" + (f" with {headroom:.0%} headroom" if headroom is not None else "")]
@@ -171,6 +193,19 @@ def classify(row: dict, budget_bytes: int, t: Thresholds = Thresholds()) -> Verd
     else:
         reason = "; ".join(reasons[c] for c in sorted(reasons, key=ORDER.index, reverse=True))
     return Verdict(fit_class, reason, memory, headroom, speed, offload)
+
+
+def quality_misses(row: dict, t: Thresholds) -> list[str]:
+    """The quality targets a row misses, in words; targets whose figure is missing are skipped."""
+    missed = []
+    kl, ratio, rate = row.get("quality_kl_mean"), row.get("quality_ppl_ratio"), row.get("task_pass_rate")
+    if t.max_kl is not None and kl is not None and kl > t.max_kl:
+        missed.append(f"KL {kl:.4f} > {t.max_kl:g}")
+    if t.max_ppl_ratio is not None and ratio is not None and ratio > t.max_ppl_ratio:
+        missed.append(f"perplexity {ratio:.3f}x the reference > {t.max_ppl_ratio:g}x")
+    if t.min_pass_rate is not None and rate is not None and rate < t.min_pass_rate:
+        missed.append(f"task pass rate {rate:.0%} < {t.min_pass_rate:.0%}")
+    return missed
 
 
 def max_fit_context(by_context: dict[int, str | None]) -> int | None:

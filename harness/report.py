@@ -7,7 +7,10 @@ no network) and, on request, the same plots as PNG files:
 2. peak memory against the configured context, with the budget lines;
 3. the fit-class matrix: artifact/runtime x context, coloured by verdict;
 4. the sampler timeline of one case: RSS and bytes read over time, with the
-   load, warm-up and repetition phases shaded.
+   load, warm-up and repetition phases shaded;
+5. with a quality probe, intelligence density: quality (KL from the
+   reference, else perplexity) against peak memory, marker size by decode
+   tok/s, so the variant with the most quality per GB stands out.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ import pyarrow.parquet as pq  # noqa: E402
 from harness.fit import worst  # noqa: E402
 from harness.results import read_results, timeline_path_for  # noqa: E402
 
-FIT_COLOURS = {"fits": "#2e7d32", "tight": "#c0a000", "slow": "#ef8a00", "offload": "#7b1fa2", "spill": "#d84315",
+FIT_COLOURS = {"fits": "#2e7d32", "tight": "#c0a000", "degraded": "#5d4037", "slow": "#ef8a00", "offload": "#7b1fa2", "spill": "#d84315",
                "no_fit": "#b71c1c", None: "#9e9e9e"}
-PHASE_COLOURS = {"load": "#90caf9", "warmup": "#ffe082", "teardown": "#e0e0e0"}
+PHASE_COLOURS = {"load": "#90caf9", "warmup": "#ffe082", "quality": "#d1c4e9", "teardown": "#e0e0e0"}
 
 
 class ReportError(ValueError):
@@ -70,8 +73,58 @@ def per_case(df: pd.DataFrame) -> pd.DataFrame:
             "ttft_s": ok["ttft_s"].median() if len(ok) else None,
             "peak_mib": g["peak_rss_bytes"].max() / 2**20 if g["peak_rss_bytes"].notna().any() else None,
             "reps": len(ok),
+            **{name: _first(g, column) for name, column in QUALITY_FIELDS.items()},
         })
     return pd.DataFrame(rows)
+
+
+QUALITY_FIELDS = {"ppl": "quality_ppl", "ppl_ratio": "quality_ppl_ratio", "kl": "quality_kl_mean",
+                  "top1": "quality_top1_agree", "pass_rate": "task_pass_rate", "quality_case": "quality_case_key",
+                  "artifact_mib": "artifact_size_bytes", "quality_error": "quality_error"}
+
+
+def _first(g: pd.DataFrame, column: str):
+    if column not in g or not g[column].notna().any():
+        return None
+    value = g[column].dropna().iloc[0]
+    return value / 2**20 if column == "artifact_size_bytes" else value
+
+
+def density(cases: pd.DataFrame) -> pd.DataFrame:
+    """One line per artifact · runtime with its quality, peak memory and decode speed, taken from
+    the case that ran the quality probe: which variant gives the most quality per GB here."""
+    if "ppl" not in cases or not (cases["ppl"].notna().any() or cases["pass_rate"].notna().any()):
+        return pd.DataFrame()
+    rows = []
+    for series, g in cases.groupby("series", sort=False):
+        measured = g[g["case_key"] == g["quality_case"]] if g["quality_case"].notna().any() else g
+        c = (measured if len(measured) else g).iloc[0]
+        rows.append({"series": series, "artifact_mib": c["artifact_mib"], "peak_mib": c["peak_mib"],
+                     "decode_tok_s": c["decode_tok_s"], "ppl": c["ppl"], "ppl_ratio": c["ppl_ratio"], "kl": c["kl"],
+                     "top1": c["top1"], "pass_rate": c["pass_rate"], "fit_class": c["fit_class"],
+                     "case_label": c["case_label"]})
+    return pd.DataFrame(rows).sort_values("peak_mib", na_position="last")
+
+
+def plot_density(dens: pd.DataFrame) -> bytes:
+    use_kl = dens["kl"].notna().any()
+    y_col, y_label = ("kl", "mean KL from the reference (nats, log scale)") if use_kl else ("ppl", "perplexity")
+    d = dens[dens[y_col].notna() & dens["peak_mib"].notna()]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    speed = d["decode_tok_s"].fillna(0)
+    sizes = 40 + 400 * speed / max(float(speed.max()), 1e-9)
+    ax.scatter(d["peak_mib"], d[y_col].clip(lower=1e-6) if use_kl else d[y_col], s=sizes,
+               c=[FIT_COLOURS.get(f, "#9e9e9e") for f in d["fit_class"]], alpha=0.8, edgecolors="black")
+    for r in d.itertuples():
+        y = max(getattr(r, y_col), 1e-6) if use_kl else getattr(r, y_col)
+        tok = "" if pd.isna(r.decode_tok_s) else f", {r.decode_tok_s:,.0f} tok/s"
+        ax.annotate(f"{r.series}{tok}", (r.peak_mib, y), fontsize=8, xytext=(6, 4), textcoords="offset points")
+    if use_kl:
+        ax.set_yscale("log")
+    ax.set(title="Intelligence density: quality vs peak memory (lower-left is better; marker size = decode tok/s, "
+                 "colour = fit class)", xlabel="peak RSS (MiB)", ylabel=y_label)
+    ax.grid(alpha=0.3)
+    return _png(fig)
 
 
 def _png(fig) -> bytes:
@@ -197,13 +250,16 @@ def build(paths: list[Path], out: Path, png_dir: Path | None = None, case: str |
     cases = per_case(df)
     plots = {"speed_vs_context": plot_speed(cases), "memory_vs_context": plot_memory(cases),
              "fit_matrix": plot_fit_matrix(cases)}
+    dens = density(cases)
+    if not dens.empty:
+        plots["quality_density"] = plot_density(dens)
     chosen = pick_case(cases, tl, case)
     if chosen is not None:
         sel = tl[(tl["case_key"] == chosen["case_key"]) & (tl["run_id"] == chosen["run_id"])]
         plots["timeline"] = plot_timeline(sel, f"Timeline: {chosen['series']} {chosen['case_label']} "
                                                f"({chosen['fit_class'] or chosen['status']})")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(_html(df, cases, plots, paths))
+    out.write_text(_html(df, cases, plots, paths, dens))
     if png_dir is not None:
         png_dir.mkdir(parents=True, exist_ok=True)
         for name, data in plots.items():
@@ -211,7 +267,8 @@ def build(paths: list[Path], out: Path, png_dir: Path | None = None, case: str |
     return plots
 
 
-def _html(df: pd.DataFrame, cases: pd.DataFrame, plots: dict[str, bytes], paths: list[Path]) -> str:
+def _html(df: pd.DataFrame, cases: pd.DataFrame, plots: dict[str, bytes], paths: list[Path],
+          dens: pd.DataFrame | None = None) -> str:
     def img(name: str, alt: str) -> str:
         if name not in plots:
             return f"<p><em>{alt}: no data</em></p>"
@@ -229,6 +286,23 @@ def _html(df: pd.DataFrame, cases: pd.DataFrame, plots: dict[str, bytes], paths:
         f"<td>{num(r.decode_tok_s, '{:.1f}')}</td><td>{num(r.peak_mib, '{:.0f}')}</td>"
         f"<td>{num(r.budget_mib, '{:.0f}')}</td><td>{r.reps}</td></tr>"
         for r in cases.itertuples())
+    quality = ""
+    if dens is not None and not dens.empty:
+        text_ids = ", ".join(sorted(df["quality_text_id"].dropna().unique())) if "quality_text_id" in df else ""
+        qrows = "\n".join(
+            f"<tr><td>{html.escape(r.series)}</td><td>{num(r.artifact_mib, '{:.0f}')}</td>"
+            f"<td>{num(r.peak_mib, '{:.0f}')}</td><td>{num(r.decode_tok_s, '{:.1f}')}</td>"
+            f"<td>{num(r.ppl, '{:.3f}')}</td><td>{num(r.ppl_ratio, '{:.3f}')}</td><td>{num(r.kl, '{:.4f}')}</td>"
+            f"<td>{num(r.top1, '{:.1%}')}</td><td>{num(r.pass_rate, '{:.0%}')}</td>"
+            f"<td class=fit-{r.fit_class or 'none'}>{r.fit_class or '–'}</td></tr>" for r in dens.itertuples())
+        quality = f"""<h2>Quality and intelligence density</h2>
+<p>Evaluation text: {html.escape(text_ids or "–")}. KL is KL(reference || artifact) per token over the
+reference's top-k tokens plus a tail bucket (a lower bound of the full KL); top-1 is how often both pick the same
+next token.</p>{img("quality_density", "quality vs peak memory")}
+<table id="quality"><tr><th>artifact · runtime</th><th>size (MiB)</th><th>peak RSS (MiB)</th><th>decode (tok/s)</th>
+<th>PPL</th><th>PPL / ref</th><th>KL</th><th>top-1</th><th>tasks</th><th>fit</th></tr>
+{qrows}
+</table>"""
     colours = "".join(f".fit-{k}{{background:{v};color:white;font-weight:bold}}" for k, v in FIT_COLOURS.items() if k)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>fitbench report</title>
@@ -241,6 +315,7 @@ Machine class: {html.escape(machines)}. Medians over the repetitions of each cas
 <h2>Speed</h2>{img("speed_vs_context", "decode tok/s and TTFT vs filled context")}
 <h2>Memory</h2>{img("memory_vs_context", "peak memory vs configured context")}
 <h2>Fit</h2>{img("fit_matrix", "fit class matrix")}
+{quality}
 <h2>One case over time</h2>{img("timeline", "sampler timeline")}
 <h2>Cases</h2>
 <table id="cases"><tr><th>artifact · runtime</th><th>case</th><th>fit</th><th>status</th><th>TTFT (s)</th>

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from harness.fit import Thresholds, parse_size
+from harness.qualityspec import QualitySpec, QualitySpecError, parse_quality
 from runners.base import OptionError, UnknownRunner, get_runner_class, short_repr
 
 TOP_FIELDS = {
@@ -39,6 +40,7 @@ TOP_FIELDS = {
     "sampler_interval_ms": "memory sampling interval in milliseconds (default 10)",
     "budget": "memory the case may use, e.g. 8GiB, or a list to sweep ('none' = no budget); cgroup-enforced where possible",
     "thresholds": "fit thresholds: headroom, min_decode_tok_s, max_ttft_s, spill_read_fraction, ...",
+    "quality": "quality probe: {text, tokens, window, top_k, reference, tasks} (see harness/qualityspec.py)",
 }
 MODEL_FIELDS = {"artifact", "runtime", "options", "label"}
 MAX_FILL = 0.95
@@ -79,6 +81,7 @@ class Scenario:
     description: str = ""
     budgets: list[int | None] = field(default_factory=lambda: [None])
     thresholds: Thresholds = field(default_factory=Thresholds)
+    quality: QualitySpec | None = None
 
     def cases(self) -> list[Case]:
         return expand_cases(self)
@@ -104,6 +107,12 @@ class Case:
     sampler_interval_ms: float
     budget_bytes: int | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
+    quality: QualitySpec | None = None
+
+    @property
+    def quality_group(self) -> str:
+        """Cases that share artifact, runtime and options share one quality probe."""
+        return json.dumps([str(self.artifact), self.runtime, self.options], sort_keys=True, default=str)
 
     @property
     def label(self) -> str:
@@ -187,7 +196,17 @@ def parse_scenario(data: Any, source: str = "<scenario>", base_dir: Path | None 
         sampler_interval_ms=_number(source, "sampler_interval_ms", data.get("sampler_interval_ms", 10), minimum=1),
         budgets=_budgets(source, data.get("budget")),
         thresholds=_thresholds(source, data.get("thresholds")),
+        quality=_quality(source, data.get("quality"), base_dir, models),
     )
+
+
+def _quality(source: str, raw: Any, base_dir: Path | None, models: list[ModelSpec]) -> QualitySpec | None:
+    if raw is None:
+        return None
+    try:
+        return parse_quality(raw, base_dir, models)
+    except QualitySpecError as exc:
+        raise ScenarioError(source, exc.where, exc.message) from None
 
 
 def expand_cases(s: Scenario) -> list[Case]:
@@ -206,7 +225,7 @@ def expand_cases(s: Scenario) -> list[Case]:
                         n_ctx=n_ctx, prompt_tokens=n_prompt, gen_tokens=s.gen_tokens, fill=fill,
                         warmup=s.warmup, repetitions=s.repetitions, timeout=s.timeout,
                         sampler_interval_ms=s.sampler_interval_ms, budget_bytes=budget,
-                        thresholds=s.thresholds,
+                        thresholds=s.thresholds, quality=s.quality,
                     ))
     return cases
 
@@ -226,6 +245,10 @@ def validate_cases(s: Scenario) -> None:
                 raise ScenarioError(s.source, "prompt_tokens",
                                     f"no prompt length fits context {n_ctx} with gen_tokens {s.gen_tokens}; "
                                     "use a larger context or shorter prompts")
+    if s.quality is not None and s.quality.tokens and max(s.contexts) < s.quality.window:
+        raise ScenarioError(s.source, "quality.window",
+                            f"window {s.quality.window} is larger than every context ({max(s.contexts)}); "
+                            "the probe runs in a case whose n_ctx holds one window: lower it or add a context")
     for n_ctx in s.contexts:
         if n_ctx <= s.gen_tokens:
             raise ScenarioError(s.source, "contexts", f"context {n_ctx} cannot hold gen_tokens {s.gen_tokens}")

@@ -30,6 +30,7 @@ from harness.estimate import EstimateError, estimate
 from harness.fit import classify
 from harness.machine import Machine
 from harness.metrics import timing
+from harness.qualityref import ReferenceResult, prepare_reference
 from harness.results import SCHEMA_VERSION, ResultWriter
 from harness.sampler import Sampler, Timeline
 from harness.scenario import Case
@@ -95,9 +96,12 @@ def run_suite(
     on_progress: Callable[[Case, Progress], None] = lambda case, p: None,
     on_case_end: Callable[[CaseResult], None] = lambda result: None,
     force: bool = False,
+    on_note: Callable[[str], None] = lambda text: None,
 ) -> list[CaseResult]:
     hashes = ArtifactHashes()
     results = []
+    reference = _quality_reference(cases, on_note)
+    probed: dict[str, dict[str, Any]] = {}  # quality group -> the columns its probe gave
     for case in cases:
         on_case_start(case)
         stop: SuiteInterrupted | None = None
@@ -107,17 +111,51 @@ def run_suite(
             result = CaseResult(case, "skipped", too_big, [{**base, "status": "skipped", "error": too_big}])
             judge(result.rows, case, machine, "none")
         else:
+            quality, reused = _quality_for(case, reference, probed)
             try:
                 result = run_case(case, artifacts[case.artifact], machine, run_id, hashes,
-                                  lambda p, c=case: on_progress(c, p))
+                                  lambda p, c=case: on_progress(c, p), quality=quality, reused_quality=reused)
             except SuiteInterrupted as interrupted:
                 stop, result = interrupted, interrupted.args[0]
+            got = (result.events or {}).get("quality")
+            if got and got.get("quality_error") is None and case.quality_group not in probed:
+                probed[case.quality_group] = {**quality_columns(got), "quality_case_key": case.key}
         record(writer, result, run_id)
         on_case_end(result)
         results.append(result)
         if stop is not None:
             raise stop
     return results
+
+
+def _quality_reference(cases: list[Case], on_note: Callable[[str], None]) -> ReferenceResult | None:
+    spec = next((c.quality for c in cases if c.quality is not None), None)
+    if spec is None:
+        return None
+    ref = prepare_reference(spec, timeout=max(c.timeout for c in cases), on_status=on_note)
+    if ref is not None and ref.error:
+        on_note(f"quality reference failed, no KL this run: {ref.error}")
+    return ref
+
+
+def _quality_for(case: Case, reference: ReferenceResult | None,
+                 probed: dict[str, dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The probe spec for a case's worker, or the columns an earlier case of the same
+    artifact/runtime/options measured (the probe does not depend on the case's context)."""
+    if case.quality is None:
+        return None, None
+    if case.quality_group in probed:
+        return None, probed[case.quality_group]
+    if case.budget_bytes is not None:
+        # The probe's own arrays (n_vocab floats per position) would count against the budget
+        # and could turn a fitting case into an OOM; an unbudgeted case measures quality.
+        return None, {"quality_error": "not probed under a memory budget; add an unbudgeted case (budget: [none, ...])"}
+    spec = reference.worker_spec(case.quality) if reference is not None else case.quality.worker_spec()
+    return spec, None
+
+
+def quality_columns(payload: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in payload.items() if k.startswith(("quality_", "task_"))}
 
 
 def record(writer: ResultWriter, result: CaseResult, run_id: str) -> None:
@@ -132,6 +170,8 @@ def run_case(
     run_id: str,
     hashes: ArtifactHashes | None = None,
     on_progress: Callable[[Progress], None] = lambda p: None,
+    quality: dict[str, Any] | None = None,
+    reused_quality: dict[str, Any] | None = None,
 ) -> CaseResult:
     hashes = hashes or ArtifactHashes()
     started_at = datetime.now(timezone.utc)
@@ -146,7 +186,7 @@ def run_case(
     spec = {
         "runtime": case.runtime, "artifact": str(case.artifact), "options": case.options,
         "n_ctx": case.n_ctx, "prompt_tokens": case.prompt_tokens, "gen_tokens": case.gen_tokens,
-        "warmup": case.warmup, "repetitions": case.repetitions,
+        "warmup": case.warmup, "repetitions": case.repetitions, "quality": quality,
     }
     budget = None
     if case.budget_bytes is not None:
@@ -170,6 +210,12 @@ def run_case(
             progress.peak_rss, progress.rss = sampler.peak_rss, sampler.last_rss
             on_progress(progress)
             if time.perf_counter() > deadline:
+                if progress.phase == "quality":
+                    # The timed part is done and valid: a slow probe costs its own figures only.
+                    events["quality"] = {"quality_error": f"the quality probe took longer than {case.timeout:g} s "
+                                                          "(the case timeout); lower quality.tokens or the tasks",
+                                         "t": time.perf_counter()}
+                    break
                 status, error = "timeout", f"case exceeded its timeout of {case.timeout:g} s (phase: {progress.phase})"
                 break
             stop = watch.check(sampler.timeline)
@@ -195,10 +241,15 @@ def run_case(
             elif kind == "rep":
                 events["reps"].append(payload)
                 progress.repetition = len(events["reps"])
+            elif kind == "quality_start":
+                progress.phase = "quality"
+                deadline = time.perf_counter() + case.timeout  # the probe gets its own allowance
+                sampler.read_vmhwm()  # the case's peak, before the probe's own arrays
             elif kind in ("done", "error"):
                 if kind == "error":
                     status, error = payload["status"], payload["error"]
-                sampler.read_vmhwm()
+                if "quality_start" not in events:
+                    sampler.read_vmhwm()
                 break
     except KeyboardInterrupt:
         interrupted = True
@@ -214,11 +265,14 @@ def run_case(
     wall_s = time.perf_counter() - t_spawn
     error = _with_log_tail(status, error, log_path)
     rows = _rows(case, base, events, timeline, status, error, worker.exitcode, wall_s, t_spawn)
+    if reused_quality:
+        for row in rows:
+            row.update(reused_quality)
     for row in rows:
         row["ru_maxrss_bytes"] = worker.ru_maxrss
     judge(rows, case, machine, budget.method if budget else "none")
-    result = CaseResult(case, status, error, rows, timeline, sampler.peak_rss or None, timeline.vmhwm, wall_s,
-                        t_spawn, events)
+    peak = rows[0].get("peak_rss_bytes") if "quality_start" in events and rows else sampler.peak_rss
+    result = CaseResult(case, status, error, rows, timeline, peak or None, timeline.vmhwm, wall_s, t_spawn, events)
     if interrupted:
         raise SuiteInterrupted(result)
     return result
@@ -370,6 +424,8 @@ def _rows(case: Case, base: dict, ev: dict, tl: Timeline, status: str, error: st
     loaded = ev.get("loaded") or {}
     started = ev.get("started")
     info = loaded.get("info") or {}
+    # The quality probe runs after the repetitions: the case's memory figures stop where it starts.
+    t_quality = (ev.get("quality_start") or {}).get("t", float("inf"))
     options = {**case.options}
     if info.get("n_threads"):
         options.setdefault("n_threads", info["n_threads"])
@@ -385,8 +441,8 @@ def _rows(case: Case, base: dict, ev: dict, tl: Timeline, status: str, error: st
         "import_s": loaded["t0"] - started["t"] if started and loaded else None,
         "baseline_rss_bytes": (ev.get("started") or {}).get("baseline_rss"),
         "load_rss_bytes": loaded.get("rss_after_load"),
-        "peak_rss_bytes": _int(tl.peak("rss")), "vmhwm_bytes": tl.vmhwm,
-        "peak_uss_bytes": _int(tl.peak("uss")),
+        "peak_rss_bytes": _int(tl.peak("rss", float("-inf"), t_quality)), "vmhwm_bytes": tl.vmhwm,
+        "peak_uss_bytes": _int(tl.peak("uss", float("-inf"), t_quality)),
         "sys_available_min_bytes": _int(tl.low("sys_available")),
         "swap_used_max_bytes": _int(tl.peak("swap_used")),
         "case_major_faults": _int(tl.delta("majflt", t_spawn, float("inf"))),
@@ -396,6 +452,10 @@ def _rows(case: Case, base: dict, ev: dict, tl: Timeline, status: str, error: st
         "gpu_total_bytes": tl.gpu_total, "gpu_used_peak_bytes": _int(tl.peak("gpu_used")),
         "gpu_proc_peak_bytes": _int(tl.peak("gpu_proc")),
     }
+    if ev.get("quality"):
+        case_level.update(quality_columns(ev["quality"]))
+        case_level["quality_case_key"] = case.key
+        case_level["quality_peak_rss_bytes"] = _int(tl.peak("rss", t_quality, ev["quality"]["t"]))
     rows = []
     for rep in ev["reps"]:
         t0, stamps = rep["t_start"], rep["stamps"]
@@ -474,6 +534,8 @@ def _phase_spans(ev: dict) -> list[tuple[float, float, str]]:
         spans.append((ev["warmup"]["t0"], ev["warmup"]["t1"], "warmup"))
     for rep in ev.get("reps", []):
         spans.append((rep["t_start"], rep["stamps"][-1], f"rep{rep['repetition']}"))
+    if ev.get("quality_start") and ev.get("quality"):
+        spans.append((ev["quality_start"]["t"], ev["quality"]["t"], "quality"))
     return spans
 
 

@@ -14,6 +14,9 @@ back on the message pipe:
   loaded   {load_s, info, ...}        after the artifact is loaded
   warmup   {t0, t1}                   span of the unrecorded warm-up
   rep      {repetition, t_start, stamps}
+  quality_start {t}                   the quality probe begins (after the repetitions)
+  quality  {t, quality_* / task_* columns}
+  reference {ppl, positions, ...}     (reference mode only: the top-k cache is written)
   error    {status, error}            a failure it could catch itself
   done     {memory}                   runtime allocator figures (Runner.memory_stats),
                                      then it waits for the parent's "exit"
@@ -125,6 +128,17 @@ def child_main(conn: Any, spec: dict[str, Any]) -> None:
         conn.send(["loaded", {"load_s": t1 - t0, "t0": t0, "t1": t1, "info": asdict(info),
                               "prompt_tokens": len(prompt), "rss_after_load": _rss_bytes()}])
 
+        if spec.get("mode") == "reference":
+            from harness.quality import reference_probe
+
+            _require_logits(runner, spec["runtime"])
+            conn.send(["reference", reference_probe(runner, spec["quality"])])
+            runner.close()
+            runner = None
+            conn.send(["done", {}])
+            conn.recv()
+            return
+
         if spec["warmup"]:
             w0 = time.perf_counter()
             for _ in range(spec["warmup"]):
@@ -139,6 +153,11 @@ def child_main(conn: Any, spec: dict[str, Any]) -> None:
                 stamps.append(stamp)
             conn.send(["rep", {"repetition": rep, "t_start": t_start, "stamps": stamps}])
         memory = runtime_memory(runner)  # before close: the allocator's peak dies with the model
+        if spec.get("quality"):
+            # After the timed part, so it costs the speed figures nothing; the parent
+            # reads the peak memory at quality_start and keeps the probe's apart.
+            conn.send(["quality_start", {"t": time.perf_counter()}])
+            conn.send(["quality", {**quality_probe(runner, spec), "t": time.perf_counter()}])
         runner.close()
         runner = None
         conn.send(["done", {"memory": memory}])
@@ -168,6 +187,37 @@ def runtime_memory(runner: Any) -> dict[str, Any]:
     # All keys are byte counts (Parquet int64 columns).
     return {k: None if v is None else int(v) for k, v in stats.items()
             if k in MEMORY_STATS_KEYS and (v is None or isinstance(v, (int, float)))}
+
+
+def _require_logits(runner: Any, runtime: str) -> None:
+    from runners.base import overrides
+
+    if not overrides(runner, "logits"):
+        from harness.quality import QualityError
+
+        raise QualityError(f"runtime {runtime!r} does not expose logits, so it has no quality probe")
+
+
+def quality_probe(runner: Any, spec: dict[str, Any]) -> dict[str, Any]:
+    """The case's quality columns; any failure is a quality_error value, never a failed case."""
+    from harness.quality import QualityError, case_probe
+
+    q = spec["quality"]
+    try:
+        _require_logits(runner, spec["runtime"])
+        if q.get("tasks"):
+            from runners.base import overrides
+
+            if not overrides(runner, "detokenize"):
+                raise QualityError(f"runtime {spec['runtime']!r} has no detokenize, so it cannot run task checks")
+        if q.get("tokens") and spec["n_ctx"] < q["window"]:
+            raise QualityError(f"context {spec['n_ctx']} is smaller than the quality window {q['window']}")
+        return case_probe(runner, q)
+    except QualityError as exc:
+        return {"quality_error": str(exc), "quality_text_id": q["text_id"], "quality_text_sha256": q["text_sha256"]}
+    except Exception as exc:  # noqa: BLE001 - a runtime failing while scoring loses the probe, not the case
+        return {"quality_error": f"quality probe failed: {type(exc).__name__}: {exc}",
+                "quality_text_id": q["text_id"], "quality_text_sha256": q["text_sha256"]}
 
 
 def _report(conn: Any, status: str, error: str, detail: str = "") -> None:

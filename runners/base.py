@@ -129,12 +129,31 @@ class Runner:
         accelerator when a model is split). Called before ``close``; a runtime
         that exposes nothing returns {} and the columns stay null."""
         return {}
+    # Quality probe (optional; the harness calls these only where a runner overrides them).
+    def logits(self, tokens: list[int]) -> Any:
+        """From an empty cache, evaluate ``tokens`` and return float32 raw logits as a
+        numpy array of shape ``(len(tokens), n_vocab)``; row i predicts token i+1."""
+        raise NotImplementedError
+
+    def greedy_tokens(self, prompt_tokens: list[int], max_new_tokens: int) -> list[int]:
+        """Optional fast path for task checks: greedy continuation from an empty cache, at most
+        ``max_new_tokens``, stopping at end-of-generation. Without it, the harness decodes
+        greedily through ``logits()`` (re-scoring the sequence per token)."""
+        raise NotImplementedError
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """Token ids -> text, special (control) tokens rendered as nothing."""
+        raise NotImplementedError
 
     def close(self) -> None:
         pass
 
 
 MEMORY_STATS_KEYS = ("runtime_peak_bytes", "offload_host_bytes", "offload_device_bytes")
+def overrides(runner: Runner | type[Runner], method: str) -> bool:
+    """Whether a runner implements an optional protocol method (rather than inheriting the stub)."""
+    cls = runner if isinstance(runner, type) else type(runner)
+    return getattr(cls, method, None) is not getattr(Runner, method, None)
 
 
 def short_repr(value: Any) -> str:

@@ -140,13 +140,7 @@ class LlamaCppRunner(Runner):
         import llama_cpp
 
         ctx = self._llama.ctx
-        # A real prefill every time: start from an empty KV cache.
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-        tokens = (llama_cpp.llama_token * len(prompt_tokens))(*prompt_tokens)
-        for start in range(0, len(prompt_tokens), self._n_batch):
-            n = min(self._n_batch, len(prompt_tokens) - start)
-            chunk = (llama_cpp.llama_token * n).from_buffer(tokens, start * ctypes.sizeof(llama_cpp.llama_token))
-            self._decode(llama_cpp, ctx, chunk, n)
+        self._prefill(llama_cpp, ctx, prompt_tokens)
         one = (llama_cpp.llama_token * 1)()
         for i in range(max_new_tokens):
             # Greedy pick from the last logits; EOS is not a stop: the case asks
@@ -155,6 +149,73 @@ class LlamaCppRunner(Runner):
             yield time.perf_counter()
             if i + 1 < max_new_tokens:
                 self._decode(llama_cpp, ctx, one, 1)
+
+    def _prefill(self, llama_cpp: Any, ctx: Any, prompt_tokens: list[int]) -> None:
+        # A real prefill every time: start from an empty KV cache.
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        tokens = (llama_cpp.llama_token * len(prompt_tokens))(*prompt_tokens)
+        for start in range(0, len(prompt_tokens), self._n_batch):
+            n = min(self._n_batch, len(prompt_tokens) - start)
+            chunk = (llama_cpp.llama_token * n).from_buffer(tokens, start * ctypes.sizeof(llama_cpp.llama_token))
+            self._decode(llama_cpp, ctx, chunk, n)
+
+    def greedy_tokens(self, prompt_tokens: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation, stopping at an end-of-generation token (for task checks)."""
+        import llama_cpp
+
+        ctx = self._llama.ctx
+        if len(prompt_tokens) + max_new_tokens > int(llama_cpp.llama_n_ctx(ctx)):
+            raise RunnerError(f"prompt ({len(prompt_tokens)}) + {max_new_tokens} new tokens exceed the loaded context")
+        vocab = llama_cpp.llama_model_get_vocab(self._llama._model.model)
+        self._prefill(llama_cpp, ctx, prompt_tokens)
+        out: list[int] = []
+        one = (llama_cpp.llama_token * 1)()
+        for i in range(max_new_tokens):
+            token = llama_cpp.llama_sampler_sample(self._sampler, ctx, -1)
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                break
+            out.append(int(token))
+            if i + 1 < max_new_tokens:
+                one[0] = token
+                self._decode(llama_cpp, ctx, one, 1)
+        return out
+
+    def logits(self, tokens: list[int]) -> Any:
+        """Raw logits for every position: a batch with the output flag set on each token
+        (``llama_batch_get_one`` only returns the last), read back with ``llama_get_logits``."""
+        import llama_cpp
+        import numpy as np
+
+        ctx = self._llama.ctx
+        n_ctx = int(llama_cpp.llama_n_ctx(ctx))
+        if len(tokens) > n_ctx:
+            raise RunnerError(f"{len(tokens)} tokens do not fit the loaded context of {n_ctx}")
+        n_vocab = int(self._llama.n_vocab())
+        out = np.empty((len(tokens), n_vocab), dtype=np.float32)
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
+        try:
+            for start in range(0, len(tokens), self._n_batch):
+                n = min(self._n_batch, len(tokens) - start)
+                batch.n_tokens = n
+                for j in range(n):
+                    batch.token[j] = tokens[start + j]
+                    batch.pos[j] = start + j
+                    batch.n_seq_id[j] = 1
+                    batch.seq_id[j][0] = 0
+                    batch.logits[j] = 1
+                rc = llama_cpp.llama_decode(ctx, batch)
+                if rc != 0:
+                    raise RunnerError(f"llama_decode failed with code {rc} while scoring")
+                # Outputs come back contiguous, in batch order, one n_vocab row per flagged token.
+                ptr = llama_cpp.llama_get_logits(ctx)
+                out[start:start + n] = np.ctypeslib.as_array(ptr, shape=(n, n_vocab))
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        return out
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._llama.detokenize(list(tokens)).decode("utf-8", errors="replace")
 
     @staticmethod
     def _decode(llama_cpp: Any, ctx: Any, tokens: Any, n: int) -> None:

@@ -135,3 +135,31 @@ class BrokenStatsRunner(FakeRunner):
 
     def memory_stats(self) -> dict[str, int | float | None]:
         raise RuntimeError("allocator stats unavailable")
+class LogitsRunner(FakeRunner):
+    """A fake with the quality surface: characters as tokens (vocab 64), logits from a fixed
+    bigram table; option ``noise`` perturbs them, like a coarser quantization would."""
+
+    VOCAB = 64
+    options = {**FakeRunner.options, "noise": Option(float, 0.0, "std of the perturbation added to the logits")}
+
+    def tokenize(self, text: str) -> list[int]:
+        return [ord(c) % self.VOCAB for c in text]
+
+    def logits(self, tokens: list[int]):
+        import numpy as np
+
+        table = np.random.default_rng(0).normal(size=(self.VOCAB, self.VOCAB)).astype(np.float32) * 3
+        out = table[np.asarray(tokens)]
+        if self._opts.get("noise"):
+            out = out + np.random.default_rng(1).normal(size=out.shape).astype(np.float32) * self._opts["noise"]
+        return out
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return "".join(chr(48 + t) for t in tokens)
+
+
+class OtherTokenizerRunner(LogitsRunner):
+    """Same logits, different token ids for the same text."""
+
+    def tokenize(self, text: str) -> list[int]:
+        return [(ord(c) + 1) % self.VOCAB for c in text]
