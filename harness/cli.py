@@ -493,7 +493,7 @@ def _case_line(r: CaseResult, total: int) -> str:
     fit = case_verdict(r.rows)[0]
     if r.status != "ok":
         return f"{head}: [red]{r.status}[/] (fit: {fit or 'no verdict'}) {r.error}"
-    ok_rows = [row for row in r.rows if row["status"] == "ok"]
+    ok_rows = [row for row in r.rows if row["status"] == "ok" and row.get("turn") is None]
     ttft = summarize([row["ttft_s"] for row in ok_rows])
     dec = summarize([row["decode_tok_s"] for row in ok_rows])
     return (f"{head}: [green]ok[/] {FIT_STYLE.get(fit, '{}').format(fit)} · TTFT {ttft.median * 1000:,.0f} ms, decode {dec.median:,.1f} tok/s, "
@@ -515,7 +515,7 @@ def _summary_table(results: list[CaseResult]) -> None:
     for col in headers:
         table.add_column(col, justify="left" if col in ("model", "case", "status", "fit") else "right", no_wrap=True)
     for r in results:
-        ok_rows = [row for row in r.rows if row["status"] == "ok"]
+        ok_rows = [row for row in r.rows if row["status"] == "ok" and row.get("turn") is None]
 
         def med(key: str, scale: float = 1.0, fmt: str = "{:,.1f}") -> str:
             s = summarize([row[key] for row in ok_rows])
