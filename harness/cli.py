@@ -30,7 +30,8 @@ from harness.compare import CompareError, Side, compare, expand, table_rows, to_
 from harness.report import ReportError, build
 from harness.catalog import DEFAULT_CATALOG, CatalogError, load_catalog, options_label, query, save_catalog, update_catalog
 from harness.estimate import EstimateError, estimate
-from harness.fitsearch import search
+from harness.fitsearch import search, workflow_at
+from harness.workflow import Workflow, WorkflowError, parse_workflow_option
 from harness.resume import RunLock, latest_results, load_for_resume
 from harness.scenario import parse_scenario
 from harness.suite import ArtifactHashes, CaseResult, SuiteInterrupted, new_run_id, record, run_case, run_suite
@@ -176,9 +177,12 @@ def _run_cases(sc, cases: list, total: int, artifacts: dict, writer: ResultWrite
 @click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE", help="override a fit threshold")
 @click.option("--timeout", type=click.FloatRange(min=1), default=600, show_default=True, help="seconds per probe")
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+@click.option("--workflow", "workflow_text", metavar="chat:TURNS|document:QUESTIONS|SCENARIO",
+              help="probe with a multi-turn session filling each context (replies of --gen-tokens), or the first "
+                   "workflow of a scenario file; the verdict is the worst turn's")
 def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, gen_tokens: int, repetitions: int,
         min_context: int, max_context: int | None, step: int, options: tuple[str, ...], thresholds: tuple[str, ...],
-        timeout: float, output_dir: Path) -> None:
+        timeout: float, output_dir: Path, workflow_text: str | None) -> None:
     """Find the largest context at which ARTIFACT still fits (and where it turns tight, slow, spill, no_fit)."""
     try:
         info = inspect_artifact(artifact)
@@ -199,21 +203,32 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
     budget_bytes = sc.budgets[0]
     if thresholds:
         sc = replace(sc, thresholds=_threshold_options(sc.thresholds, thresholds))
+    wf = _workflow_option(workflow_text, gen_tokens) if workflow_text else None
+    if wf is not None:
+        try:
+            workflow_at(wf, min(min_context, limit), fill)  # the smallest probe must hold the session
+        except ValueError as exc:
+            fail(f"--workflow: {exc}")
+        sc = replace(sc, name=f"{sc.name}-{wf.kind}{wf.turns}")
     artifacts = check_scenario(sc)
     out = check_output_dir(output_dir)
     run_id = new_run_id()
     writer = ResultWriter(out / f"{sc.name}-{run_id}.parquet")
     mach = machine_mod.fingerprint()
     budget_text = f"{budget_bytes / 2**20:,.0f} MiB budget" if budget_bytes else f"{mib(mach.ram_bytes)} MiB RAM"
+    probe_text = f"a {wf.kind} session of {wf.turns} turns filling {fill:.0%}" if wf else f"filled {fill:.0%}"
     console.print(f"[bold]fitbench fit[/] {artifact.name} in {runtime} on {mach.machine_class}, {budget_text}, "
-                  f"contexts {min(min_context, limit):,}..{limit:,} filled {fill:.0%}; results -> {writer.results_path}")
+                  f"contexts {min(min_context, limit):,}..{limit:,} {probe_text}; results -> {writer.results_path}")
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     hashes = ArtifactHashes()
     count = 0
 
     def probe(n_ctx: int) -> tuple[str | None, str]:
         nonlocal count
-        case = replace(replace(sc, contexts=[n_ctx]).cases()[0], index=count)
+        probe_sc = replace(sc, contexts=[n_ctx])
+        if wf is not None:
+            probe_sc = replace(probe_sc, workflows=[workflow_at(wf, n_ctx, fill)])
+        case = replace(probe_sc.cases()[0], index=count)
         count += 1
         with console.status(f"probing context {n_ctx:,} ({case.label})"):
             try:
@@ -236,6 +251,21 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
 
 
 FORMAT_RUNTIMES = {"gguf": "llama.cpp"}
+
+
+def _workflow_option(text: str, reply_tokens: int) -> Workflow:
+    """``chat:10``, ``document:5``, or a scenario file whose (first) workflow gives the shape."""
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        sc = load_scenario(path)
+        if not sc.workflows:
+            fail(f"--workflow {text}: the scenario has no 'workflow:'; add one or write chat:10")
+        return sc.workflows[0]
+    try:
+        return parse_workflow_option(text, reply_tokens)
+    except WorkflowError as exc:
+        fail(str(exc))
+        raise
 
 
 @cli.group()

@@ -7,7 +7,12 @@ no network) and, on request, the same plots as PNG files:
 2. peak memory against the configured context, with the budget lines;
 3. the fit-class matrix: artifact/runtime x context, coloured by verdict;
 4. the sampler timeline of one case: RSS and bytes read over time, with the
-   load, warm-up and repetition phases shaded.
+   load, warm-up and repetition phases shaded;
+5. for workflow (multi-turn) cases: TTFT and peak memory against the turn,
+   each point coloured by that turn's fit class, with the budget lines.
+
+The case table has energy per generated token where the machine reports
+energy (RAPL, NVML).
 """
 
 from __future__ import annotations
@@ -50,13 +55,17 @@ def load(paths: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     if df.empty:
         raise ReportError("the result files hold no rows")
     df["series"] = df["model_label"].fillna(df["artifact_name"]) + " · " + df["runtime"]
+    for col in ("turn", "energy_j_per_token"):  # files from before workflows / energy
+        if col not in df.columns:
+            df[col] = None
     return df, (pd.concat(timelines, ignore_index=True) if timelines else pd.DataFrame())
 
 
 def per_case(df: pd.DataFrame) -> pd.DataFrame:
     """One line per case: medians over ok repetitions, worst fit class, first failure."""
     rows = []
-    for (run_id, key), g in df.groupby(["run_id", "case_key"], sort=False):
+    case_level = df[df["turn"].isna()]  # a workflow's turn rows are plotted per turn, not here
+    for (run_id, key), g in case_level.groupby(["run_id", "case_key"], sort=False):
         ok = g[g["status"] == "ok"]
         rows.append({
             "series": g["series"].iloc[0], "case_label": g["case_label"].iloc[0], "case_key": key, "run_id": run_id,
@@ -69,9 +78,50 @@ def per_case(df: pd.DataFrame) -> pd.DataFrame:
             "prefill_tok_s": ok["prefill_tok_s"].median() if len(ok) else None,
             "ttft_s": ok["ttft_s"].median() if len(ok) else None,
             "peak_mib": g["peak_rss_bytes"].max() / 2**20 if g["peak_rss_bytes"].notna().any() else None,
+            "energy_j_per_token": ok["energy_j_per_token"].median() if ok["energy_j_per_token"].notna().any() else None,
             "reps": len(ok),
         })
     return pd.DataFrame(rows)
+
+
+def per_turn(df: pd.DataFrame) -> pd.DataFrame:
+    """Workflow turn rows: medians per (case, turn) over repetitions, worst fit class per turn."""
+    turns = df[df["turn"].notna() & (df["status"] == "ok")]
+    rows = []
+    for (run_id, key, turn), g in turns.groupby(["run_id", "case_key", "turn"], sort=True):
+        rows.append({
+            "label": f"{g['series'].iloc[0]} {g['case_label'].iloc[0]}", "run_id": run_id, "case_key": key,
+            "turn": int(turn), "ttft_s": g["ttft_s"].median(), "decode_tok_s": g["decode_tok_s"].median(),
+            "peak_mib": g["rep_peak_rss_bytes"].max() / 2**20 if g["rep_peak_rss_bytes"].notna().any() else None,
+            "budget_mib": (g["budget_bytes"].iloc[0] / 2**20 if g["budget_method"].iloc[0] not in (None, "none")
+                           else None),
+            "fit_class": worst([f if isinstance(f, str) else None for f in g["fit_class"]]),
+        })
+    return pd.DataFrame(rows)
+
+
+def plot_turns(turns: pd.DataFrame) -> bytes:
+    """TTFT and peak memory against the turn: where a session stops fitting."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, g in turns.groupby("label"):
+        g = g.sort_values("turn")
+        line = ax1.plot(g["turn"], g["ttft_s"], label=label, zorder=1)[0]
+        ax2.plot(g["turn"], g["peak_mib"], color=line.get_color(), zorder=1)
+        for ax, col in ((ax1, "ttft_s"), (ax2, "peak_mib")):
+            ax.scatter(g["turn"], g[col], c=[FIT_COLOURS.get(f, "#9e9e9e") for f in g["fit_class"]], s=30,
+                       zorder=2, edgecolors=line.get_color())
+    for budget in sorted(turns["budget_mib"].dropna().unique()):
+        ax2.axhline(budget, linestyle="--", color="#b71c1c", alpha=0.6)
+        ax2.annotate(f"budget {budget:,.0f} MiB", (0, budget), xycoords=("axes fraction", "data"), fontsize=8,
+                     color="#b71c1c", xytext=(4, 3), textcoords="offset points")
+    ax1.set(title="Time to first token per turn", xlabel="turn", ylabel="TTFT (s)")
+    ax2.set(title="Peak memory per turn (points coloured by fit class)", xlabel="turn", ylabel="peak RSS (MiB)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax1.legend(fontsize=8)
+    return _png(fig)
 
 
 def _png(fig) -> bytes:
@@ -98,7 +148,7 @@ def plot_speed(cases: pd.DataFrame) -> bytes:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
-    ax1.legend(fontsize=8)
+    ax1.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.15))
     return _png(fig)
 
 
@@ -197,6 +247,9 @@ def build(paths: list[Path], out: Path, png_dir: Path | None = None, case: str |
     cases = per_case(df)
     plots = {"speed_vs_context": plot_speed(cases), "memory_vs_context": plot_memory(cases),
              "fit_matrix": plot_fit_matrix(cases)}
+    turns = per_turn(df)
+    if not turns.empty:
+        plots["turns"] = plot_turns(turns)
     chosen = pick_case(cases, tl, case)
     if chosen is not None:
         sel = tl[(tl["case_key"] == chosen["case_key"]) & (tl["run_id"] == chosen["run_id"])]
@@ -227,7 +280,7 @@ def _html(df: pd.DataFrame, cases: pd.DataFrame, plots: dict[str, bytes], paths:
         f"<td class=fit-{r.fit_class or 'none'}>{r.fit_class or '–'}</td><td>{html.escape(r.status)}</td>"
         f"<td>{num(r.ttft_s, '{:.3f}')}</td><td>{num(r.prefill_tok_s, '{:.1f}')}</td>"
         f"<td>{num(r.decode_tok_s, '{:.1f}')}</td><td>{num(r.peak_mib, '{:.0f}')}</td>"
-        f"<td>{num(r.budget_mib, '{:.0f}')}</td><td>{r.reps}</td></tr>"
+        f"<td>{num(r.budget_mib, '{:.0f}')}</td><td>{num(r.energy_j_per_token, '{:.3f}')}</td><td>{r.reps}</td></tr>"
         for r in cases.itertuples())
     colours = "".join(f".fit-{k}{{background:{v};color:white;font-weight:bold}}" for k, v in FIT_COLOURS.items() if k)
     return f"""<!doctype html>
@@ -242,9 +295,11 @@ Machine class: {html.escape(machines)}. Medians over the repetitions of each cas
 <h2>Memory</h2>{img("memory_vs_context", "peak memory vs configured context")}
 <h2>Fit</h2>{img("fit_matrix", "fit class matrix")}
 <h2>One case over time</h2>{img("timeline", "sampler timeline")}
+{"<h2>Workflows: turn by turn</h2>" + img("turns", "TTFT and peak memory per turn") if "turns" in plots else ""}
 <h2>Cases</h2>
 <table id="cases"><tr><th>artifact · runtime</th><th>case</th><th>fit</th><th>status</th><th>TTFT (s)</th>
-<th>prefill (tok/s)</th><th>decode (tok/s)</th><th>peak RSS (MiB)</th><th>budget (MiB)</th><th>reps</th></tr>
+<th>prefill (tok/s)</th><th>decode (tok/s)</th><th>peak RSS (MiB)</th><th>budget (MiB)</th><th>energy (J/token)</th>
+<th>reps</th></tr>
 {rows}
 </table></body></html>
 """
