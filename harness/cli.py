@@ -100,6 +100,8 @@ def run(scenario: Path, output_dir: Path, repetitions: int | None, contexts: str
         except ValueError as exc:
             fail(str(exc))
     if gen_tokens:
+        if sc.workflows:
+            fail(f"--gen-tokens: {scenario} runs a workflow, which sets its own reply_tokens; change it there")
         overrides["gen_tokens"] = gen_tokens
     if timeout:
         overrides["timeout"] = timeout
@@ -138,6 +140,8 @@ def _run_cases(sc, cases: list, total: int, artifacts: dict, writer: ResultWrite
 
     def on_progress(case, p) -> None:
         rep = f" {p.repetition}/{case.repetitions}" if p.phase == "generating" else ""
+        if case.workflow is not None and p.phase == "generating":
+            rep += f" · turn {p.extra.get('turn', 0) % case.workflow.turns + 1}/{case.workflow.turns}"
         progress.update(task, description=(
             f"case {case.index + 1}/{total} {case.model_label} {case.label} · {p.phase}{rep} · "
             f"RSS {mib(p.rss)} MiB (peak {mib(p.peak_rss)})"))

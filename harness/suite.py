@@ -148,8 +148,8 @@ def run_case(
         "runtime": case.runtime, "artifact": str(case.artifact), "options": case.options,
         "n_ctx": case.n_ctx, "prompt_tokens": case.prompt_tokens, "gen_tokens": case.gen_tokens,
         "warmup": case.warmup, "repetitions": case.repetitions,
-        "workflow": ({"new_tokens": case.workflow.new_tokens(), "reply_tokens": case.workflow.reply_tokens}
-                     if case.workflow else None),
+        "workflow": ({"new_tokens": case.workflow.new_tokens(), "reply_tokens": case.workflow.reply_tokens,
+                      "reuse_cache": case.workflow.reuse_cache} if case.workflow else None),
     }
     budget = None
     if case.budget_bytes is not None:

@@ -142,7 +142,8 @@ def child_main(conn: Any, spec: dict[str, Any]) -> None:
             conn.send(["rep", {"repetition": rep, "t_start": t_start, "stamps": stamps}])
         if session is not None:
             for rep in range(spec["repetitions"]):
-                play_session(conn, runner, rep, *session, spec["workflow"]["reply_tokens"])
+                play_session(conn, runner, rep, *session, spec["workflow"]["reply_tokens"],
+                             spec["workflow"].get("reuse_cache", True))
         runner.close()
         runner = None
         conn.send(["done", {}])
@@ -170,9 +171,9 @@ def session_tokens(tokenize: Any, plan: dict[str, Any]) -> tuple[list[list[int]]
 
 
 def play_session(conn: Any, runner: Any, rep: int, turns: list[list[int]], replies: list[list[int]],
-                 reply_tokens: int) -> None:
+                 reply_tokens: int, reuse_cache: bool = True) -> None:
     """One multi-turn session: extend() from the runtime's cache where it can, else replay the history."""
-    reuse = bool(getattr(type(runner), "supports_extend", False))
+    reuse = reuse_cache and bool(getattr(type(runner), "supports_extend", False))
     history: list[int] = []
     session_start = time.perf_counter()
     for i, new in enumerate(turns):

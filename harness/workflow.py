@@ -12,7 +12,8 @@ turn continues the same conversation, so the context grows turn by turn.
 
 Runners that keep a KV/prompt cache continue the session with ``extend``
 (only the new tokens are processed); the others replay the whole history
-with ``generate`` every turn. Both are what a user of that runtime would
+with ``generate`` every turn (``reuse_cache: false`` asks for the replay
+everywhere, to measure what a cache saves). Both are what a user of that runtime would
 see, and every turn row says which (``kv_reuse``).
 
 This module is the plan only (what the tokens are, how long the session
@@ -25,12 +26,14 @@ import re
 from dataclasses import asdict, dataclass
 
 KINDS = ("chat", "document")
+REUSE_HELP = "false: replay the whole history every turn even where the runtime could reuse its cache"
 FIELDS = {
     "chat": {"kind": "chat | document", "turns": "turns in the session",
-             "user_tokens": "tokens each user message adds", "reply_tokens": "tokens generated per turn"},
+             "user_tokens": "tokens each user message adds", "reply_tokens": "tokens generated per turn",
+             "reuse_cache": REUSE_HELP},
     "document": {"kind": "chat | document", "document_tokens": "tokens of the document (the first turn)",
                  "questions": "questions asked about it, one per turn", "question_tokens": "tokens per question",
-                 "reply_tokens": "tokens generated per answer"},
+                 "reply_tokens": "tokens generated per answer", "reuse_cache": REUSE_HELP},
 }
 DEFAULTS = {"user_tokens": 200, "reply_tokens": 64, "question_tokens": 30}
 MAX_TURNS = 1000
@@ -53,6 +56,7 @@ class Workflow:
     document_tokens: int = 0  # document
     question_tokens: int = 0  # document
     reply_tokens: int = 64
+    reuse_cache: bool = True  # False: replay the history with generate() like a server without a prompt cache
 
     def new_tokens(self) -> list[int]:
         """Tokens each turn hands to the runtime (the first turn's include the BOS)."""
@@ -75,15 +79,18 @@ class Workflow:
 
     @property
     def label(self) -> str:
+        replay = " replay" if not self.reuse_cache else ""
         if self.kind == "chat":
-            return f"chat {self.turns}x(u{self.user_tokens}+r{self.reply_tokens})"
-        return f"doc{self.document_tokens}+{self.turns}x(q{self.question_tokens}+r{self.reply_tokens})"
+            return f"chat {self.turns}x(u{self.user_tokens}+r{self.reply_tokens}){replay}"
+        return f"doc{self.document_tokens}+{self.turns}x(q{self.question_tokens}+r{self.reply_tokens}){replay}"
 
     def to_dict(self) -> dict:
         keep = FIELDS[self.kind]
         d = {k: v for k, v in asdict(self).items() if k in keep or k == "turns"}
         if self.kind == "document":
             d["questions"] = d.pop("turns")
+        if self.reuse_cache:
+            d.pop("reuse_cache")  # the default stays out of the case key, so keys of earlier runs still match
         return d
 
     def scaled_to(self, total_tokens: int) -> Workflow:
@@ -92,10 +99,10 @@ class Workflow:
         fixed = self.turns * self.reply_tokens
         if self.kind == "chat":
             return Workflow("chat", self.turns, user_tokens=max(1, (total_tokens - fixed) // self.turns),
-                            reply_tokens=self.reply_tokens)
+                            reply_tokens=self.reply_tokens, reuse_cache=self.reuse_cache)
         document = max(1, total_tokens - fixed - self.turns * self.question_tokens)
         return Workflow("document", self.turns, document_tokens=document, question_tokens=self.question_tokens,
-                        reply_tokens=self.reply_tokens)
+                        reply_tokens=self.reply_tokens, reuse_cache=self.reuse_cache)
 
 
 def parse_workflow(raw: object) -> Workflow:
@@ -125,10 +132,13 @@ def parse_workflow(raw: object) -> Workflow:
 
     turns = number(count_field, 1, MAX_TURNS)
     reply = number("reply_tokens", 2)
+    reuse = raw.get("reuse_cache", True)
+    if not isinstance(reuse, bool):
+        raise WorkflowError("reuse_cache", f"must be true or false, got {reuse!r}"[:120])
     if kind == "chat":
-        return Workflow("chat", turns, user_tokens=number("user_tokens", 1), reply_tokens=reply)
+        return Workflow("chat", turns, user_tokens=number("user_tokens", 1), reply_tokens=reply, reuse_cache=reuse)
     return Workflow("document", turns, document_tokens=number("document_tokens", 1),
-                    question_tokens=number("question_tokens", 1), reply_tokens=reply)
+                    question_tokens=number("question_tokens", 1), reply_tokens=reply, reuse_cache=reuse)
 
 
 def parse_workflow_option(text: str, reply_tokens: int) -> Workflow:

@@ -80,6 +80,7 @@ def test_scaled_to_a_context_keeps_the_shape():
     ({"kind": "chat", "turns": 2, "questions": 3}, "workflow.questions", "unknown field for a chat workflow"),
     ({"kind": "document", "questions": 3}, "workflow.document_tokens", "missing"),
     ({"kind": "chat", "turns": 2, "reply_tokens": "many"}, "workflow.reply_tokens", "must be an integer"),
+    ({"kind": "chat", "turns": 2, "reuse_cache": "no"}, "workflow.reuse_cache", "must be true or false"),
     ([CHAT, {"kind": "document", "questions": 2}], "workflow[1].document_tokens", "missing"),
     ("chat", "workflow", "must be a mapping"),
 ])
@@ -103,6 +104,8 @@ def test_workflow_excludes_prompt_fields_and_needs_a_context_that_holds_the_sess
     assert [c.n_ctx for c in cases] == [256, 512]
     assert cases[0].label == "chat 4x(u20+r4) @ ctx256" and cases[0].prompt_tokens == 20 * 4 + 4 * 3
     assert cases[0].key != cases[1].key
+    replay = parse_scenario(scenario(tiny_gguf, workflow={**CHAT, "reuse_cache": False}), source="wf.yaml").cases()[0]
+    assert replay.label == "chat 4x(u20+r4) replay @ ctx256" and replay.key != cases[0].key
 
 
 def test_cli_reports_a_bad_workflow_in_one_line(tiny_gguf, write_scenario):
@@ -154,8 +157,10 @@ def test_turn_rows_with_extend_and_the_worst_turn_decides(tiny_gguf, tmp_path):
     assert {"rep0/turn1", "rep1/turn4"} <= set(tl["phase"])
 
 
-def test_runners_without_extend_replay_the_history(tiny_gguf, tmp_path):
-    df = run(tiny_gguf, tmp_path, runner="FakeRunner")
+@pytest.mark.parametrize("runner, workflow", [("FakeRunner", CHAT),
+                                              ("FakeExtendRunner", {**CHAT, "reuse_cache": False})])
+def test_runners_without_extend_replay_the_history(tiny_gguf, tmp_path, runner, workflow):
+    df = run(tiny_gguf, tmp_path, runner=runner, workflow=workflow)
     turns = df[df["turn"].notna()]
     assert len(turns) == 4 and not turns["kv_reuse"].any()
     assert list(turns["processed_tokens"]) == list(turns["context_tokens"]) == [20, 44, 68, 92]
