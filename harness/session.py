@@ -23,6 +23,13 @@ def _int(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
+def _turn_peak(tl: Timeline, t0: float, t1: float) -> float | None:
+    """Peak RSS between the turn's marks; a turn shorter than the sampling interval gets the
+    sample just before its end (memory at that turn, not a blank)."""
+    peak = tl.peak("rss", t0, t1)
+    return peak if peak is not None else tl.value_at("rss", t1) if len(tl) else None
+
+
 def turn_rows(case: Case, case_level: dict[str, Any], ev: dict, tl: Timeline,
               energy_columns: Any) -> list[dict[str, Any]]:
     """Rows for every finished turn, and a case-level row for every finished session.
@@ -45,7 +52,7 @@ def turn_rows(case: Case, case_level: dict[str, Any], ev: dict, tl: Timeline,
             "processed_tokens": turn["processed_tokens"], "kv_reuse": turn["kv_reuse"],
             "ttft_s": tm.ttft_s, "prefill_tok_s": tm.prefill_tok_s, "decode_tok_s": tm.decode_tok_s,
             "itl_p50_s": tm.itl_p50_s, "itl_p90_s": tm.itl_p90_s, "itl_p99_s": tm.itl_p99_s, "e2e_s": tm.e2e_s,
-            "rep_peak_rss_bytes": _int(tl.peak("rss", t0, t1)),
+            "rep_peak_rss_bytes": _int(_turn_peak(tl, t0, t1)),
             "major_faults": _int(tl.delta("majflt", t0, t1)), "minor_faults": _int(tl.delta("minflt", t0, t1)),
             "read_bytes": _int(tl.delta("read_bytes", t0, t1)),
             "swap_in_pages": _int(tl.delta("pswpin", t0, t1)), "swap_out_pages": _int(tl.delta("pswpout", t0, t1)),
