@@ -116,7 +116,7 @@ def _key_options_sql() -> str:
 # Columns the queries use; a file from an older schema minor version may lack some.
 USED_COLUMNS = ("artifact_sha256", "artifact_name", "model_label", "runtime", "runtime_version", "options_json",
                 "n_ctx", "prompt_tokens", "gen_tokens", "budget_bytes", "budget_method", "case_label", "fit_class",
-                "status", "machine_class", "machine_id", "schema_version", "turn") + tuple(m for m, *_ in METRICS)
+                "status", "machine_class", "machine_id", "schema_version", "turn", "workflow_json") + tuple(m for m, *_ in METRICS)
 
 
 def _source(con: duckdb.DuckDBPyConnection, files: str) -> tuple[str, list[str]]:
@@ -124,7 +124,7 @@ def _source(con: duckdb.DuckDBPyConnection, files: str) -> tuple[str, list[str]]
     scan = f"read_parquet([{files}], union_by_name = true)"
     present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()}
     # A file from before workflows has no ``turn``: every row is case-level, nothing to note.
-    missing = [c for c in USED_COLUMNS if c not in present and c != "turn"]
+    missing = [c for c in USED_COLUMNS if c not in present and c not in ("turn", "workflow_json")]
     types = {c.name: c.type for c in RESULT_COLUMNS}
     cols = ", ".join(c if c in present else f"CAST(NULL AS {_sql_type(types[c])}) AS {c}" for c in USED_COLUMNS)
     return f"(SELECT {cols} FROM {scan})", missing
@@ -151,7 +151,7 @@ def aggregate(con: duckdb.DuckDBPyConnection, side: Side, name: str) -> None:
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE {name} AS
             SELECT artifact_sha256, any_value(artifact_name) AS artifact_name, any_value(model_label) AS model_label,
-                   runtime, {_key_options_sql()} AS key_options, n_ctx, prompt_tokens, gen_tokens, turn,
+                   runtime, {_key_options_sql()} AS key_options, n_ctx, prompt_tokens, gen_tokens, turn, workflow_json,
                    CASE WHEN budget_method IS NULL OR budget_method = 'none' THEN NULL ELSE budget_bytes END AS budget,
                    any_value(case_label) AS case_label,
                    string_agg(DISTINCT options_json, ' | ') AS options_seen,
@@ -189,9 +189,10 @@ class Comparison:
                 and r["worse_pct"] > threshold_pct] + [r for r in self.rows if r["kind"] == "fit" and r["worse"]]
 
 
-# ``turn``: a workflow's turn rows match turn by turn; its case-level rows (and files older than
-# workflows, where the column reads as NULL) match as whole cases.
-KEY = ("artifact_sha256", "runtime", "key_options", "n_ctx", "prompt_tokens", "gen_tokens", "budget", "turn")
+# ``workflow_json`` and ``turn``: a workflow matches only the same session shape, turn by turn; its
+# case-level rows match as whole cases. Files older than workflows read both as NULL (single-turn).
+KEY = ("artifact_sha256", "runtime", "key_options", "n_ctx", "prompt_tokens", "gen_tokens", "budget",
+       "workflow_json", "turn")
 
 
 def compare(baseline: Side, candidate: Side, threshold_pct: float = 5.0) -> Comparison:

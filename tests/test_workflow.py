@@ -233,6 +233,7 @@ def _turn_run(path: Path, ttft: list[float], fit3: str = "fits") -> Path:
                 "budget_bytes": 1 << 30, "budget_method": "none", "ttft_s": t * (1 + 0.001 * rep),
                 "decode_tok_s": 50.0 + rep, "fit_class": fit3 if turn in (3, None) else "fits",
                 "machine_class": "c", "machine_id": "m", "workflow_kind": "chat",
+                "workflow_json": json.dumps({"kind": "chat", "turns": 3, "user_tokens": 20, "reply_tokens": 4}),
             })
     w = ResultWriter(path)
     w.add_case(rows, {})
@@ -254,17 +255,34 @@ def test_compare_matches_turn_by_turn(tmp_path):
     assert not cmp.unmatched_baseline and not cmp.unmatched_candidate
 
 
+def test_a_session_never_matches_a_different_session_or_a_single_turn_case(tmp_path):
+    a = _turn_run(tmp_path / "a.parquet", [0.1, 0.2, 0.3])
+    rows = pq.read_table(a).to_pylist()
+    spec = json.dumps({"kind": "chat", "turns": 3, "user_tokens": 20, "reply_tokens": 4, "reuse_cache": False})
+    replay = [{**r, "workflow_json": spec} for r in rows]
+    single = [{**r, "workflow_json": None, "workflow_kind": None} for r in rows if r["turn"] is None]
+    for name, other in (("replay", replay), ("single", single)):
+        w = ResultWriter(tmp_path / f"{name}.parquet")
+        w.add_case(other, {})
+        cmp = compare(Side("a", [a]), Side(name, [tmp_path / f"{name}.parquet"]))
+        assert not cmp.rows and len(cmp.unmatched_baseline) == 4
+
+
 def test_files_without_a_turn_column_still_compare(tmp_path):
-    new = _turn_run(tmp_path / "new.parquet", [0.1, 0.2, 0.3])
-    table = pq.read_table(new)
-    old_rows = table.filter(pd.isna(table["turn"].to_pandas()).tolist()).drop(["turn"])
+    rows = pq.read_table(_turn_run(tmp_path / "wf.parquet", [0.1, 0.2, 0.3])).to_pylist()
+    single = [{**r, "workflow_json": None, "workflow_kind": None} for r in rows if r["turn"] is None]
+    new = tmp_path / "new.parquet"
+    ResultWriter(new).add_case(single, {})
     old = tmp_path / "old.parquet"
-    pq.write_table(old_rows, old)  # keeps the schema-version metadata, lacks the column
+    pq.write_table(pq.read_table(new).drop(["turn", "workflow_json"]), old)  # keeps the schema metadata
     assert "turn" not in pq.read_schema(old).names
     cmp = compare(Side("old", [old]), Side("new", [new]))
     assert {r["case"] for r in cmp.rows} == {"m llama.cpp chat 3x(u20+r4) @ ctx256"}
-    assert len(cmp.unmatched_candidate) == 3  # the new file's turn rows have no counterpart
+    assert not cmp.unmatched_baseline and not cmp.unmatched_candidate
     assert not any("lacks" in n and "turn" in n for n in cmp.notes)
+    # and a file with workflow turns next to the old one: its turns and sessions are its own
+    cmp = compare(Side("old", [old]), Side("wf", [tmp_path / "wf.parquet"]))
+    assert not cmp.rows and len(cmp.unmatched_candidate) == 4
 
 
 def test_workflow_flag_of_fit_runs_sessions(tmp_path):
