@@ -328,7 +328,7 @@ def catalog_show(catalog_path: Path, machine_class: str | None, context: int | N
     for f in rows:
         fit_cls = f["fit_class"]
         table.add_row(f["artifact"], *([f["machine_class"]] if mc is None else []), f["runtime"],
-                      options_label(f.get("options")), f"{f['n_ctx']:,}", str(f.get("prompt_tokens") or "-"),
+                      options_label(f.get("options")), f"{f['n_ctx']:,}", _prompt_label(f),
                       mib(f.get("budget_bytes")) if f.get("budget_bytes") else "RAM",
                       FIT_STYLE.get(fit_cls, "{}").format(fit_cls),
                       *([FIT_STYLE.get(f["budget_verdict"], "{}").format(f["budget_verdict"])] if budget else []),
@@ -481,6 +481,18 @@ def estimate_cmd(artifact: Path, contexts: str, runtime: str | None, kv_type: st
                       mib(e.total_bytes), FIT_STYLE[verdict].format(verdict), mib(m) if m else "-",
                       f"{(e.total_bytes - m) / m:+.1%}" if m else "-")
     console.print(table)
+
+
+def _prompt_label(fit: dict) -> str:
+    """Prompt tokens of a catalog fit; a workflow's shape, e.g. '2288 (chat, 10 turns)'."""
+    text = str(fit.get("prompt_tokens") or "-")
+    try:
+        wf = json.loads(fit["workflow"]) if fit.get("workflow") else None
+    except (TypeError, ValueError):
+        wf = None
+    if isinstance(wf, dict):
+        text += f" ({wf.get('kind')}, {wf.get('turns') or wf.get('questions')} turns)"
+    return text
 
 
 def _option_values(items: tuple[str, ...]) -> dict:
