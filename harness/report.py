@@ -87,10 +87,14 @@ def per_case(df: pd.DataFrame) -> pd.DataFrame:
 def per_turn(df: pd.DataFrame) -> pd.DataFrame:
     """Workflow turn rows: medians per (case, turn) over repetitions, worst fit class per turn."""
     turns = df[df["turn"].notna() & (df["status"] == "ok")]
+    # the same case measured in several runs: one line per run, told apart by the run id
+    runs_per_label = turns.groupby(["series", "case_label"])["run_id"].nunique()
     rows = []
     for (run_id, key, turn), g in turns.groupby(["run_id", "case_key", "turn"], sort=True):
         rows.append({
-            "label": f"{g['series'].iloc[0]} {g['case_label'].iloc[0]}", "run_id": run_id, "case_key": key,
+            "label": f"{g['series'].iloc[0]} {g['case_label'].iloc[0]}"
+                     + (f" [{run_id}]" if runs_per_label[(g['series'].iloc[0], g['case_label'].iloc[0])] > 1 else ""),
+            "run_id": run_id, "case_key": key,
             "turn": int(turn), "ttft_s": g["ttft_s"].median(), "decode_tok_s": g["decode_tok_s"].median(),
             "peak_mib": g["rep_peak_rss_bytes"].max() / 2**20 if g["rep_peak_rss_bytes"].notna().any() else None,
             "budget_mib": (g["budget_bytes"].iloc[0] / 2**20 if g["budget_method"].iloc[0] not in (None, "none")
@@ -120,7 +124,7 @@ def plot_turns(turns: pd.DataFrame) -> bytes:
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
         ax.xaxis.get_major_locator().set_params(integer=True)
-    ax1.legend(fontsize=8)
+    ax1.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.15))
     return _png(fig)
 
 
@@ -148,7 +152,7 @@ def plot_speed(cases: pd.DataFrame) -> bytes:
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
-    ax1.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.15))
+    ax1.legend(fontsize=8)
     return _png(fig)
 
 
