@@ -29,7 +29,8 @@ from harness.fit import ORDER, worst
 
 CATALOG_VERSION = 1
 DEFAULT_CATALOG = Path("catalog.yaml")
-KEY_FIELDS = ("artifact", "machine_class", "runtime", "options", "n_ctx", "prompt_tokens", "budget_bytes")
+# "workflow" (a multi-turn session's shape) is absent for single-turn fits, so older entries keep their keys.
+KEY_FIELDS = ("artifact", "machine_class", "runtime", "options", "n_ctx", "prompt_tokens", "budget_bytes", "workflow")
 
 
 def default_catalog_path(near: Path | None = None) -> Path:
@@ -139,6 +140,8 @@ def update_catalog(cat: Catalog, results: list[tuple[str, list[dict]]]) -> dict[
     for source, rows in results:
         cases: dict[tuple, list[dict]] = {}
         for row in rows:
+            if row.get("turn") is not None:
+                continue  # a workflow's turn rows: its case-level rows carry the session's verdict
             if row.get("fit_class") is None and row.get("status") == "ok":
                 counts["skipped"] += 1  # written before fit classes existed
                 continue
@@ -172,6 +175,8 @@ def update_catalog(cat: Catalog, results: list[tuple[str, list[dict]]]) -> dict[
                 "runs": [run_id],
                 "count": 1,
             }
+            if first.get("workflow_json"):
+                entry["workflow"] = first["workflow_json"]
             existing = index.get(_key(entry))
             if existing is None:
                 cat.fits.append(entry)

@@ -30,7 +30,8 @@ from harness.compare import CompareError, Side, compare, expand, table_rows, to_
 from harness.report import ReportError, build
 from harness.catalog import DEFAULT_CATALOG, CatalogError, load_catalog, options_label, query, save_catalog, update_catalog
 from harness.estimate import EstimateError, estimate
-from harness.fitsearch import search
+from harness.fitsearch import search, workflow_at
+from harness.workflow import Workflow, WorkflowError, parse_workflow_option
 from harness.resume import RunLock, latest_results, load_for_resume
 from harness.scenario import parse_scenario
 from harness.suite import ArtifactHashes, CaseResult, SuiteInterrupted, new_run_id, record, run_case, run_suite
@@ -99,6 +100,8 @@ def run(scenario: Path, output_dir: Path, repetitions: int | None, contexts: str
         except ValueError as exc:
             fail(str(exc))
     if gen_tokens:
+        if sc.workflows:
+            fail(f"--gen-tokens: {scenario} runs a workflow, which sets its own reply_tokens; change it there")
         overrides["gen_tokens"] = gen_tokens
     if timeout:
         overrides["timeout"] = timeout
@@ -137,6 +140,8 @@ def _run_cases(sc, cases: list, total: int, artifacts: dict, writer: ResultWrite
 
     def on_progress(case, p) -> None:
         rep = f" {p.repetition}/{case.repetitions}" if p.phase == "generating" else ""
+        if case.workflow is not None and p.phase == "generating":
+            rep += f" · turn {p.extra.get('turn', 0) % case.workflow.turns + 1}/{case.workflow.turns}"
         progress.update(task, description=(
             f"case {case.index + 1}/{total} {case.model_label} {case.label} · {p.phase}{rep} · "
             f"RSS {mib(p.rss)} MiB (peak {mib(p.peak_rss)})"))
@@ -176,9 +181,12 @@ def _run_cases(sc, cases: list, total: int, artifacts: dict, writer: ResultWrite
 @click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE", help="override a fit threshold")
 @click.option("--timeout", type=click.FloatRange(min=1), default=600, show_default=True, help="seconds per probe")
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
+@click.option("--workflow", "workflow_text", metavar="chat:TURNS|document:QUESTIONS|SCENARIO",
+              help="probe with a multi-turn session filling each context (replies of --gen-tokens), or the first "
+                   "workflow of a scenario file; the verdict is the worst turn's")
 def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, gen_tokens: int, repetitions: int,
         min_context: int, max_context: int | None, step: int, options: tuple[str, ...], thresholds: tuple[str, ...],
-        timeout: float, output_dir: Path) -> None:
+        timeout: float, output_dir: Path, workflow_text: str | None) -> None:
     """Find the largest context at which ARTIFACT still fits (and where it turns tight, slow, spill, no_fit)."""
     try:
         info = inspect_artifact(artifact)
@@ -199,21 +207,32 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
     budget_bytes = sc.budgets[0]
     if thresholds:
         sc = replace(sc, thresholds=_threshold_options(sc.thresholds, thresholds))
+    wf = _workflow_option(workflow_text, gen_tokens) if workflow_text else None
+    if wf is not None:
+        try:
+            workflow_at(wf, min(min_context, limit), fill)  # the smallest probe must hold the session
+        except ValueError as exc:
+            fail(f"--workflow: {exc}")
+        sc = replace(sc, name=f"{sc.name}-{wf.kind}{wf.turns}")
     artifacts = check_scenario(sc)
     out = check_output_dir(output_dir)
     run_id = new_run_id()
     writer = ResultWriter(out / f"{sc.name}-{run_id}.parquet")
     mach = machine_mod.fingerprint()
     budget_text = f"{budget_bytes / 2**20:,.0f} MiB budget" if budget_bytes else f"{mib(mach.ram_bytes)} MiB RAM"
+    probe_text = f"a {wf.kind} session of {wf.turns} turns filling {fill:.0%}" if wf else f"filled {fill:.0%}"
     console.print(f"[bold]fitbench fit[/] {artifact.name} in {runtime} on {mach.machine_class}, {budget_text}, "
-                  f"contexts {min(min_context, limit):,}..{limit:,} filled {fill:.0%}; results -> {writer.results_path}")
+                  f"contexts {min(min_context, limit):,}..{limit:,} {probe_text}; results -> {writer.results_path}")
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     hashes = ArtifactHashes()
     count = 0
 
     def probe(n_ctx: int) -> tuple[str | None, str]:
         nonlocal count
-        case = replace(replace(sc, contexts=[n_ctx]).cases()[0], index=count)
+        probe_sc = replace(sc, contexts=[n_ctx])
+        if wf is not None:
+            probe_sc = replace(probe_sc, workflows=[workflow_at(wf, n_ctx, fill)])
+        case = replace(probe_sc.cases()[0], index=count)
         count += 1
         with console.status(f"probing context {n_ctx:,} ({case.label})"):
             try:
@@ -236,6 +255,21 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
 
 
 FORMAT_RUNTIMES = {"gguf": "llama.cpp", "hf": "torch"}
+
+
+def _workflow_option(text: str, reply_tokens: int) -> Workflow:
+    """``chat:10``, ``document:5``, or a scenario file whose (first) workflow gives the shape."""
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        sc = load_scenario(path)
+        if not sc.workflows:
+            fail(f"--workflow {text}: the scenario has no 'workflow:'; add one or write chat:10")
+        return sc.workflows[0]
+    try:
+        return parse_workflow_option(text, reply_tokens)
+    except WorkflowError as exc:
+        fail(str(exc))
+        raise
 
 
 @cli.group()
@@ -295,7 +329,7 @@ def catalog_show(catalog_path: Path, machine_class: str | None, context: int | N
     for f in rows:
         fit_cls = f["fit_class"]
         table.add_row(f["artifact"], *([f["machine_class"]] if mc is None else []), f["runtime"],
-                      options_label(f.get("options")), f"{f['n_ctx']:,}", str(f.get("prompt_tokens") or "-"),
+                      options_label(f.get("options")), f"{f['n_ctx']:,}", _prompt_label(f),
                       mib(f.get("budget_bytes")) if f.get("budget_bytes") else "RAM",
                       FIT_STYLE.get(fit_cls, "{}").format(fit_cls),
                       *([FIT_STYLE.get(f["budget_verdict"], "{}").format(f["budget_verdict"])] if budget else []),
@@ -454,6 +488,18 @@ def estimate_cmd(artifact: Path, contexts: str, runtime: str | None, kv_type: st
     console.print(table)
 
 
+def _prompt_label(fit: dict) -> str:
+    """Prompt tokens of a catalog fit; a workflow's shape, e.g. '2288 (chat, 10 turns)'."""
+    text = str(fit.get("prompt_tokens") or "-")
+    try:
+        wf = json.loads(fit["workflow"]) if fit.get("workflow") else None
+    except (TypeError, ValueError):
+        wf = None
+    if isinstance(wf, dict):
+        text += f" ({wf.get('kind')}, {wf.get('turns') or wf.get('questions')} turns)"
+    return text
+
+
 def _option_values(items: tuple[str, ...]) -> dict:
     values = {}
     for item in items:
@@ -498,7 +544,7 @@ def _case_line(r: CaseResult, total: int) -> str:
     fit = case_verdict(r.rows)[0]
     if r.status != "ok":
         return f"{head}: [red]{r.status}[/] (fit: {fit or 'no verdict'}) {r.error}"
-    ok_rows = [row for row in r.rows if row["status"] == "ok"]
+    ok_rows = [row for row in r.rows if row["status"] == "ok" and row.get("turn") is None]
     ttft = summarize([row["ttft_s"] for row in ok_rows])
     dec = summarize([row["decode_tok_s"] for row in ok_rows])
     first = ok_rows[0]
@@ -570,7 +616,7 @@ def _summary_table(results: list[CaseResult]) -> None:
     for col in headers:
         table.add_column(col, justify="left" if col in ("model", "case", "status", "fit") else "right", no_wrap=True)
     for r in results:
-        ok_rows = [row for row in r.rows if row["status"] == "ok"]
+        ok_rows = [row for row in r.rows if row["status"] == "ok" and row.get("turn") is None]
 
         def med(key: str, scale: float = 1.0, fmt: str = "{:,.1f}") -> str:
             s = summarize([row[key] for row in ok_rows])

@@ -119,14 +119,15 @@ def _key_options_sql() -> str:
 # Columns the queries use; a file from an older schema minor version may lack some.
 USED_COLUMNS = ("artifact_sha256", "artifact_name", "model_label", "runtime", "runtime_version", "options_json",
                 "n_ctx", "prompt_tokens", "gen_tokens", "budget_bytes", "budget_method", "case_label", "fit_class",
-                "status", "machine_class", "machine_id", "schema_version") + tuple(m for m, *_ in METRICS)
+                "status", "machine_class", "machine_id", "schema_version", "turn", "workflow_json") + tuple(m for m, *_ in METRICS)
 
 
 def _source(con: duckdb.DuckDBPyConnection, files: str) -> tuple[str, list[str]]:
     """A subquery over the files with every used column, NULL where the files lack it."""
     scan = f"read_parquet([{files}], union_by_name = true)"
     present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()}
-    missing = [c for c in USED_COLUMNS if c not in present]
+    # A file from before workflows has no ``turn``: every row is case-level, nothing to note.
+    missing = [c for c in USED_COLUMNS if c not in present and c not in ("turn", "workflow_json")]
     types = {c.name: c.type for c in RESULT_COLUMNS}
     cols = ", ".join(c if c in present else f"CAST(NULL AS {_sql_type(types[c])}) AS {c}" for c in USED_COLUMNS)
     return f"(SELECT {cols} FROM {scan})", missing
@@ -153,7 +154,7 @@ def aggregate(con: duckdb.DuckDBPyConnection, side: Side, name: str) -> None:
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE {name} AS
             SELECT artifact_sha256, any_value(artifact_name) AS artifact_name, any_value(model_label) AS model_label,
-                   runtime, {_key_options_sql()} AS key_options, n_ctx, prompt_tokens, gen_tokens,
+                   runtime, {_key_options_sql()} AS key_options, n_ctx, prompt_tokens, gen_tokens, turn, workflow_json,
                    CASE WHEN budget_method IS NULL OR budget_method = 'none' THEN NULL ELSE budget_bytes END AS budget,
                    any_value(case_label) AS case_label,
                    string_agg(DISTINCT options_json, ' | ') AS options_seen,
@@ -191,7 +192,10 @@ class Comparison:
                 and r["worse_pct"] > threshold_pct] + [r for r in self.rows if r["kind"] == "fit" and r["worse"]]
 
 
-KEY = ("artifact_sha256", "runtime", "key_options", "n_ctx", "prompt_tokens", "gen_tokens", "budget")
+# ``workflow_json`` and ``turn``: a workflow matches only the same session shape, turn by turn; its
+# case-level rows match as whole cases. Files older than workflows read both as NULL (single-turn).
+KEY = ("artifact_sha256", "runtime", "key_options", "n_ctx", "prompt_tokens", "gen_tokens", "budget",
+       "workflow_json", "turn")
 
 
 def compare(baseline: Side, candidate: Side, threshold_pct: float = 5.0) -> Comparison:
@@ -201,18 +205,20 @@ def compare(baseline: Side, candidate: Side, threshold_pct: float = 5.0) -> Comp
     join = " AND ".join(f"b.{k} IS NOT DISTINCT FROM c.{k}" for k in KEY)
     cols = [d for d in con.execute("SELECT * FROM base LIMIT 0").description]
     names = [d[0] for d in cols]
-    matched = con.execute(f"SELECT b.*, c.* FROM base b JOIN cand c ON {join} ORDER BY b.model_label, b.n_ctx, b.prompt_tokens").fetchall()
+    matched = con.execute(f"SELECT b.*, c.* FROM base b JOIN cand c ON {join} "
+                          "ORDER BY b.model_label, b.n_ctx, b.prompt_tokens, b.turn NULLS LAST").fetchall()
+    turn = "CASE WHEN {0}.turn IS NULL THEN '' ELSE ' turn ' || {0}.turn END"
     unmatched_b = [r[0] for r in con.execute(
-        f"SELECT b.model_label || ' ' || b.case_label FROM base b ANTI JOIN cand c ON {join} ORDER BY 1").fetchall()]
+        f"SELECT b.model_label || ' ' || b.case_label || {turn.format('b')} FROM base b ANTI JOIN cand c ON {join} ORDER BY 1").fetchall()]
     unmatched_c = [r[0] for r in con.execute(
-        f"SELECT c.model_label || ' ' || c.case_label FROM cand c ANTI JOIN base b ON {join} ORDER BY 1").fetchall()]
+        f"SELECT c.model_label || ' ' || c.case_label || {turn.format('c')} FROM cand c ANTI JOIN base b ON {join} ORDER BY 1").fetchall()]
     rows: list[dict[str, Any]] = []
     option_changes: set[str] = set()
     version_changes: set[str] = set()
     for record in matched:
         b = dict(zip(names, record[:len(names)]))
         c = dict(zip(names, record[len(names):]))
-        case = f"{b['model_label']} {b['runtime']} {b['case_label']}"
+        case = f"{b['model_label']} {b['runtime']} {b['case_label']}" + (f" turn {b['turn']}" if b["turn"] is not None else "")
         if b["options_seen"] != c["options_seen"]:
             option_changes.add(f"{b['options_seen']} -> {c['options_seen']}")
         if b["runtime_versions"] != c["runtime_versions"]:

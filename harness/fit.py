@@ -109,10 +109,45 @@ def worst(classes: list[str | None]) -> str | None:
 
 
 def case_verdict(rows: list[dict]) -> tuple[str | None, str]:
-    """A case's verdict is its worst row's, with that row's reason."""
+    """A case's verdict is its worst row's, with that row's reason. A workflow's case-level
+    rows (``turn`` null) already carry their worst turn's verdict and number; turn rows alone
+    (a session cut short) speak with their turn number."""
+    case_level = [r for r in rows if r.get("turn") is None]
+    if not case_level:
+        rows = [{**r, "fit_reason": f"turn {r['turn']}: {r.get('fit_reason') or ''}"} for r in rows]
+    else:
+        rows = case_level
     cls = worst([r.get("fit_class") for r in rows])
     reason = next((r.get("fit_reason") for r in rows if r.get("fit_class") == cls), "") or ""
     return cls, reason
+
+
+def worst_turn(turn_rows: list[dict]) -> dict | None:
+    """The turn row that decides a session: the first turn with the worst class."""
+    cls = worst([r.get("fit_class") for r in turn_rows])
+    if cls is None:
+        return None
+    return min((r for r in turn_rows if r.get("fit_class") == cls), key=lambda r: r["turn"])
+
+
+VERDICT_COLUMNS = ("fit_class", "fit_reason", "fit_memory", "fit_headroom", "fit_speed", "fit_offload")
+
+
+def judge_sessions(rows: list[dict]) -> None:
+    """Workflow case-level rows take the worst turn's verdict with its number ("turn 7: TTFT 12.3 s > 10 s");
+    a failed session's row says in which turn it failed (``fit_turn`` set by the suite)."""
+    for row in rows:
+        if row.get("workflow_kind") is None or row.get("turn") is not None:
+            continue
+        if row.get("status") == "ok":
+            decider = worst_turn([r for r in rows if r.get("turn") is not None
+                                  and r.get("repetition") == row.get("repetition")])
+            if decider is None:
+                continue
+            row.update({k: decider.get(k) for k in VERDICT_COLUMNS})
+            row["fit_turn"] = decider["turn"]
+        if row.get("fit_turn") is not None and row.get("fit_class") is not None:
+            row["fit_reason"] = f"turn {row['fit_turn']}: {row.get('fit_reason') or ''}"
 
 
 def classify(row: dict, budget_bytes: int, t: Thresholds = Thresholds()) -> Verdict:

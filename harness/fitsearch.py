@@ -9,6 +9,12 @@ process, sampler, budget), and its rows are written like any run's.
 The search assumes fit only worsens with context, which holds for memory
 and speed: a longer filled context never needs less KV cache or less
 attention work.
+
+A workflow can be the probe (``fitbench fit --workflow chat:10``): at each
+probed context the session keeps its shape (turns, reply and question
+lengths) and its messages (chat) or document grow to fill the context, so
+the answer reads "the largest context at which a 10-turn chat still fits
+in every turn".
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from harness.fit import ORDER
+from harness.workflow import Workflow
 
 
 @dataclass
@@ -46,6 +53,15 @@ class SearchResult:
             head = f"max fit context {self.max_fit:,} tokens"
         turns = [f"{cls} from {n:,}" for cls, n in self.first_at().items() if cls in self.probes.values()]
         return head + (f" ({'; '.join(turns)})" if turns else "")
+
+
+def workflow_at(wf: Workflow, n_ctx: int, fill: float) -> Workflow:
+    """The probe session for context ``n_ctx``: ``wf``'s shape filling ``fill`` of it."""
+    scaled = wf.scaled_to(int(fill * n_ctx))
+    if scaled.session_tokens > n_ctx:
+        raise ValueError(f"context {n_ctx:,} cannot hold a {wf.kind} session of {wf.turns} turns with "
+                         f"{wf.reply_tokens}-token replies; raise --min-context or use fewer turns")
+    return scaled
 
 
 def snap(n: int, step: int) -> int:

@@ -37,7 +37,7 @@ def check_scenario(s: Scenario) -> dict[Path, ArtifactInfo]:
             raise ScenarioError(s.source, f"{where}.runtime",
                                 f"runtime {model.runtime!r} is not available: {avail.reason}; install with: {avail.install}")
         if info.context_length:
-            too_long = [c for c in s.contexts if c > info.context_length]
+            too_long = sorted(c.n_ctx for c in s.cases() if c.n_ctx > info.context_length)
             if too_long:
                 raise ScenarioError(s.source, "contexts",
                                     f"context {too_long[0]} is beyond what {info.name} was trained for ({info.context_length}); "

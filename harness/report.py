@@ -11,6 +11,11 @@ no network) and, on request, the same plots as PNG files:
 5. with a quality probe, intelligence density: quality (KL from the
    reference, else perplexity) against peak memory, marker size by decode
    tok/s, so the variant with the most quality per GB stands out.
+6. for workflow (multi-turn) cases: TTFT and peak memory against the turn,
+   each point coloured by that turn's fit class, with the budget lines.
+
+The case table has energy per generated token where the machine reports
+energy (RAPL, NVML).
 """
 
 from __future__ import annotations
@@ -53,13 +58,17 @@ def load(paths: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     if df.empty:
         raise ReportError("the result files hold no rows")
     df["series"] = df["model_label"].fillna(df["artifact_name"]) + " · " + df["runtime"]
+    for col in ("turn", "energy_j_per_token"):  # files from before workflows / energy
+        if col not in df.columns:
+            df[col] = None
     return df, (pd.concat(timelines, ignore_index=True) if timelines else pd.DataFrame())
 
 
 def per_case(df: pd.DataFrame) -> pd.DataFrame:
     """One line per case: medians over ok repetitions, worst fit class, first failure."""
     rows = []
-    for (run_id, key), g in df.groupby(["run_id", "case_key"], sort=False):
+    case_level = df[df["turn"].isna()]  # a workflow's turn rows are plotted per turn, not here
+    for (run_id, key), g in case_level.groupby(["run_id", "case_key"], sort=False):
         ok = g[g["status"] == "ok"]
         rows.append({
             "series": g["series"].iloc[0], "case_label": g["case_label"].iloc[0], "case_key": key, "run_id": run_id,
@@ -72,6 +81,7 @@ def per_case(df: pd.DataFrame) -> pd.DataFrame:
             "prefill_tok_s": ok["prefill_tok_s"].median() if len(ok) else None,
             "ttft_s": ok["ttft_s"].median() if len(ok) else None,
             "peak_mib": g["peak_rss_bytes"].max() / 2**20 if g["peak_rss_bytes"].notna().any() else None,
+            "energy_j_per_token": ok["energy_j_per_token"].median() if ok["energy_j_per_token"].notna().any() else None,
             "reps": len(ok),
             **{name: _first(g, column) for name, column in QUALITY_FIELDS.items()},
         })
@@ -124,6 +134,50 @@ def plot_density(dens: pd.DataFrame) -> bytes:
     ax.set(title="Intelligence density: quality vs peak memory (lower-left is better; marker size = decode tok/s, "
                  "colour = fit class)", xlabel="peak RSS (MiB)", ylabel=y_label)
     ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def per_turn(df: pd.DataFrame) -> pd.DataFrame:
+    """Workflow turn rows: medians per (case, turn) over repetitions, worst fit class per turn."""
+    turns = df[df["turn"].notna() & (df["status"] == "ok")]
+    # the same case measured in several runs: one line per run, told apart by the run id
+    runs_per_label = turns.groupby(["series", "case_label"])["run_id"].nunique()
+    rows = []
+    for (run_id, key, turn), g in turns.groupby(["run_id", "case_key", "turn"], sort=True):
+        rows.append({
+            "label": f"{g['series'].iloc[0]} {g['case_label'].iloc[0]}"
+                     + (f" [{run_id}]" if runs_per_label[(g['series'].iloc[0], g['case_label'].iloc[0])] > 1 else ""),
+            "run_id": run_id, "case_key": key,
+            "turn": int(turn), "ttft_s": g["ttft_s"].median(), "decode_tok_s": g["decode_tok_s"].median(),
+            "peak_mib": g["rep_peak_rss_bytes"].max() / 2**20 if g["rep_peak_rss_bytes"].notna().any() else None,
+            "budget_mib": (g["budget_bytes"].iloc[0] / 2**20 if g["budget_method"].iloc[0] not in (None, "none")
+                           else None),
+            "fit_class": worst([f if isinstance(f, str) else None for f in g["fit_class"]]),
+        })
+    return pd.DataFrame(rows)
+
+
+def plot_turns(turns: pd.DataFrame) -> bytes:
+    """TTFT and peak memory against the turn: where a session stops fitting."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, g in turns.groupby("label"):
+        g = g.sort_values("turn")
+        line = ax1.plot(g["turn"], g["ttft_s"], label=label, zorder=1)[0]
+        ax2.plot(g["turn"], g["peak_mib"], color=line.get_color(), zorder=1)
+        for ax, col in ((ax1, "ttft_s"), (ax2, "peak_mib")):
+            ax.scatter(g["turn"], g[col], c=[FIT_COLOURS.get(f, "#9e9e9e") for f in g["fit_class"]], s=30,
+                       zorder=2, edgecolors=line.get_color())
+    for budget in sorted(turns["budget_mib"].dropna().unique()):
+        ax2.axhline(budget, linestyle="--", color="#b71c1c", alpha=0.6)
+        ax2.annotate(f"budget {budget:,.0f} MiB", (0, budget), xycoords=("axes fraction", "data"), fontsize=8,
+                     color="#b71c1c", xytext=(4, 3), textcoords="offset points")
+    ax1.set(title="Time to first token per turn", xlabel="turn", ylabel="TTFT (s)")
+    ax2.set(title="Peak memory per turn (points coloured by fit class)", xlabel="turn", ylabel="peak RSS (MiB)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    ax1.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.15))
     return _png(fig)
 
 
@@ -253,6 +307,9 @@ def build(paths: list[Path], out: Path, png_dir: Path | None = None, case: str |
     dens = density(cases)
     if not dens.empty:
         plots["quality_density"] = plot_density(dens)
+    turns = per_turn(df)
+    if not turns.empty:
+        plots["turns"] = plot_turns(turns)
     chosen = pick_case(cases, tl, case)
     if chosen is not None:
         sel = tl[(tl["case_key"] == chosen["case_key"]) & (tl["run_id"] == chosen["run_id"])]
@@ -284,7 +341,7 @@ def _html(df: pd.DataFrame, cases: pd.DataFrame, plots: dict[str, bytes], paths:
         f"<td class=fit-{r.fit_class or 'none'}>{r.fit_class or '–'}</td><td>{html.escape(r.status)}</td>"
         f"<td>{num(r.ttft_s, '{:.3f}')}</td><td>{num(r.prefill_tok_s, '{:.1f}')}</td>"
         f"<td>{num(r.decode_tok_s, '{:.1f}')}</td><td>{num(r.peak_mib, '{:.0f}')}</td>"
-        f"<td>{num(r.budget_mib, '{:.0f}')}</td><td>{r.reps}</td></tr>"
+        f"<td>{num(r.budget_mib, '{:.0f}')}</td><td>{num(r.energy_j_per_token, '{:.3f}')}</td><td>{r.reps}</td></tr>"
         for r in cases.itertuples())
     quality = ""
     if dens is not None and not dens.empty:
@@ -317,9 +374,11 @@ Machine class: {html.escape(machines)}. Medians over the repetitions of each cas
 <h2>Fit</h2>{img("fit_matrix", "fit class matrix")}
 {quality}
 <h2>One case over time</h2>{img("timeline", "sampler timeline")}
+{"<h2>Workflows: turn by turn</h2>" + img("turns", "TTFT and peak memory per turn") if "turns" in plots else ""}
 <h2>Cases</h2>
 <table id="cases"><tr><th>artifact · runtime</th><th>case</th><th>fit</th><th>status</th><th>TTFT (s)</th>
-<th>prefill (tok/s)</th><th>decode (tok/s)</th><th>peak RSS (MiB)</th><th>budget (MiB)</th><th>reps</th></tr>
+<th>prefill (tok/s)</th><th>decode (tok/s)</th><th>peak RSS (MiB)</th><th>budget (MiB)</th><th>energy (J/token)</th>
+<th>reps</th></tr>
 {rows}
 </table></body></html>
 """

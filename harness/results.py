@@ -174,6 +174,18 @@ RESULT_COLUMNS: list[Column] = _cols(
     ("task_pass_rate", F, "task_passed / task_count"),
     ("task_results_json", S, "per task: id, passed, answer (cut to 200 chars), JSON"),
     ("task_s", F, "seconds the task checks took"),
+    # workflows: multi-turn sessions (issue #11). A workflow case writes one row per turn (``turn`` set)
+    # and one case-level row per repetition (``turn`` null) that single-turn readers use.
+    ("turn", I, "1-based turn of a workflow session; null for single-turn cases and a session's case-level rows"),
+    ("turns", I, "turns in the workflow session; null for single-turn cases"),
+    ("workflow_kind", S, "chat | document; null for single-turn cases"),
+    ("workflow_json", S, "the workflow spec, JSON"),
+    ("turn_new_tokens", I, "tokens this turn handed to the runtime: user message, document, question"),
+    ("context_tokens", I, "tokens in the context when this turn's reply starts: history plus the new tokens"),
+    ("processed_tokens", I, "tokens processed before this turn's first token: the new ones with kv_reuse, "
+                            "the whole history without"),
+    ("kv_reuse", B, "the session continued from the runtime's KV/prompt cache (extend); false: history replayed"),
+    ("fit_turn", I, "case-level row of a workflow: the turn whose verdict is the case's (the first worst turn)"),
     # sampler
     ("sampler_interval_ms", F, "requested sampling interval"),
     ("sampler_samples", I, "samples actually taken over the case"),
@@ -323,7 +335,9 @@ class ResultWriter:
 
     def flush(self) -> None:
         # Case order, whatever order the cases ran in (a resumed run appends out of order).
-        self.rows.sort(key=lambda r: (r.get("case_index") or 0, r.get("repetition") is None, r.get("repetition") or 0))
+        # A workflow's turn rows come before their repetition's case-level row.
+        self.rows.sort(key=lambda r: (r.get("case_index") or 0, r.get("repetition") is None, r.get("repetition") or 0,
+                                      r.get("turn") is None, r.get("turn") or 0))
         try:
             write_atomic(to_table(self.rows, RESULT_SCHEMA), self.results_path)
             if self.timeline_tables:

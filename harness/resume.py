@@ -35,6 +35,8 @@ def done_case_keys(rows: list[dict[str, Any]], cases: list[Case]) -> set[str]:
     failed: set[str] = set()
     for row in rows:
         key = row.get("case_key")
+        if row.get("turn") is not None:
+            continue  # a workflow's turns: its session is done when the case-level row is there
         if row.get("status") == "ok":
             ok.setdefault(key, set()).add(row.get("repetition"))
         elif row.get("status") not in RETRY_STATUSES:

@@ -24,6 +24,7 @@ import yaml
 
 from harness.fit import Thresholds, parse_size
 from harness.qualityspec import QualitySpec, QualitySpecError, parse_quality
+from harness.workflow import Workflow, WorkflowError, parse_workflow, round_up
 from runners.base import OptionError, UnknownRunner, get_runner_class, short_repr
 
 TOP_FIELDS = {
@@ -41,7 +42,12 @@ TOP_FIELDS = {
     "budget": "memory the case may use, e.g. 8GiB, or a list to sweep ('none' = no budget); cgroup-enforced where possible",
     "thresholds": "fit thresholds: headroom, min_decode_tok_s, max_ttft_s, spill_read_fraction, ...",
     "quality": "quality probe: {text, tokens, window, top_k, reference, tasks} (see harness/qualityspec.py)",
+    "workflow": "a multi-turn session instead of one prompt, e.g. {kind: chat, turns: 10, user_tokens: 200, "
+                "reply_tokens: 64} or {kind: document, document_tokens: 4000, questions: 5, question_tokens: 30, "
+                "reply_tokens: 32}; a list runs each",
 }
+# A workflow sets its own prompt and reply lengths.
+NOT_WITH_WORKFLOW = ("fill", "prompt_tokens", "gen_tokens")
 MODEL_FIELDS = {"artifact", "runtime", "options", "label"}
 MAX_FILL = 0.95
 
@@ -82,6 +88,8 @@ class Scenario:
     budgets: list[int | None] = field(default_factory=lambda: [None])
     thresholds: Thresholds = field(default_factory=Thresholds)
     quality: QualitySpec | None = None
+    # Multi-turn sessions; with none given, ``contexts`` empty means each workflow's own session length.
+    workflows: list[Workflow] | None = None
 
     def cases(self) -> list[Case]:
         return expand_cases(self)
@@ -108,6 +116,7 @@ class Case:
     budget_bytes: int | None = None
     thresholds: Thresholds = field(default_factory=Thresholds)
     quality: QualitySpec | None = None
+    workflow: Workflow | None = None  # a multi-turn session; prompt_tokens is then its final context
 
     @property
     def quality_group(self) -> str:
@@ -116,9 +125,11 @@ class Case:
 
     @property
     def label(self) -> str:
-        """llama-bench style: ``pp1024+tg32 @ ctx2048``, plus the budget when one is set."""
+        """llama-bench style: ``pp1024+tg32 @ ctx2048``, plus the budget when one is set;
+        a workflow's shape instead of pp/tg, e.g. ``chat 10x(u200+r64) @ ctx3072``."""
         budget = f" <= {self.budget_bytes / 2**20:,.0f}MiB" if self.budget_bytes else ""
-        return f"pp{self.prompt_tokens}+tg{self.gen_tokens} @ ctx{self.n_ctx}{budget}"
+        shape = self.workflow.label if self.workflow else f"pp{self.prompt_tokens}+tg{self.gen_tokens}"
+        return f"{shape} @ ctx{self.n_ctx}{budget}"
 
     @property
     def key(self) -> str:
@@ -133,6 +144,8 @@ class Case:
         }
         if self.budget_bytes is not None:
             ident["budget_bytes"] = self.budget_bytes
+        if self.workflow is not None:
+            ident["workflow"] = self.workflow.to_dict()
         return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -158,7 +171,13 @@ def parse_scenario(data: Any, source: str = "<scenario>", base_dir: Path | None 
     if not isinstance(data, dict):
         raise ScenarioError(source, "", "a scenario must be a mapping with at least 'models' and 'contexts'")
     _reject_unknown(source, "", data, TOP_FIELDS)
-    for required in ("models", "contexts"):
+    workflows = _workflows(source, data["workflow"]) if "workflow" in data else None
+    if workflows is not None:
+        for other in NOT_WITH_WORKFLOW:
+            if other in data:
+                raise ScenarioError(source, other, "a workflow sets its own prompt and reply lengths; remove "
+                                                   f"'{other}' (use the workflow's token fields)")
+    for required in ("models",) + (("contexts",) if workflows is None else ()):
         if required not in data:
             raise ScenarioError(source, required, f"missing; add '{required}:' ({TOP_FIELDS[required]})")
 
@@ -172,7 +191,7 @@ def parse_scenario(data: Any, source: str = "<scenario>", base_dir: Path | None 
         raise ScenarioError(source, "models", "must be a non-empty list of {artifact, runtime, options}")
     models = [_parse_model(source, f"models[{i}]", m, base_dir) for i, m in enumerate(models_raw)]
 
-    contexts = _int_list(source, "contexts", data["contexts"], minimum=16)
+    contexts = _int_list(source, "contexts", data["contexts"], minimum=16) if "contexts" in data else []
     fill = prompt_tokens = None
     if "fill" in data and "prompt_tokens" in data:
         raise ScenarioError(source, "prompt_tokens", "give either 'fill' or 'prompt_tokens', not both")
@@ -197,6 +216,7 @@ def parse_scenario(data: Any, source: str = "<scenario>", base_dir: Path | None 
         budgets=_budgets(source, data.get("budget")),
         thresholds=_thresholds(source, data.get("thresholds")),
         quality=_quality(source, data.get("quality"), base_dir, models),
+        workflows=workflows,
     )
 
 
@@ -211,6 +231,8 @@ def _quality(source: str, raw: Any, base_dir: Path | None, models: list[ModelSpe
 
 def expand_cases(s: Scenario) -> list[Case]:
     """Cartesian product in an order that keeps one artifact's cases together."""
+    if s.workflows is not None:
+        return _workflow_cases(s)
     cases: list[Case] = []
     for model in s.models:
         swept = {k: v for k, v in model.options.items() if isinstance(v, list)}
@@ -230,6 +252,27 @@ def expand_cases(s: Scenario) -> list[Case]:
     return cases
 
 
+def _workflow_cases(s: Scenario) -> list[Case]:
+    """One case per (model, options, budget, workflow, context); no context given: the session's own length."""
+    cases: list[Case] = []
+    for model in s.models:
+        swept = {k: v for k, v in model.options.items() if isinstance(v, list)}
+        fixed = {k: v for k, v in model.options.items() if not isinstance(v, list)}
+        for combo in itertools.product(*swept.values()) if swept else [()]:
+            options = {**fixed, **dict(zip(swept, combo))}
+            for budget, wf in itertools.product(s.budgets, s.workflows or []):
+                for n_ctx in s.contexts or [round_up(wf.session_tokens)]:
+                    cases.append(Case(
+                        index=len(cases), scenario=s.name, model_label=model.label,
+                        artifact=model.artifact, runtime=model.runtime, options=options,
+                        n_ctx=n_ctx, prompt_tokens=wf.context_before_reply()[-1], gen_tokens=wf.reply_tokens,
+                        fill=None, warmup=s.warmup, repetitions=s.repetitions, timeout=s.timeout,
+                        sampler_interval_ms=s.sampler_interval_ms, budget_bytes=budget,
+                        thresholds=s.thresholds, workflow=wf,
+                    ))
+    return cases
+
+
 def _prompt_lengths(s: Scenario, n_ctx: int) -> list[tuple[float | None, int]]:
     room = n_ctx - s.gen_tokens  # the generated tokens need KV cells too
     if s.prompt_tokens is not None:
@@ -238,7 +281,18 @@ def _prompt_lengths(s: Scenario, n_ctx: int) -> list[tuple[float | None, int]]:
 
 
 def validate_cases(s: Scenario) -> None:
-    """Checks that need the expanded cases: something to run, contexts that hold the prompt."""
+    """Checks that need the expanded cases: something to run, contexts that hold the prompt
+    (or, for a workflow, the whole session)."""
+    if s.workflows is not None:
+        for i, wf in enumerate(s.workflows):
+            short = [n for n in s.contexts if n < wf.session_tokens]
+            if short:
+                where = "workflow" if len(s.workflows) == 1 else f"workflow[{i}]"
+                raise ScenarioError(s.source, where,
+                                    f"context {short[0]:,} cannot hold the {wf.label} session ({wf.session_tokens:,} "
+                                    f"tokens with every reply); use contexts of at least {wf.session_tokens:,} "
+                                    "or a shorter session")
+        return
     if s.prompt_tokens is not None:
         for n_ctx in s.contexts:
             if not _prompt_lengths(s, n_ctx):
@@ -383,6 +437,20 @@ def _budgets(source: str, value: Any) -> list[int | None]:
             out.append(parse_size(v))
         except ValueError as exc:
             raise ScenarioError(source, f"budget[{i}]" if isinstance(value, list) else "budget", str(exc)) from None
+    return out
+
+
+def _workflows(source: str, value: Any) -> list[Workflow]:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ScenarioError(source, "workflow", "an empty list runs nothing; give {kind: chat, turns: 10, ...}")
+    out = []
+    for i, raw in enumerate(values):
+        where = f"workflow[{i}]" if isinstance(value, list) else "workflow"
+        try:
+            out.append(parse_workflow(raw))
+        except WorkflowError as exc:
+            raise ScenarioError(source, f"{where}.{exc.field}" if exc.field else where, exc.message) from None
     return out
 
 

@@ -27,13 +27,14 @@ from harness.budget import CgroupBudget, create_budget, drop_cached_pages
 from harness.child import EXIT_GRACE_S, WorkerProcess
 from harness.energy import interpolate
 from harness.estimate import EstimateError, estimate
-from harness.fit import classify
+from harness.fit import classify, judge_sessions
 from harness.machine import Machine
 from harness.metrics import timing
 from harness.qualityref import ReferenceResult, prepare_reference
 from harness.results import SCHEMA_VERSION, ResultWriter
 from harness.sampler import Sampler, Timeline
 from harness.scenario import Case
+from harness.session import failing_turn, turn_rows
 from runners.base import MEMORY_STATS_KEYS, get_runner_class
 
 POLL_S = 0.1  # how often the parent wakes while waiting (it blocks, it never spins)
@@ -187,6 +188,8 @@ def run_case(
         "runtime": case.runtime, "artifact": str(case.artifact), "options": case.options,
         "n_ctx": case.n_ctx, "prompt_tokens": case.prompt_tokens, "gen_tokens": case.gen_tokens,
         "warmup": case.warmup, "repetitions": case.repetitions, "quality": quality,
+        "workflow": ({"new_tokens": case.workflow.new_tokens(), "reply_tokens": case.workflow.reply_tokens,
+                      "reuse_cache": case.workflow.reuse_cache} if case.workflow else None),
     }
     budget = None
     if case.budget_bytes is not None:
@@ -201,7 +204,7 @@ def run_case(
     progress = Progress()
     watch = Watchdog(case, artifact.size_bytes, machine.ram_bytes, budget is not None)
 
-    events: dict[str, Any] = {"reps": []}
+    events: dict[str, Any] = {"reps": [], "turns": []}
     status, error = "ok", None
     deadline = t_spawn + case.timeout
     interrupted = False
@@ -245,6 +248,9 @@ def run_case(
                 progress.phase = "quality"
                 deadline = time.perf_counter() + case.timeout  # the probe gets its own allowance
                 sampler.read_vmhwm()  # the case's peak, before the probe's own arrays
+            elif kind == "turn":
+                events["turns"].append(payload)
+                progress.extra["turn"] = payload["turn"]
             elif kind in ("done", "error"):
                 if kind == "error":
                     status, error = payload["status"], payload["error"]
@@ -364,6 +370,8 @@ def judge(rows: list[dict[str, Any]], case: Case, machine: Machine, method: str)
     for row in rows:
         verdict = classify(row, budget, case.thresholds)
         row.update(verdict.to_row(), budget_bytes=budget, budget_method=method, thresholds_json=thresholds)
+    if case.workflow is not None:
+        judge_sessions(rows)
 
 
 def _with_log_tail(status: str, error: str | None, log_path: str) -> str | None:
@@ -456,6 +464,14 @@ def _rows(case: Case, base: dict, ev: dict, tl: Timeline, status: str, error: st
         case_level.update(quality_columns(ev["quality"]))
         case_level["quality_case_key"] = case.key
         case_level["quality_peak_rss_bytes"] = _int(tl.peak("rss", t_quality, ev["quality"]["t"]))
+    if case.workflow is not None:
+        rows = turn_rows(case, case_level, ev, tl, energy_columns)
+        if status != "ok":
+            rows.append({**case_level, "repetition": None, "status": status, "error": error,
+                         "turns": case.workflow.turns, "workflow_kind": case.workflow.kind,
+                         "workflow_json": json.dumps(case.workflow.to_dict(), sort_keys=True),
+                         "fit_turn": failing_turn(case, ev)})
+        return rows
     rows = []
     for rep in ev["reps"]:
         t0, stamps = rep["t_start"], rep["stamps"]
@@ -533,7 +549,10 @@ def _phase_spans(ev: dict) -> list[tuple[float, float, str]]:
     if ev.get("warmup"):
         spans.append((ev["warmup"]["t0"], ev["warmup"]["t1"], "warmup"))
     for rep in ev.get("reps", []):
-        spans.append((rep["t_start"], rep["stamps"][-1], f"rep{rep['repetition']}"))
+        if not rep.get("session"):
+            spans.append((rep["t_start"], rep["stamps"][-1], f"rep{rep['repetition']}"))
+    for turn in ev.get("turns", []):  # workflows: one phase per turn, between the turn's marks
+        spans.append((turn["t_start"], turn["stamps"][-1], f"rep{turn['repetition']}/turn{turn['turn']}"))
     if ev.get("quality_start") and ev.get("quality"):
         spans.append((ev["quality_start"]["t"], ev["quality"]["t"], "quality"))
     return spans

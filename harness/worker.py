@@ -17,6 +17,8 @@ back on the message pipe:
   quality_start {t}                   the quality probe begins (after the repetitions)
   quality  {t, quality_* / task_* columns}
   reference {ppl, positions, ...}     (reference mode only: the top-k cache is written)
+  turn     {repetition, turn, t_start, stamps, new_tokens, processed_tokens,
+            context_tokens, kv_reuse}       one turn of a workflow session
   error    {status, error}            a failure it could catch itself
   done     {memory}                   runtime allocator figures (Runner.memory_stats),
                                      then it waits for the parent's "exit"
@@ -38,7 +40,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from harness.prompt import build_prompt
+from harness.prompt import SEED, build_prompt
 
 WARMUP_GEN_TOKENS = 4
 
@@ -124,7 +126,8 @@ def child_main(conn: Any, spec: dict[str, Any]) -> None:
             raise LoadError(f"{type(exc).__name__}: {exc}") from exc
         t1 = time.perf_counter()
         status = "runtime_error"
-        prompt = build_prompt(runner.tokenize, spec["prompt_tokens"])
+        session = session_tokens(runner.tokenize, spec["workflow"]) if spec.get("workflow") else None
+        prompt = session[0][0] if session else build_prompt(runner.tokenize, spec["prompt_tokens"])
         conn.send(["loaded", {"load_s": t1 - t0, "t0": t0, "t1": t1, "info": asdict(info),
                               "prompt_tokens": len(prompt), "rss_after_load": _rss_bytes()}])
 
@@ -146,12 +149,16 @@ def child_main(conn: Any, spec: dict[str, Any]) -> None:
                     pass
             conn.send(["warmup", {"t0": w0, "t1": time.perf_counter()}])
 
-        for rep in range(spec["repetitions"]):
+        for rep in range(spec["repetitions"] if session is None else 0):
             stamps: list[float] = []
             t_start = time.perf_counter()
             for stamp in runner.generate(prompt, spec["gen_tokens"]):
                 stamps.append(stamp)
             conn.send(["rep", {"repetition": rep, "t_start": t_start, "stamps": stamps}])
+        if session is not None:
+            for rep in range(spec["repetitions"]):
+                play_session(conn, runner, rep, *session, spec["workflow"]["reply_tokens"],
+                             spec["workflow"].get("reuse_cache", True))
         memory = runtime_memory(runner)  # before close: the allocator's peak dies with the model
         if spec.get("quality"):
             # After the timed part, so it costs the speed figures nothing; the parent
@@ -218,6 +225,47 @@ def quality_probe(runner: Any, spec: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - a runtime failing while scoring loses the probe, not the case
         return {"quality_error": f"quality probe failed: {type(exc).__name__}: {exc}",
                 "quality_text_id": q["text_id"], "quality_text_sha256": q["text_sha256"]}
+
+
+def session_tokens(tokenize: Any, plan: dict[str, Any]) -> tuple[list[list[int]], list[list[int]]]:
+    """(new tokens per turn, stand-in reply per turn) from a workflow plan, with the runner's tokenizer.
+    Each turn gets its own text (its own seed); only the first keeps the BOS."""
+    turns = [build_prompt(tokenize, n, SEED) if i == 0 else build_prompt(tokenize, n + 1, SEED + i)[1:]
+             for i, n in enumerate(plan["new_tokens"])]
+    # Replaying a history needs the replies as tokens, and generate() yields only timestamps:
+    # stand-ins of the same length cost the same to prefill.
+    replies = [build_prompt(tokenize, plan["reply_tokens"] + 1, SEED + 1000 + i)[1:] for i in range(len(turns))]
+    return turns, replies
+
+
+def play_session(conn: Any, runner: Any, rep: int, turns: list[list[int]], replies: list[list[int]],
+                 reply_tokens: int, reuse_cache: bool = True) -> None:
+    """One multi-turn session: extend() from the runtime's cache where it can, else replay the history."""
+    reuse = reuse_cache and bool(getattr(type(runner), "supports_extend", False))
+    history: list[int] = []
+    session_start = time.perf_counter()
+    for i, new in enumerate(turns):
+        t_start = time.perf_counter()
+        stamps: list[float] = []
+        if i and reuse:
+            processed = len(new) + 1  # extend() first decodes the last reply token
+            try:
+                for stamp in runner.extend(new, reply_tokens):
+                    stamps.append(stamp)
+            except NotImplementedError:
+                reuse = False  # claimed but not implemented: replay like any other runner
+                t_start, stamps = time.perf_counter(), []
+        if not (i and reuse):
+            prompt = history + new
+            processed = len(prompt)
+            for stamp in runner.generate(prompt, reply_tokens):
+                stamps.append(stamp)
+        history += new
+        conn.send(["turn", {"repetition": rep, "turn": i + 1, "t_start": t_start, "stamps": stamps,
+                            "new_tokens": len(new), "processed_tokens": processed, "context_tokens": len(history),
+                            "kv_reuse": reuse}])
+        history += replies[i]
+    conn.send(["rep", {"repetition": rep, "t_start": session_start, "stamps": [stamps[-1]], "session": True}])
 
 
 def _report(conn: Any, status: str, error: str, detail: str = "") -> None:

@@ -80,12 +80,16 @@ class Runner:
     """Base class for runners. Subclasses fill in the class variables and methods.
 
     The call order in one worker process is: ``load`` once, then ``tokenize``
-    and ``generate`` any number of times, then ``close``.
+    and ``generate`` any number of times (each ``generate`` may be followed by
+    ``extend`` calls that continue its sequence), then ``close``.
     """
 
     name: ClassVar[str]
     formats: ClassVar[set[str]]
     options: ClassVar[dict[str, Option]] = {}
+    # True when ``extend`` continues a session from the runtime's own KV/prompt cache.
+    # Without it, a workflow replays the whole history with ``generate`` (rows say kv_reuse=false).
+    supports_extend: ClassVar[bool] = False
 
     @classmethod
     def available(cls) -> Availability:
@@ -129,6 +133,7 @@ class Runner:
         accelerator when a model is split). Called before ``close``; a runtime
         that exposes nothing returns {} and the columns stay null."""
         return {}
+
     # Quality probe (optional; the harness calls these only where a runner overrides them).
     def logits(self, tokens: list[int]) -> Any:
         """From an empty cache, evaluate ``tokens`` and return float32 raw logits as a
@@ -143,6 +148,13 @@ class Runner:
 
     def detokenize(self, tokens: list[int]) -> str:
         """Token ids -> text, special (control) tokens rendered as nothing."""
+        raise NotImplementedError
+
+    def extend(self, new_tokens: list[int], max_new_tokens: int) -> Iterator[float]:
+        """Continue the sequence left by the previous ``generate``/``extend`` without clearing
+        the cache: first feed the last token sampled (which ``generate`` never decoded), then
+        ``new_tokens``, then yield a ``time.perf_counter()`` timestamp per new token exactly as
+        ``generate`` does. Runners that implement it set ``supports_extend = True``."""
         raise NotImplementedError
 
     def close(self) -> None:

@@ -6,6 +6,10 @@ is the low-level greedy loop llama-bench uses: the prompt decoded in
 generated token. ``Llama.generate`` is avoided on purpose: it keeps the
 matching prompt prefix between calls (so repeated prefills barely prefill)
 and adds Python work per token.
+
+``extend`` continues a session from the same KV cache (a multi-turn
+workflow): only the new tokens are decoded, as a chat server with a prompt
+cache would do.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def default_threads() -> int:
 class LlamaCppRunner(Runner):
     name = "llama.cpp"
     formats = {"gguf"}
+    supports_extend = True  # the low-level loop keeps its KV cache between calls
     options = {
         "n_threads": Option(int, None, "threads for generation (default: physical cores)"),
         "n_threads_batch": Option(int, None, "threads for prompt processing (default: n_threads)"),
@@ -59,6 +64,9 @@ class LlamaCppRunner(Runner):
         self._llama: Any = None
         self._sampler: Any = None
         self._n_batch = 512
+        self._n_past = 0  # tokens in the KV cache
+        self._last: int | None = None  # sampled by the last call, not decoded yet: what extend() feeds first
+        self.generated: list[int] = []  # token ids the last generate/extend sampled (for checks, not timed)
 
     @classmethod
     def available(cls) -> Availability:
@@ -139,20 +147,50 @@ class LlamaCppRunner(Runner):
     def generate(self, prompt_tokens: list[int], max_new_tokens: int) -> Iterator[float]:
         import llama_cpp
 
+        # A real prefill every time: start from an empty KV cache.
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._llama.ctx), True)
+        self._n_past, self._last = 0, None
+        return self._run(llama_cpp, list(prompt_tokens), max_new_tokens)
+
+    def extend(self, new_tokens: list[int], max_new_tokens: int) -> Iterator[float]:
+        import llama_cpp
+
+        if self._last is None:
+            raise RunnerError("extend() continues a generate() that finished; call generate() first")
+        # The last sampled token was never decoded (generate stops after sampling it): it goes first.
+        return self._run(llama_cpp, [self._last, *new_tokens], max_new_tokens)
+
+    def _run(self, llama_cpp: Any, feed: list[int], max_new_tokens: int) -> Iterator[float]:
+        """Decode ``feed`` after what the KV cache holds, then sample greedily, one decode per token."""
         ctx = self._llama.ctx
-        self._prefill(llama_cpp, ctx, prompt_tokens)
+        n_ctx = int(llama_cpp.llama_n_ctx(ctx))
+        need = self._n_past + len(feed) + max_new_tokens - 1
+        if need > n_ctx:
+            raise RunnerError(f"context full: the session needs {need:,} KV cells, n_ctx is {n_ctx:,}")
+        self.generated = []
+        self._last = None  # a failed or abandoned call leaves nothing to extend
+        tokens = (llama_cpp.llama_token * len(feed))(*feed)
+        for start in range(0, len(feed), self._n_batch):
+            n = min(self._n_batch, len(feed) - start)
+            chunk = (llama_cpp.llama_token * n).from_buffer(tokens, start * ctypes.sizeof(llama_cpp.llama_token))
+            self._decode(llama_cpp, ctx, chunk, n)
+            self._n_past += n
         one = (llama_cpp.llama_token * 1)()
         for i in range(max_new_tokens):
             # Greedy pick from the last logits; EOS is not a stop: the case asks
             # for exactly max_new_tokens so every repetition does the same work.
             one[0] = llama_cpp.llama_sampler_sample(self._sampler, ctx, -1)
+            self.generated.append(int(one[0]))
             yield time.perf_counter()
             if i + 1 < max_new_tokens:
                 self._decode(llama_cpp, ctx, one, 1)
+                self._n_past += 1
+        self._last = int(one[0]) if max_new_tokens else None
 
     def _prefill(self, llama_cpp: Any, ctx: Any, prompt_tokens: list[int]) -> None:
         # A real prefill every time: start from an empty KV cache.
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        self._n_past, self._last = 0, None  # nothing left to extend()
         tokens = (llama_cpp.llama_token * len(prompt_tokens))(*prompt_tokens)
         for start in range(0, len(prompt_tokens), self._n_batch):
             n = min(self._n_batch, len(prompt_tokens) - start)
@@ -193,6 +231,7 @@ class LlamaCppRunner(Runner):
         n_vocab = int(self._llama.n_vocab())
         out = np.empty((len(tokens), n_vocab), dtype=np.float32)
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        self._n_past, self._last = 0, None  # nothing left to extend()
         batch = llama_cpp.llama_batch_init(self._n_batch, 0, 1)
         try:
             for start in range(0, len(tokens), self._n_batch):

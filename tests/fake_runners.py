@@ -135,6 +135,8 @@ class BrokenStatsRunner(FakeRunner):
 
     def memory_stats(self) -> dict[str, int | float | None]:
         raise RuntimeError("allocator stats unavailable")
+
+
 class LogitsRunner(FakeRunner):
     """A fake with the quality surface: characters as tokens (vocab 64), logits from a fixed
     bigram table; option ``noise`` perturbs them, like a coarser quantization would."""
@@ -163,3 +165,50 @@ class OtherTokenizerRunner(LogitsRunner):
 
     def tokenize(self, text: str) -> list[int]:
         return [(ord(c) + 1) % self.VOCAB for c in text]
+
+
+class FakeExtendRunner(FakeRunner):
+    """Keeps a pretend KV cache, so workflows continue sessions with extend().
+
+    ``turn_delays`` ("0,0,0.6") adds seconds before the first token of the
+    n-th call of a session (generate starts a session, each extend is the
+    next turn): a turn that turns slow, to test worst-turn verdicts.
+    ``fail_turn`` makes that turn fail like an allocation failure.
+    """
+
+    supports_extend = True
+    options = {
+        **FakeRunner.options,
+        "turn_delays": Option(str, "", "comma-separated extra seconds before the first token, per turn"),
+        "fail_turn": Option(int, 0, "turn (1-based) whose prefill raises MemoryError; 0 = none"),
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache: list[int] = []
+        self._turn = 0
+
+    def _prefill(self, feed: list[int]) -> None:
+        self._turn += 1
+        if self._turn == self._opts["fail_turn"]:
+            raise MemoryError("fake KV cache cannot grow")
+        delays = [float(d) for d in self._opts["turn_delays"].split(",") if d.strip()]
+        extra = delays[self._turn - 1] if self._turn <= len(delays) else 0.0
+        time.sleep(self._opts["prefill_delay"] * len(feed) + extra)
+        self.cache += feed
+
+    def _reply(self, max_new_tokens: int) -> Iterator[float]:
+        for i in range(max_new_tokens):
+            time.sleep(self._opts["token_delay"])
+            if i + 1 < max_new_tokens:
+                self.cache.append(7)  # every sampled token but the last is decoded
+            yield time.perf_counter()
+
+    def generate(self, prompt_tokens: list[int], max_new_tokens: int) -> Iterator[float]:
+        self.cache, self._turn = [], 0
+        self._prefill(list(prompt_tokens))
+        yield from self._reply(max_new_tokens)
+
+    def extend(self, new_tokens: list[int], max_new_tokens: int) -> Iterator[float]:
+        self._prefill([7, *new_tokens])  # the last sampled token first
+        yield from self._reply(max_new_tokens)

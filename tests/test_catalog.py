@@ -110,3 +110,18 @@ def test_missing_catalog_is_empty(tmp_path: Path):
     save_catalog(cat)
     data = yaml.safe_load((tmp_path / "none.yaml").read_text())
     assert data["catalog_version"] == 1 and len(data["fits"]) == 1
+
+
+def test_a_workflow_is_its_own_fit_and_its_turn_rows_are_skipped(tmp_path: Path):
+    cat = load_catalog(tmp_path / "catalog.yaml")
+    spec = '{"kind": "chat", "reply_tokens": 32, "turns": 10, "user_tokens": 200}'
+    session = [row(n_ctx=2048, case_key="w", workflow_json=spec, workflow_kind="chat", turn=t,
+                   fit_class="tight" if t == 8 else "fits", fit_reason="x") for t in range(1, 11)]
+    session.append(row(n_ctx=2048, case_key="w", workflow_json=spec, workflow_kind="chat", fit_class="tight",
+                       fit_reason="turn 8: only 9% left"))
+    counts = update_catalog(cat, [("a.parquet", [row(n_ctx=2048), *session])])
+    assert counts["added"] == 2  # the single-turn case and the session, not the turns
+    [wf] = [f for f in cat.fits if f.get("workflow")]
+    assert wf["fit_class"] == "tight" and wf["fit_reason"] == "turn 8: only 9% left"
+    save_catalog(cat)
+    assert len(load_catalog(tmp_path / "catalog.yaml").fits) == 2

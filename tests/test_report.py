@@ -48,12 +48,14 @@ def test_report_has_every_plot_and_the_right_numbers(results, tmp_path):
         label = g["case_label"].iloc[0]
         row = re.search(rf"<td>{re.escape(label)}</td>(.*?)</tr>", page).group(1)
         cells = re.findall(r"<td[^>]*>([^<]*)</td>", row)
-        # fit, status, TTFT, prefill, decode, peak, budget, reps
+        # fit, status, TTFT, prefill, decode, peak, budget, energy per token, reps
         assert cells[0] == g["fit_class"].iloc[0] and cells[1] == "ok"
         assert cells[2] == f"{g['ttft_s'].median():.3f}"
         assert cells[4] == f"{g['decode_tok_s'].median():.1f}"
         assert cells[5] == f"{g['peak_rss_bytes'].max() / 2**20:.0f}"
-        assert cells[7] == "3"
+        energy = g["energy_j_per_token"].median()
+        assert cells[7] == ("–" if pd.isna(energy) else f"{energy:.3f}")
+        assert cells[8] == "3"
 
 
 def test_case_choice(results, tmp_path):
