@@ -47,7 +47,7 @@ MAX_BUNDLE_FILE = 64 * 2**20  # bytes of a bundle.tar.gz read from disk
 REQUIRED_ROW = ("run_id", "case_key", "status", "machine_id", "machine_class", "runtime", "artifact_name",
                 "artifact_sha256", "artifact_size_bytes", "n_ctx")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
-MACHINE_CLASS = re.compile(r"^[a-z0-9][a-z0-9.+_-]{0,63}$")
+MACHINE_CLASS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$")
 INT64 = (-(2**63), 2**63 - 1)
 
 
