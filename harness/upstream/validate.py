@@ -112,7 +112,6 @@ def check_timelines(rows: list[dict], timeline: dict[str, list]) -> list[str]:
     for key in cases:
         if key not in by_case:
             reasons.append(f"timeline case {key[1][:16]} of run {key[0][:24]} has no result rows")
-    col = lambda name, idx: [timeline.get(name, [None] * n)[i] for i in idx]  # noqa: E731
     for (run_id, case_key), case_rows in by_case.items():
         where = f"case {case_key[:16]} of run {run_id[:24]}"
         first = case_rows[0]
@@ -123,32 +122,33 @@ def check_timelines(rows: list[dict], timeline: dict[str, list]) -> list[str]:
             continue
         if not idx:
             continue
-        ts = col("t_s", idx)
+        # this case's columns, sliced once (bundles carry thousands of samples per case)
+        ts, rss, avail, phases = ([timeline[name][i] for i in idx] if name in timeline else [None] * len(idx)
+                                  for name in ("t_s", "rss_bytes", "sys_available_bytes", "phase"))
         if any(t is None for t in ts) or any(b < a for a, b in zip(ts, ts[1:])):
             reasons.append(f"{where}: timeline times are missing or go backwards")
             continue
-        rss = [v for v in col("rss_bytes", idx) if v is not None]
-        peak = max(rss) if rss else None
+        peak = max((v for v in rss if v is not None), default=None)
         for row in case_rows:
             if row.get("peak_rss_bytes") is not None and peak is not None and \
                     abs(row["peak_rss_bytes"] - peak) > TIMELINE_TOLERANCE * peak:
                 reasons.append(f"{where}: peak_rss_bytes {_mib(row['peak_rss_bytes'])} does not match the "
                                f"timeline's peak {_mib(peak)}")
                 break
-        avail = [v for v in col("sys_available_bytes", idx) if v is not None]
-        low = min(avail) if avail else None
+        low = min((v for v in avail if v is not None), default=None)
         if low is not None and first.get("sys_available_min_bytes") is not None and \
                 abs(first["sys_available_min_bytes"] - low) > TIMELINE_TOLERANCE * max(low, 1):
             reasons.append(f"{where}: sys_available_min_bytes does not match the timeline's lowest sample")
-        phases = col("phase", idx)
+        by_phase: dict[str, list[int]] = defaultdict(list)
+        for j, p in enumerate(phases):
+            by_phase[p].append(j)
         for row in case_rows:
             if row.get("status") != "ok" or row.get("repetition") is None:
                 continue
-            rep = [j for j, p in enumerate(phases) if p == f"rep{row['repetition']}"]
+            rep = by_phase.get(f"rep{row['repetition']}")
             if not rep:
                 continue
-            rep_peak = max((rss_v for rss_v in (col("rss_bytes", idx)[j] for j in rep) if rss_v is not None),
-                           default=None)
+            rep_peak = max((rss[j] for j in rep if rss[j] is not None), default=None)
             if rep_peak is not None and row.get("rep_peak_rss_bytes") is not None and \
                     abs(row["rep_peak_rss_bytes"] - rep_peak) > TIMELINE_TOLERANCE * rep_peak:
                 reasons.append(f"{where} rep {row['repetition']}: rep_peak_rss_bytes does not match the timeline")
