@@ -569,8 +569,10 @@ def upstream() -> None:
               help="tokens one address may be issued")
 @click.option("--bundles-per-minute", type=click.FloatRange(min=0.01), default=120, show_default=True,
               help="bundles one token may submit")
+@click.option("--requests-per-minute", type=click.FloatRange(min=0.01), default=1200, show_default=True,
+              help="submissions and queries one address may make")
 def upstream_serve(db: Path, host: str, port: int, max_body_mib: float, tokens_per_minute: float,
-                   bundles_per_minute: float) -> None:
+                   bundles_per_minute: float, requests_per_minute: float) -> None:
     """Accept contribution bundles and serve aggregated community fits (GET /v1/fits) as JSON."""
     try:
         import uvicorn
@@ -582,7 +584,8 @@ def upstream_serve(db: Path, host: str, port: int, max_body_mib: float, tokens_p
     try:
         app = create_app(Config(db=db, max_body=int(max_body_mib * 2**20),
                                 token_limit=Limit(tokens_per_minute, max(1, int(tokens_per_minute // 2))),
-                                bundle_limit=Limit(bundles_per_minute, max(1, int(bundles_per_minute // 2)))))
+                                bundle_limit=Limit(bundles_per_minute, max(1, int(bundles_per_minute // 2))),
+                                request_limit=Limit(requests_per_minute, max(1, int(requests_per_minute // 2)))))
     except Exception as exc:  # sqlite3.Error, OSError: an unusable database file
         fail(f"{db}: cannot open the database: {exc}")
     console.print(f"fitbench upstream on http://{host}:{port} (database {db}); Ctrl-C stops it")

@@ -118,6 +118,10 @@ def create_app(config: Config | None = None) -> FastAPI:
             earlier = store.bundle_for_key(idem_key)
             if earlier is not None and earlier != digest:
                 raise refuse(422, "Idempotency-Key was already used for a different bundle")
+            if earlier == digest:
+                return JSONResponse(store.known(digest), status_code=200)
+        if idem_key is None and (repeat := store.known(digest)) is not None:
+            return JSONResponse(repeat, status_code=200)
         reasons = check_bundle(doc["rows"], doc["timeline"])
         if reasons:
             raise refuse(422, "implausible measurements: the bundle is refused", reasons)

@@ -92,6 +92,13 @@ class Store:
             found = self._db.execute("SELECT content_hash FROM idempotency WHERE key = ?", (key,)).fetchone()
         return found[0] if found else None
 
+    def known(self, content_hash: str) -> dict | None:
+        """The answer for a bundle already stored (a repeat skips the plausibility work), else None."""
+        with self._lock:
+            found = self._db.execute("SELECT n_rows FROM bundles WHERE content_hash = ?", (content_hash,)).fetchone()
+        return None if found is None else {"bundle": content_hash, "duplicate": True, "rows": found[0],
+                                           "new_rows": 0, "duplicate_rows": found[0]}
+
     def submit(self, doc: dict, content_hash: str, idem_key: str | None) -> dict:
         """Store a validated bundle; returns what happened. Repeats return the first answer's counts."""
         rows, timeline = doc["rows"], doc["timeline"]
