@@ -588,6 +588,14 @@ def upstream_serve(db: Path, host: str, port: int, max_body_mib: float, tokens_p
                                 request_limit=Limit(requests_per_minute, max(1, int(requests_per_minute // 2)))))
     except Exception as exc:  # sqlite3.Error, OSError: an unusable database file
         fail(f"{db}: cannot open the database: {exc}")
+    import socket
+
+    try:  # a taken port is the user's to fix: say so in one line rather than in uvicorn's log
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port or --host")
     console.print(f"fitbench upstream on http://{host}:{port} (database {db}); Ctrl-C stops it")
     uvicorn.run(app, host=host, port=port, log_level="info")
 

@@ -335,3 +335,17 @@ def _closed_port() -> int:
     from tests.upstream_helpers import free_port
 
     return free_port()
+
+
+def test_serve_refuses_a_taken_port_and_every_command_has_help(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_usage_error(fitbench("upstream", "serve", "--port", str(port), "--db", str(tmp_path / "u.sqlite")),
+                           "cannot listen", "--port")
+    for args in (("contribute",), ("upstream", "serve"), ("catalog", "pull")):
+        proc = fitbench(*args, "--help")
+        assert proc.returncode == 0 and "Usage:" in proc.stdout
