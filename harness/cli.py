@@ -496,7 +496,7 @@ def contribute_cmd(results: tuple[str, ...], url: str | None, out: Path | None, 
     upstream can check and recompute the figures. Shows what will be sent and asks first.
     """
     from harness import bundle as bundle_mod
-    from harness.contribute import ContributeError, Retry, build, get_token, parse_token, stored_token, summary, upload
+    from harness.contribute import ContributeError, Retry, build, parse_token, send, stored_token, summary
 
     paths: list[Path] = []
     try:
@@ -524,15 +524,13 @@ def contribute_cmd(results: tuple[str, ...], url: str | None, out: Path | None, 
     doc = built.doc
     try:
         known = token or (stored_token(url) if url else None)
-        if url:
-            known = get_token(url, known, retry, say)
-        if known and not doc.get("signature"):
-            doc = bundle_mod.sign(doc, *parse_token(known))
         if out:
+            if known and not doc.get("signature"):
+                doc = bundle_mod.sign(doc, *parse_token(known))
             bundle_mod.write_bundle_file(doc, out)
             console.print(f"bundle written: {out}" + ("" if known else " (unsigned: it is signed when sent)"))
         if url:
-            answer = upload(doc, url, known, retry, say)
+            answer = send(doc, url, token, retry, say)
     except ContributeError as exc:
         saved = out if out and out.exists() else _save_unsent(doc, paths[0], built.content_hash)
         fail(f"{exc}; the bundle is saved as {saved}: send it later with fitbench contribute {saved} --to URL")

@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 from harness import bundle as bundle_mod
 from harness.anonymise import Identity, Report, anonymise_row, environment_identity, leaks
 from harness.bundle import BUNDLE_VERSION, BundleError, content_hash, json_value
-from harness.results import SCHEMA_VERSION, ResultsError, read_results, timeline_path_for
+from harness.results import (RESULT_COLUMNS, SCHEMA_VERSION, TIMELINE_COLUMNS, ResultsError, read_results,
+                             timeline_path_for)
 
 TOKEN_ENV = "FITBENCH_TOKEN"
 UPSTREAM_ENV = "FITBENCH_UPSTREAM"
@@ -33,6 +34,10 @@ TOKEN_PREFIX = "fbt1"
 
 class ContributeError(Exception):
     """An expected failure (bad input, refused bundle, server unreachable): one line, exit 2."""
+
+
+class UnknownToken(ContributeError):
+    """The server does not know the token (e.g. its database was reset)."""
 
 
 @dataclass
@@ -107,12 +112,11 @@ def _read_results(path: Path, ident: Identity, report: Report) -> tuple[list[dic
     major = (table.schema.metadata or {}).get(b"fitbench.schema_version", b"").decode().split(".")[0]
     if major != SCHEMA_VERSION.split(".")[0]:
         raise ContributeError(f"{path}: schema {major}.x cannot be contributed by this fitbench")
-    local_ids = {}
     rows = []
+    known = {c.name for c in RESULT_COLUMNS}  # columns of a newer fitbench are not ours to vouch for
     for raw in table.to_pylist():
-        raw = {k: json_value(v) for k, v in raw.items()}
+        raw = {k: json_value(v) for k, v in raw.items() if k in known}
         raw["schema_version"] = SCHEMA_VERSION  # older minor files are read as the current minor
-        local_ids[raw.get("run_id")] = raw.get("machine_id")
         rows.append(anonymise_row(raw, ident, report))
     tl_path = timeline_path_for(path)
     timeline: dict[str, list] = {}
@@ -121,7 +125,7 @@ def _read_results(path: Path, ident: Identity, report: Report) -> tuple[list[dic
             tl = pq.read_table(tl_path)
         except Exception as exc:
             raise ContributeError(f"{tl_path}: unreadable timeline ({str(exc).splitlines()[0][:120]})") from None
-        for name in tl.column_names:
+        for name in [c.name for c in TIMELINE_COLUMNS if c.name in tl.column_names]:
             timeline[name] = [json_value(v) for v in tl.column(name).to_pylist()]
         n = tl.num_rows
         timeline["schema_version"] = [SCHEMA_VERSION] * n
@@ -320,9 +324,34 @@ def upload(doc: dict, url: str, token: str, retry: Retry, say: Callable[[str], N
     headers = {"content-type": "application/json", "content-encoding": "gzip",
                "idempotency-key": content_hash(signed)}
     resp = request("POST", f"{base_url(url)}/v1/bundles", retry, on_retry=say, content=body, headers=headers)
+    if resp.status_code == 401 and "did not issue" in _reason(resp):
+        raise UnknownToken(f"{base_url(url)} does not know the token {signed['token_id']}: {_reason(resp)}")
     if resp.status_code not in (200, 201):
         raise ContributeError(f"{base_url(url)} refused the bundle: HTTP {resp.status_code}: {_reason(resp)}")
     return resp.json()
+
+
+def send(doc: dict, url: str, given: str | None, retry: Retry, say: Callable[[str], None]) -> dict:
+    """Upload with the token at hand; a stored token the server no longer knows is replaced once."""
+    token = get_token(url, given, retry, say)
+    try:
+        return upload(doc, url, token, retry, say)
+    except UnknownToken:
+        if given or os.environ.get(TOKEN_ENV) or doc.get("signature"):
+            raise  # a token the user chose, or a bundle signed with it: not ours to swap
+        say("the stored token is unknown to this server; asking for a new one")
+        forget_token(url)
+        return upload(doc, url, get_token(url, None, retry, say), retry, say)
+
+
+def forget_token(url: str) -> None:
+    path = token_file()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(data, dict) and data.pop(base_url(url), None) is not None:
+        path.write_text(json.dumps(data, indent=1))
 
 
 def fetch_fits(url: str, retry: Retry, say: Callable[[str], None], **params) -> dict:

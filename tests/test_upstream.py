@@ -349,3 +349,20 @@ def test_serve_refuses_a_taken_port_and_every_command_has_help(tmp_path):
     for args in (("contribute",), ("upstream", "serve"), ("catalog", "pull")):
         proc = fitbench(*args, "--help")
         assert proc.returncode == 0 and "Usage:" in proc.stdout
+
+
+def test_cli_replaces_a_stored_token_the_server_forgot(tmp_path):
+    cfg = tmp_path / "cfg"
+    (cfg / "fitbench").mkdir(parents=True)
+    path = write_results(tmp_path)
+    with ThreadServer(create_app(Config(db=tmp_path / "u.sqlite"))) as server:
+        (cfg / "fitbench" / "token").write_text(json.dumps({server.url: "fbt1.gone.secret"}))
+        proc = fitbench("contribute", str(path), "--yes", "--to", server.url, env={"XDG_CONFIG_HOME": str(cfg)})
+        assert proc.returncode == 0, proc.stderr
+        assert "asking for a new one" in proc.stderr and "2 new row(s)" in proc.stdout
+        stored = json.loads((cfg / "fitbench" / "token").read_text())[server.url]
+        assert stored != "fbt1.gone.secret" and (cfg / "fitbench" / "token").stat().st_mode & 0o077 == 0
+        # a token given explicitly is the user's choice: refused, not swapped
+        proc = fitbench("contribute", str(path), "--yes", "--to", server.url, "--token", "fbt1.gone.secret",
+                        env={"XDG_CONFIG_HOME": str(cfg)})
+        assert_usage_error(proc, "does not know the token")
