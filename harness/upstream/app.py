@@ -109,9 +109,9 @@ def create_app(config: Config | None = None) -> FastAPI:
         secret = store.secret_for(token_id)
         if secret is None:
             raise refuse(401, "signed with a token this server did not issue; get one from POST /v1/tokens")
-        if not bundle_mod.signature_ok(doc, secret):
-            raise refuse(401, "the signature does not match the content: the bundle was altered after it was signed")
         digest = content_hash(doc)
+        if not bundle_mod.signature_ok(doc, secret, digest):
+            raise refuse(401, "the signature does not match the content: the bundle was altered after it was signed")
         if idem_key is not None:
             if len(idem_key) > 128:
                 raise refuse(400, "Idempotency-Key is longer than 128 characters")

@@ -126,7 +126,7 @@ class Store:
                     new += cur.rowcount
                 machine_of = {r["run_id"]: r["machine_id"] for r in rows}
                 for (run_id, case_key), samples in _split_timeline(timeline).items():
-                    blob = zlib.compress(json.dumps(samples).encode(), 6)
+                    blob = zlib.compress(json.dumps(samples).encode(), 1)
                     db.execute("INSERT OR IGNORE INTO timelines VALUES (?,?,?,?,?)",
                                (machine_of.get(run_id, ""), run_id, case_key, content_hash, blob))
                 db.execute("INSERT INTO bundles VALUES (?,?,?,?,?)",
@@ -169,12 +169,11 @@ class Store:
 
 def _split_timeline(timeline: dict[str, list]) -> dict[tuple, dict[str, list]]:
     n = len(timeline.get("t_s") or [])
-    out: dict[tuple, dict[str, list]] = {}
-    for i in range(n):
-        case = out.setdefault((timeline["run_id"][i], timeline["case_key"][i]), {k: [] for k in timeline})
-        for name, values in timeline.items():
-            case[name].append(values[i])
-    return out
+    cases: dict[tuple, list[int]] = defaultdict(list)
+    for i, key in enumerate(zip(timeline.get("run_id") or [], timeline.get("case_key") or [])):
+        if i < n:
+            cases[key].append(i)
+    return {key: {name: [values[i] for i in idx] for name, values in timeline.items()} for key, idx in cases.items()}
 
 
 def _spread(values: list) -> dict | None:
