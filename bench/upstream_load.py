@@ -132,6 +132,7 @@ def main() -> None:
         "lost_rows": expected_rows - stats["rows"] if stats["rows"] < expected_rows else 0,
         "duplicated_rows": stats["rows"] - expected_rows if stats["rows"] > expected_rows else 0,
         "source": source.name, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "load_average_1m_at_end": round(os.getloadavg()[0], 1),  # a shared machine's numbers need this context
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "upstream.json").write_text(json.dumps(result, indent=2) + "\n")
