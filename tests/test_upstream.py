@@ -366,3 +366,14 @@ def test_cli_replaces_a_stored_token_the_server_forgot(tmp_path):
         proc = fitbench("contribute", str(path), "--yes", "--to", server.url, "--token", "fbt1.gone.secret",
                         env={"XDG_CONFIG_HOME": str(cfg)})
         assert_usage_error(proc, "does not know the token")
+
+
+def test_dry_run_shows_what_would_be_sent_and_writes_nothing(tmp_path):
+    path = write_results(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = fitbench("contribute", str(path), "--dry-run", "--out", str(tmp_path / "b.tar.gz"), "--to", "http://x")
+    assert proc.returncode == 0, proc.stderr
+    for words in ("2 row(s) from 1 file(s)", "machine class: cpu-x86_64-24GiB", "llama.cpp 0.3.36",
+                  "paths cut to file names", "dry run: nothing written, nothing sent"):
+        assert words in proc.stdout
+    assert "/home/alice" not in proc.stdout and sorted(p.name for p in tmp_path.iterdir()) == before
