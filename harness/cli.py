@@ -303,6 +303,33 @@ def catalog_update(results: tuple[str, ...], catalog_path: Path) -> None:
                   f"(from {len(tables)} file(s)); {len(cat.artifacts)} artifact(s), {len(cat.fits)} fit(s)")
 
 
+@catalog.command("pull")
+@click.argument("url")
+@CATALOG_OPTION
+@click.option("--machine-class", help="only fits for this machine class (default: every class)")
+@click.option("--retries", type=click.IntRange(1, 20), default=4, show_default=True, help="attempts before giving up")
+def catalog_pull(url: str, catalog_path: Path, machine_class: str | None, retries: int) -> None:
+    """Merge community fits from an upstream at URL into the catalog, marked as community-measured.
+
+    Local measurements are never overwritten: community entries carry options 'community',
+    their sample and machine counts, and are replaced by the next pull.
+    """
+    from harness.community import merge_community
+    from harness.contribute import ContributeError, Retry, fetch_fits
+
+    cat = load_catalog(catalog_path)
+    try:
+        data = fetch_fits(url, Retry(attempts=retries), lambda msg: err_console.print(f"fitbench: {msg}"),
+                          machine_class=machine_class)
+    except ContributeError as exc:
+        fail(str(exc))
+    counts = merge_community(cat, data, url)
+    save_catalog(cat)
+    console.print(f"{catalog_path}: community fits from {url}: {counts['added']} added, {counts['updated']} updated, "
+                  f"{counts['unchanged']} unchanged, {counts['skipped']} malformed skipped; "
+                  f"{counts['local_alongside']} sit next to local measurements, which are kept as they are")
+
+
 @catalog.command("show")
 @CATALOG_OPTION
 @click.option("--machine-class", help="default: this machine's class; 'all' for every class")
@@ -498,6 +525,126 @@ def _prompt_label(fit: dict) -> str:
     if isinstance(wf, dict):
         text += f" ({wf.get('kind')}, {wf.get('turns') or wf.get('questions')} turns)"
     return text
+@cli.command("contribute")
+@click.argument("results", nargs=-1, required=True)
+@click.option("--to", "url", envvar="FITBENCH_UPSTREAM", metavar="URL",
+              help="upstream to send to, e.g. http://127.0.0.1:8765 (env FITBENCH_UPSTREAM)")
+@click.option("--out", "out", type=click.Path(path_type=Path), help="also write the bundle here (.tar.gz), "
+              "for offline or pull-request submission")
+@click.option("--dry-run", is_flag=True, help="show what would be sent and stop: nothing is written or sent")
+@click.option("--yes", "-y", is_flag=True, help="consent without the prompt (for scripts)")
+@click.option("--token", envvar="FITBENCH_TOKEN", help="submitter token (env FITBENCH_TOKEN; default: the one "
+              "stored for this upstream, or a new one asked from it)")
+@click.option("--retries", type=click.IntRange(1, 20), default=5, show_default=True, help="upload attempts")
+def contribute_cmd(results: tuple[str, ...], url: str | None, out: Path | None, dry_run: bool, yes: bool,
+                   token: str | None, retries: int) -> None:
+    """Send RESULTS (result files, globs, folders or saved bundles) upstream, anonymised.
+
+    Host and user names, paths and serials are stripped; machine class, a re-hashed
+    machine id, runtime versions, artifact sha256 and the raw timelines are kept so the
+    upstream can check and recompute the figures. Shows what will be sent and asks first.
+    """
+    from harness import bundle as bundle_mod
+    from harness.contribute import ContributeError, Retry, build, parse_token, send, stored_token, summary
+
+    paths: list[Path] = []
+    try:
+        for item in results:
+            paths += [Path(item)] if item.endswith(".tar.gz") else expand([item])
+        built = build(paths)
+    except (CompareError, ContributeError, bundle_mod.BundleError) as exc:
+        fail(str(exc))
+    for line in summary(built):
+        console.print(line, markup=False, highlight=False)
+    if dry_run:
+        console.print("dry run: nothing written, nothing sent")
+        return
+    if not url and not out:
+        fail("say where the bundle goes: --to URL (or set FITBENCH_UPSTREAM) and/or --out bundle.tar.gz")
+    if not yes:
+        if not sys.stdin.isatty():
+            fail("no terminal to ask for consent: read the summary above and pass --yes to send it")
+        if not click.confirm(f"send these {len(built.doc['rows'])} row(s)" + (f" to {url}" if url else "")
+                             + (f" and write {out}" if out else "") + "?", default=False):
+            err_console.print("fitbench: nothing sent")
+            sys.exit(1)
+    say = lambda msg: err_console.print(f"fitbench: {msg}")  # noqa: E731
+    retry = Retry(attempts=retries)
+    doc = built.doc
+    try:
+        known = token or (stored_token(url) if url else None)
+        if out:
+            if known and not doc.get("signature"):
+                doc = bundle_mod.sign(doc, *parse_token(known))
+            bundle_mod.write_bundle_file(doc, out)
+            console.print(f"bundle written: {out}" + ("" if known else " (unsigned: it is signed when sent)"))
+        if url:
+            answer = send(doc, url, token, retry, say)
+    except ContributeError as exc:
+        saved = out if out and out.exists() else _save_unsent(doc, paths[0], built.content_hash)
+        fail(f"{exc}; the bundle is saved as {saved}: send it later with fitbench contribute {saved} --to URL")
+    if url:
+        what = "already there (nothing added)" if answer.get("duplicate") else \
+            f"{answer.get('new_rows')} new row(s), {answer.get('duplicate_rows')} already there"
+        console.print(f"sent to {url}: bundle {built.content_hash[:16]}: {what}")
+
+
+def _save_unsent(doc: dict, near: Path, digest: str) -> Path:
+    from harness import bundle as bundle_mod
+
+    for folder in (near.parent, Path.cwd()):
+        try:
+            return bundle_mod.write_bundle_file(doc, folder / f"contribute-{digest[:12]}.tar.gz")
+        except OSError:
+            continue
+    return Path("(could not be saved: no writable folder)")
+
+
+@cli.group()
+def upstream() -> None:
+    """The reference upstream service that collects contributed measurements."""
+
+
+@upstream.command("serve")
+@click.option("--db", "db", type=click.Path(path_type=Path), default=Path("upstream.sqlite"), show_default=True,
+              help="SQLite database (created if missing)")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
+@click.option("--max-body-mib", type=click.FloatRange(min=0.01), default=16, show_default=True,
+              help="largest request body accepted")
+@click.option("--tokens-per-minute", type=click.FloatRange(min=0.01), default=10, show_default=True,
+              help="tokens one address may be issued")
+@click.option("--bundles-per-minute", type=click.FloatRange(min=0.01), default=120, show_default=True,
+              help="bundles one token may submit")
+@click.option("--requests-per-minute", type=click.FloatRange(min=0.01), default=1200, show_default=True,
+              help="submissions and queries one address may make")
+def upstream_serve(db: Path, host: str, port: int, max_body_mib: float, tokens_per_minute: float,
+                   bundles_per_minute: float, requests_per_minute: float) -> None:
+    """Accept contribution bundles and serve aggregated community fits (GET /v1/fits) as JSON."""
+    try:
+        import uvicorn
+
+        from harness.upstream.app import Config, create_app
+        from harness.upstream.ratelimit import Limit
+    except ImportError as exc:
+        fail(f"the upstream server needs its extra ({exc.name} is missing): pip install 'fitbench[upstream]'")
+    try:
+        app = create_app(Config(db=db, max_body=int(max_body_mib * 2**20),
+                                token_limit=Limit(tokens_per_minute, max(1, int(tokens_per_minute // 2))),
+                                bundle_limit=Limit(bundles_per_minute, max(1, int(bundles_per_minute // 2))),
+                                request_limit=Limit(requests_per_minute, max(1, int(requests_per_minute // 2)))))
+    except Exception as exc:  # sqlite3.Error, OSError: an unusable database file
+        fail(f"{db}: cannot open the database: {exc}")
+    import socket
+
+    try:  # a taken port is the user's to fix: say so in one line rather than in uvicorn's log
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port or --host")
+    console.print(f"fitbench upstream on http://{host}:{port} (database {db}); Ctrl-C stops it")
+    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 def _option_values(items: tuple[str, ...]) -> dict:
