@@ -709,11 +709,12 @@ def fleet_run(scenario: Path, address: str | None, machines: str | None, output_
         err_console.print(f"fitbench: interrupted; finished cases are saved; continue with: fitbench fleet run "
                           f"{sc.source} --address {address} -o {out} --resume")
         sys.exit(EXIT_INTERRUPTED)
-    if summary.not_run:
+    lost = [o for o in summary.outcomes if o.status == "lost" and o.written]
+    if summary.not_run or lost:
         reasons = sorted({why for _, why in summary.not_run})
-        err_console.print(f"fitbench: {len(summary.not_run)} case run(s) did not run ({'; '.join(reasons)}); "
-                          f"start their agents again and continue with: fitbench fleet run {sc.source} "
-                          f"--address {address} -o {out} --resume")
+        err_console.print(f"fitbench: {len(lost)} case run(s) lost with their node, {len(summary.not_run)} not run"
+                          + (f" ({'; '.join(reasons)})" if reasons else "") + "; start their agents again and "
+                          f"continue with: fitbench fleet run {sc.source} --address {address} -o {out} --resume")
         sys.exit(1)
 
 

@@ -65,8 +65,9 @@ class FleetDataset:
         return ds
 
     @classmethod
-    def resume(cls, root: Path, cases: list[Case]) -> FleetDataset:
-        """Reopen a dataset: keep each class's finished cases, drop the rest from the files now."""
+    def resume(cls, root: Path, cases: list[Case], classes: list[str]) -> FleetDataset:
+        """Reopen a dataset: keep each class's finished cases, drop the rest of ``classes`` (which will run
+        again now) from the files; the rows of classes not in this run stay as they are."""
         try:
             manifest = json.loads((root / MANIFEST).read_text())
         except (OSError, ValueError) as exc:
@@ -80,7 +81,8 @@ class FleetDataset:
         for machine_class, rows in by_class.items():
             ds.done |= {(machine_class, key) for key in done_case_keys(rows, cases)}
         for path, rows in by_file.items():
-            keep = [r for r in rows if (r.get("machine_class") or "", r.get("case_key")) in ds.done]
+            keep = [r for r in rows if (r.get("machine_class") or "", r.get("case_key")) in ds.done
+                    or (r.get("machine_class") or "") not in classes]
             writer = ResultWriter(path)
             writer.keep(keep, _kept_timeline(path, {r["case_key"] for r in keep}))
             writer.flush()

@@ -28,6 +28,7 @@ from harness.suite import ArtifactHashes, _base_row, judge
 TICK_S = 1.0  # how long one wait for finished cases blocks
 CHECK_NODES_S = 5.0  # how often the driver looks for classes that lost all their nodes
 DRAIN_S = 60.0  # after Ctrl-C, how long interrupted cases get to send their rows
+INTERRUPTED = "the run was interrupted"
 
 
 @dataclass
@@ -133,7 +134,9 @@ class FleetDriver:
         try:
             out = ray.get(ref)
         except TaskCancelledError:
-            if why_cancelled and self._was_started(p):
+            if why_cancelled == INTERRUPTED and self._was_started(p):
+                self._lost(p, "stopped by the user (Ctrl-C / SIGTERM) while the case ran", status="interrupted")
+            elif why_cancelled and why_cancelled != INTERRUPTED and self._was_started(p):
                 self._lost(p, f"the node running this case died and {why_cancelled}")
             else:
                 self.summary.not_run.append((p, why_cancelled or "cancelled"))
@@ -194,7 +197,7 @@ class FleetDriver:
     def _drain(self) -> None:
         """Ctrl-C: ask every task to stop (a running case writes an ``interrupted`` row), then collect."""
         for ref in self.pending:
-            self.cancelled.setdefault(ref, "the run was interrupted")
+            self.cancelled.setdefault(ref, INTERRUPTED)
             try:
                 self.ray.cancel(ref, force=False)
             except Exception:
@@ -205,7 +208,7 @@ class FleetDriver:
             for ref in ready:
                 self._finish(ref)
         for ref, p in list(self.pending.items()):
-            self.summary.not_run.append((p, "the run was interrupted"))
+            self.summary.not_run.append((p, INTERRUPTED))
             self.ray.cancel(ref, force=True)
         self.pending.clear()
 

@@ -70,7 +70,7 @@ def run(sc: Scenario, cases: list[Case], artifacts: dict[Path, ArtifactInfo], p:
     if previous is not None:
         lock = RunLock(previous / MANIFEST)
         with lock:
-            dataset = FleetDataset.resume(previous, cases)
+            dataset = FleetDataset.resume(previous, cases, p.classes)
             return dataset, _drive(sc, artifacts, p, dataset, dataset.manifest["run_id"], force, max_retries,
                                    lost_grace_s, on_start, on_case_end, on_tick)
     run_id = new_run_id()

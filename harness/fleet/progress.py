@@ -14,6 +14,7 @@ from typing import Any
 
 NAMESPACE = "fitbench"
 ACTOR_PREFIX = "fitbench-progress-"
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's marker resource of the head node
 
 
 class FleetProgress:
@@ -56,9 +57,11 @@ class FleetProgress:
 
 
 def start(ray: Any, run_id: str, run: dict[str, Any]) -> Any:
-    """The run's progress actor: no CPU, so it never takes a case's place."""
+    """The run's progress actor: no CPU, so it never takes a case's place, and on the head node, which
+    outlives the agents (an actor on an agent node would die with it and take the run's progress along)."""
     cls = ray.remote(num_cpus=0, max_restarts=0)(FleetProgress)
-    return cls.options(name=ACTOR_PREFIX + run_id, namespace=NAMESPACE).remote(run)
+    return cls.options(name=ACTOR_PREFIX + run_id, namespace=NAMESPACE,
+                       resources={HEAD_RESOURCE: 0.001}).remote(run)
 
 
 def running(ray: Any) -> list[Any]:
