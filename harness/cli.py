@@ -27,7 +27,7 @@ from harness.preflight import OutputError, check_output_dir, check_scenario
 from harness.results import ResultsError, ResultWriter, read_results
 from harness.scenario import ScenarioError, load_scenario, parse_contexts
 from harness.artifact import ArtifactError, inspect_artifact
-from harness.compare import CompareError, Side, compare, expand, table_rows, to_json
+from harness.compare import BY_COLUMNS, CompareError, Side, compare, cross_table, expand, split_by, table_rows, to_json
 from harness.report import ReportError, build
 from harness.catalog import DEFAULT_CATALOG, CatalogError, load_catalog, options_label, query, save_catalog, update_catalog
 from harness.estimate import EstimateError, estimate
@@ -315,7 +315,7 @@ def _fmt(value, fmt: str) -> str:
 
 @cli.command("compare")
 @click.argument("baseline")
-@click.argument("candidates", nargs=-1, required=True)
+@click.argument("candidates", nargs=-1)
 @click.option("--threshold", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="percent a significant change must exceed to count as a regression")
 @click.option("--fail-on-regression", "fail_pct", type=float, is_flag=False, flag_value=-1.0,
@@ -324,34 +324,96 @@ def _fmt(value, fmt: str) -> str:
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
               show_default=True)
 @click.option("--all", "show_all", is_flag=True, help="show every metric, not only changes beyond noise")
+@click.option("--by", "by", type=click.Choice(list(BY_COLUMNS)),
+              help="cross-machine view: split all the given results (e.g. a fleet dataset) by this column, "
+                   "show every case side by side per value, and compare each value with the first")
+@click.option("--baseline", "by_baseline", metavar="VALUE", help="with --by: the value the others are compared with")
 def compare_cmd(baseline: str, candidates: tuple[str, ...], threshold: float, fail_pct: float | None, fmt: str,
-                show_all: bool) -> None:
+                show_all: bool, by: str | None, by_baseline: str | None) -> None:
     """Compare result files: BASELINE against each CANDIDATE (files, globs or folders).
 
     Cases match on artifact, runtime, options (thread counts excepted), context, prompt and
     generation lengths and budget. Changes are tested for significance over the repetitions
     (Welch's t-test, 95%); fit-class changes are always shown.
+
+    With --by machine_class, every argument is read together (a fleet dataset folder, or the
+    results of several machines) and split into one side per machine class: "Mac vs GPU PC".
     """
+    if by is None and not candidates:
+        fail("compare needs a BASELINE and at least one CANDIDATE, or --by machine_class to compare the "
+             "machine classes inside the results (e.g. a fleet dataset)")
+    if by_baseline is not None and by is None:
+        fail("--baseline VALUE goes with --by COLUMN")
     if fail_pct == -1.0:  # given without a value
         fail_pct = threshold
     elif fail_pct is not None and fail_pct < 0:
         fail(f"--fail-on-regression takes a percentage of at least 0, got {fail_pct:g}")
     if fail_pct is not None:
         threshold = fail_pct
+    matrix = None
     try:
-        base = Side(baseline, expand([baseline]))
-        comparisons = [compare(base, Side(c, expand([c])), threshold) for c in candidates]
+        if by is not None:
+            sides = split_by(expand([baseline, *candidates]), by, by_baseline)
+            matrix = cross_table(sides)
+            comparisons = [compare(sides[0], other, threshold) for other in sides[1:]]
+        else:
+            base = Side(baseline, expand([baseline]))
+            comparisons = [compare(base, Side(c, expand([c])), threshold) for c in candidates]
     except CompareError as exc:
         fail(str(exc))
     if fmt == "json":
-        click.echo(to_json(comparisons, threshold))
+        text = to_json(comparisons, threshold)
+        if matrix is not None:  # with --by: one object, the matrix plus the pairwise comparisons
+            text = json.dumps({"by": by, "sides": matrix[0], "matrix": matrix[1],
+                               "comparisons": json.loads(text)}, indent=2, default=str)
+        click.echo(text)
     else:
+        if matrix is not None:
+            _print_matrix(by, *matrix, fmt)
         for cmp in comparisons:
             _print_comparison(cmp, fmt, show_all, threshold)
     regressions = sum(len(c.regressions(threshold)) for c in comparisons)
     if fail_pct is not None and regressions:
         err_console.print(f"fitbench: {regressions} significant regression(s) beyond {threshold:g}%")
         sys.exit(1)
+
+
+def _print_matrix(by: str, labels: list[str], rows: list[dict], fmt: str) -> None:
+    """Cases down, one column per machine class: fit class, decode tok/s, TTFT and peak memory side by side."""
+    values = [label.removeprefix(f"{by}=") for label in labels]
+
+    def cell(m: dict | None) -> str:
+        if m is None:
+            return "not measured"
+        parts = [m["fit"] or "-"]
+        if m["decode_tok_s"] is not None:
+            parts.append(f"{m['decode_tok_s']:,.1f} tok/s")
+        if m["ttft_s"] is not None:
+            parts.append(f"TTFT {m['ttft_s']:,.2f} s")
+        if m["peak_rss_bytes"] is not None:
+            parts.append(f"{mib(m['peak_rss_bytes'])} MiB")
+        return ", ".join(parts)
+
+    header = ["case", *values]
+    body = [[r["case"], *[cell(r[label]) for label in labels]] for r in rows]
+    if fmt == "csv":
+        import csv
+
+        out = csv.writer(sys.stdout)
+        out.writerow(header)
+        out.writerows(body)
+        return
+    if fmt == "markdown":
+        lines = [f"### by {by}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(b) + " |" for b in body]
+        click.echo("\n".join(lines) + "\n")
+        return
+    table = Table(title=f"by {by}: fit class, decode, TTFT, peak RSS (medians)")
+    for col in header:
+        table.add_column(col)
+    for b in body:
+        table.add_row(*b)
+    console.print(table)
 
 
 def _print_comparison(cmp, fmt: str, show_all: bool, threshold: float) -> None:
