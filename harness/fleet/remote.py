@@ -45,7 +45,7 @@ def run_case_on_node(case: Any, machine_class: str, run_id: str, force: bool, pr
     machine = replace(fingerprint(), machine_class=machine_class)
     t0 = time.perf_counter()
     _tell(progress, "case_started", node_id, hostname, machine_class, case.key, case.label, case.model_label)
-    hashes = ArtifactHashes()
+    hashes = _hashes(ArtifactHashes)
 
     def failure(status: str, error: str, info: Any | None = None) -> dict[str, Any]:
         row: dict[str, Any] = {"status": status, "error": error, "case_index": case.index, "case_key": case.key,
@@ -89,6 +89,17 @@ def run_case_on_node(case: Any, machine_class: str, run_id: str, force: bool, pr
         return failure("runtime_error", f"fitbench failed on node {hostname}: {exc!r} "
                        f"[{traceback.format_exc(limit=2).splitlines()[-1]}]", info)
     return _result(result.rows, timeline_columns(result, run_id), result.status, result.error, t0, node_id, hostname)
+
+
+_HASHES: list = []
+
+
+def _hashes(factory: Any) -> Any:
+    """One sha256 cache per Ray worker process: Ray reuses it for the next case, which then skips
+    re-reading a multi-GB artifact (the cache key has size and mtime, so a changed file is hashed again)."""
+    if not _HASHES:
+        _HASHES.append(factory())
+    return _HASHES[0]
 
 
 def _result(rows: list[dict], timeline: dict, status: str, error: str | None, t0: float, node_id: str,
