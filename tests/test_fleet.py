@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 from harness.cli import cli, main
 from harness.compare import expand, split_by
 from harness.fleet import FleetError, require_ray
-from harness.fleet.dataset import FleetDataset, latest_dataset, result_files
+from harness.fleet.dataset import FleetDataset, latest_dataset, read_dataset, result_files
 from harness.fleet.placement import choose_classes, place
 from harness.fleet.resources import (CLASS_PREFIX, RAM_MIB, RUNTIME_PREFIX, SLOT, agent_resources, case_resources,
                                      parse_nodes)
@@ -97,6 +98,7 @@ def test_dataset_is_partitioned_by_class_and_writes_each_case_once(tmp_path, cas
     assert all(pq.read_schema(f).names == RESULT_SCHEMA.names for f in files)
     assert json.loads((ds.root / "fleet.json").read_text())["run_id"] == "r1"
     assert expand([str(ds.root)]) == files  # compare and report read the folder
+    assert read_dataset(ds.root).num_rows == 4
     assert expand([str(tmp_path)]) == files
     assert [s.label for s in split_by(files, "machine_class")] == ["machine_class=a", "machine_class=b"]
 
@@ -172,3 +174,21 @@ def test_compare_by_needs_two_classes(tmp_path, cases):
     data = json.loads(ok.output)
     assert data["sides"] == ["machine_class=a", "machine_class=b"] and len(data["matrix"]) == 1
     assert data["matrix"][0]["machine_class=b"]["decode_tok_s"] == pytest.approx(10.5)
+
+
+@pytest.mark.parametrize("address, message", [("nohostport", "write it as ray://HOST:PORT"),
+                                              ("127.0.0.1:1", "cannot reach the Ray cluster at 127.0.0.1:1")])
+def test_fleet_status_bad_or_unreachable_address(monkeypatch, capsys, address, message):
+    code, err = _cli(["fleet", "status", "--address", address], monkeypatch, capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_case_child_gets_the_nodes_environment_not_rays(monkeypatch):
+    from harness.fleet.remote import node_environment
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what Ray sets in a worker for a task with num_cpus=0
+    node_environment({"PATH": "/bin"})
+    assert "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    node_environment({"OMP_NUM_THREADS": "8"})  # the user set it for the agent: keep theirs
+    assert os.environ["OMP_NUM_THREADS"] == "8"

@@ -41,6 +41,14 @@ def result_files(root: Path) -> list[Path]:
     return sorted(p for p in root.glob(f"{PARTITION}=*/*.parquet") if not p.name.endswith(".timeline.parquet"))
 
 
+def read_dataset(root: Path) -> pa.Table:
+    """All rows of a fleet dataset as one table (for scripts: ``read_dataset(p).to_pandas()``)."""
+    tables = [read_results(p) for p in result_files(root)]
+    if not tables:
+        raise ResultsError(f"{root} holds no results files yet")
+    return pa.concat_tables(tables, promote_options="default")
+
+
 def latest_dataset(output_dir: Path, scenario: str) -> Path | None:
     found = [p for p in output_dir.glob(f"{scenario}-*") if is_dataset(p)]
     return max(found, key=lambda p: (p / MANIFEST).stat().st_mtime) if found else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 from harness.fleet import FleetError, require_ray
@@ -19,6 +20,7 @@ def connect(address: str) -> Any:
     if not address:
         raise FleetError("no Ray cluster given: pass --address ray://HEAD:10001 (or auto inside the cluster), "
                          "or set RAY_ADDRESS")
+    _probe(address)
     # Quiet: the user reads fitbench's progress, not Ray's start-up chatter.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     try:
@@ -29,6 +31,24 @@ def connect(address: str) -> Any:
         raise FleetError(f"cannot join the Ray cluster at {address}: {first}; start one with "
                          "`fitbench fleet agent --head` and pass its address") from None
     return ray
+
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def _probe(address: str) -> None:
+    """Fail in seconds on an address nobody listens at: Ray itself retries a dead GCS for minutes."""
+    if address == "auto":
+        return
+    hostport = address.removeprefix("ray://").rsplit("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise FleetError(f"--address {address!r}: write it as ray://HOST:PORT, HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise FleetError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start one with "
+                         "`fitbench fleet agent --head` and pass its address") from None
 
 
 def agent_nodes(ray: Any) -> list[AgentNode]:

@@ -33,6 +33,28 @@ def resolve_artifact(path: Path) -> Path | None:
     return None
 
 
+# What Ray sets in its worker processes that a local run would not have; the case's child must see the
+# node's own environment (OMP_NUM_THREADS=1 would make a torch case single-threaded on a fleet node only).
+RAY_WORKER_ENV = ("OMP_NUM_THREADS",)
+
+
+def node_environment(parent_env: dict[str, str] | None = None) -> None:
+    """Undo Ray's worker settings in this process (its children inherit them): take the values the
+    agent's raylet (this worker's parent, started by the user) has, or remove them."""
+    if parent_env is None:
+        try:
+            import psutil
+
+            parent_env = psutil.Process(os.getppid()).environ()
+        except Exception:  # unreadable parent: dropping Ray's value is still closer to a local run
+            parent_env = {}
+    for key in RAY_WORKER_ENV:
+        if key in parent_env:
+            os.environ[key] = parent_env[key]
+        else:
+            os.environ.pop(key, None)
+
+
 def run_case_on_node(case: Any, machine_class: str, run_id: str, force: bool, progress: Any | None,
                      node_id: str) -> dict[str, Any]:
     """Run ``case`` here; returns {rows, timeline, status, error, wall_s, node_id, hostname}."""
@@ -41,6 +63,7 @@ def run_case_on_node(case: Any, machine_class: str, run_id: str, force: bool, pr
     from harness.suite import (ArtifactHashes, CaseResult, SuiteInterrupted, _base_row, judge, obviously_too_big,
                                run_case, timeline_columns)
 
+    node_environment()
     hostname = socket.gethostname()
     machine = replace(fingerprint(), machine_class=machine_class)
     t0 = time.perf_counter()
