@@ -90,6 +90,7 @@ def main() -> None:
     artifacts = check_scenario(sc)
     cases = sc.cases()
     Path("/tmp/ray").mkdir(exist_ok=True)
+    os.environ["RAY_worker_niceness"] = "0"  # as `fitbench fleet agent` starts its node
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, object_store_memory=80 << 20,
                                                                 include_dashboard=False))
     rounds = []

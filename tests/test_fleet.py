@@ -159,6 +159,10 @@ def test_agent_dry_run_prints_ray_start_with_resources(tmp_path):
     assert "ray start --address=10.0.0.1:6379" in result.output
     resources = json.loads(result.output.split("--resources=")[1].split("}")[0].strip("'") + "}")
     assert resources == agent_resources("lab-gpu", ["llama.cpp", "torch"], 8 << 30)
+    from harness.fleet.agent import plan
+
+    p = plan(False, "10.0.0.1:6379", 6379, 10001, "c", ["llama.cpp"], 1 << 30, None, 1 << 28, tmp_path, None, False)
+    assert p.env == {"RAY_worker_niceness": "0", "FITBENCH_MODELS_DIR": str(tmp_path.resolve())}
     bad = CliRunner().invoke(cli, ["fleet", "agent", "--dry-run"])
     assert "exactly one of --head" in str(bad.exception)  # main() turns it into one line and exit 2
 
@@ -187,8 +191,8 @@ def test_case_child_gets_the_nodes_environment_not_rays(monkeypatch):
     from harness.fleet.remote import node_environment
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what Ray sets in a worker for a task with num_cpus=0
-    node_environment({"PATH": "/bin"})
+    node_environment({"PATH": "/bin"}, os.getpriority(os.PRIO_PROCESS, 0))
     assert "OMP_NUM_THREADS" not in os.environ
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    node_environment({"OMP_NUM_THREADS": "8"})  # the user set it for the agent: keep theirs
+    node_environment({"OMP_NUM_THREADS": "8"}, os.getpriority(os.PRIO_PROCESS, 0))  # the user set it for the agent: keep theirs
     assert os.environ["OMP_NUM_THREADS"] == "8"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -51,6 +52,7 @@ def ray_cluster():
 
     mp = pytest.MonkeyPatch()
     # Case tasks (and their workers) find tests/fake_runners.py; nodes inherit this environment.
+    mp.setenv("RAY_worker_niceness", "0")  # as `fitbench fleet agent` starts its node
     mp.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     Path("/tmp/ray").mkdir(exist_ok=True)  # Cluster records its address there
     client_port = _free_port()
@@ -168,6 +170,24 @@ def _slow_fake_scenario(tmp_path: Path, tiny_gguf: Path) -> Path:
         "name": "fleetfake", "models": [{"artifact": str(tiny_gguf), "runtime": FAKE, "options": {"token_delay": 0.25}}],
         "contexts": [256, 512], "fill": 0.5, "gen_tokens": 40, "warmup": 0, "repetitions": 1, "timeout": 600}))
     return scenario
+
+
+def test_ctrl_c_keeps_what_finished_and_resume_completes_the_run(ray_cluster, tiny_gguf, tmp_path):
+    address = ray_cluster.address
+    scenario = _slow_fake_scenario(tmp_path, tiny_gguf)
+    out = tmp_path / "interrupted"
+    proc = _fleet_run(scenario, address, out)
+    _wait_until_running(address, "fake-a", proc)
+    proc.send_signal(signal.SIGINT)
+    code, output = _finish(proc)
+    assert code == 130 and "--resume" in output, output
+    assert {r["status"] for r in _rows(out)} <= {"ok", "interrupted"}
+    code, output = _finish(_fleet_run(scenario, address, out, "--resume"))
+    assert code == 0, output
+    rows = _rows(out)
+    keys = {r["case_key"] for r in rows}
+    assert len(keys) == 2
+    assert _outcomes(rows) == Counter({(cls, key, "ok"): 1 for cls in CLASSES for key in keys})
 
 
 def test_killed_node_is_retried_then_lost_then_resumed(ray_cluster, tiny_gguf, tmp_path):

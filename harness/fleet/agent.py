@@ -67,7 +67,8 @@ def plan(head: bool, address: str | None, port: int, client_port: int, machine_c
         cmd += [f"--temp-dir={temp_dir}"]
     if block:
         cmd += ["--block"]
-    env = {}
+    # Ray starts its workers at niceness 15; a case (the worker's child) must run at the user's priority.
+    env = {"RAY_worker_niceness": "0"}
     if models_dir is not None:
         env[MODELS_DIR_ENV] = str(models_dir.resolve())  # the node's case tasks inherit it from the raylet
     return AgentPlan(cmd, resources, env)

@@ -38,21 +38,30 @@ def resolve_artifact(path: Path) -> Path | None:
 RAY_WORKER_ENV = ("OMP_NUM_THREADS",)
 
 
-def node_environment(parent_env: dict[str, str] | None = None) -> None:
+def node_environment(parent_env: dict[str, str] | None = None, parent_nice: int | None = None) -> None:
     """Undo Ray's worker settings in this process (its children inherit them): take the values the
-    agent's raylet (this worker's parent, started by the user) has, or remove them."""
-    if parent_env is None:
+    agent's raylet (this worker's parent, started by the user) has, or remove them. Ray also runs its
+    workers at niceness 15 (``fitbench fleet agent`` sets RAY_worker_niceness=0); a case measured at a
+    lower priority than a local run would be slower for no reason of its own."""
+    if parent_env is None or parent_nice is None:
         try:
             import psutil
 
-            parent_env = psutil.Process(os.getppid()).environ()
+            parent = psutil.Process(os.getppid())
+            parent_env = parent.environ() if parent_env is None else parent_env
+            parent_nice = parent.nice() if parent_nice is None else parent_nice
         except Exception:  # unreadable parent: dropping Ray's value is still closer to a local run
-            parent_env = {}
+            parent_env = {} if parent_env is None else parent_env
     for key in RAY_WORKER_ENV:
         if key in parent_env:
             os.environ[key] = parent_env[key]
         else:
             os.environ.pop(key, None)
+    if parent_nice is not None and hasattr(os, "getpriority") and os.getpriority(os.PRIO_PROCESS, 0) > parent_nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, parent_nice)
+        except OSError:
+            pass  # raising priority needs privileges; the agent's RAY_worker_niceness=0 is the real fix
 
 
 def run_case_on_node(case: Any, machine_class: str, run_id: str, force: bool, progress: Any | None,
