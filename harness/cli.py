@@ -20,13 +20,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from harness import machine as machine_mod
+from harness.fleet import FleetError
 from harness.fit import THRESHOLD_HELP, Thresholds, case_verdict, parse_size
 from harness.metrics import summarize
 from harness.preflight import OutputError, check_output_dir, check_scenario
 from harness.results import ResultsError, ResultWriter, read_results
 from harness.scenario import ScenarioError, load_scenario, parse_contexts
 from harness.artifact import ArtifactError, inspect_artifact
-from harness.compare import CompareError, Side, compare, expand, table_rows, to_json
+from harness.compare import BY_COLUMNS, CompareError, Side, compare, cross_table, expand, split_by, table_rows, to_json
 from harness.report import ReportError, build
 from harness.catalog import DEFAULT_CATALOG, CatalogError, load_catalog, options_label, query, save_catalog, update_catalog
 from harness.estimate import EstimateError, estimate
@@ -86,26 +87,7 @@ def run(scenario: Path, output_dir: Path, repetitions: int | None, contexts: str
         gen_tokens: int | None, timeout: float | None, budget: str | None, thresholds: tuple[str, ...],
         resume: bool, force: bool) -> None:
     """Run SCENARIO (a YAML file) and write results to OUTPUT."""
-    sc = load_scenario(scenario)
-    overrides: dict = {}
-    if budget:
-        overrides["budgets"] = [_size_option("--budget", budget)]
-    if thresholds:
-        overrides["thresholds"] = _threshold_options(sc.thresholds, thresholds)
-    if repetitions:
-        overrides["repetitions"] = repetitions
-    if contexts:
-        try:
-            overrides["contexts"] = parse_contexts(contexts)
-        except ValueError as exc:
-            fail(str(exc))
-    if gen_tokens:
-        if sc.workflows:
-            fail(f"--gen-tokens: {scenario} runs a workflow, which sets its own reply_tokens; change it there")
-        overrides["gen_tokens"] = gen_tokens
-    if timeout:
-        overrides["timeout"] = timeout
-    sc = replace(sc, **overrides)
+    sc = _with_overrides(load_scenario(scenario), repetitions, contexts, gen_tokens, timeout, budget, thresholds)
     artifacts = check_scenario(sc)
     out = check_output_dir(output_dir)
     cases = sc.cases()
@@ -125,6 +107,30 @@ def run(scenario: Path, output_dir: Path, repetitions: int | None, contexts: str
         elif resume:
             console.print(f"nothing to resume in {out} for scenario {sc.name}; starting a new run")
         _run_cases(sc, todo, len(cases), artifacts, writer, run_id, force)
+
+
+def _with_overrides(sc, repetitions: int | None, contexts: str | None, gen_tokens: int | None,
+                    timeout: float | None, budget: str | None, thresholds: tuple[str, ...]):
+    """The scenario with the command line's overrides applied (shared by run and fleet run)."""
+    overrides: dict = {}
+    if budget:
+        overrides["budgets"] = [_size_option("--budget", budget)]
+    if thresholds:
+        overrides["thresholds"] = _threshold_options(sc.thresholds, thresholds)
+    if repetitions:
+        overrides["repetitions"] = repetitions
+    if contexts:
+        try:
+            overrides["contexts"] = parse_contexts(contexts)
+        except ValueError as exc:
+            fail(str(exc))
+    if gen_tokens:
+        if sc.workflows:
+            fail("--gen-tokens: this scenario runs a workflow, which sets its own reply_tokens; change it there")
+        overrides["gen_tokens"] = gen_tokens
+    if timeout:
+        overrides["timeout"] = timeout
+    return replace(sc, **overrides)
 
 
 def _run_cases(sc, cases: list, total: int, artifacts: dict, writer: ResultWriter, run_id: str, force: bool) -> None:
@@ -375,7 +381,7 @@ def _fmt(value, fmt: str) -> str:
 
 @cli.command("compare")
 @click.argument("baseline")
-@click.argument("candidates", nargs=-1, required=True)
+@click.argument("candidates", nargs=-1)
 @click.option("--threshold", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="percent a significant change must exceed to count as a regression")
 @click.option("--fail-on-regression", "fail_pct", type=float, is_flag=False, flag_value=-1.0,
@@ -384,34 +390,96 @@ def _fmt(value, fmt: str) -> str:
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json"]), default="table",
               show_default=True)
 @click.option("--all", "show_all", is_flag=True, help="show every metric, not only changes beyond noise")
+@click.option("--by", "by", type=click.Choice(list(BY_COLUMNS)),
+              help="cross-machine view: split all the given results (e.g. a fleet dataset) by this column, "
+                   "show every case side by side per value, and compare each value with the first")
+@click.option("--baseline", "by_baseline", metavar="VALUE", help="with --by: the value the others are compared with")
 def compare_cmd(baseline: str, candidates: tuple[str, ...], threshold: float, fail_pct: float | None, fmt: str,
-                show_all: bool) -> None:
+                show_all: bool, by: str | None, by_baseline: str | None) -> None:
     """Compare result files: BASELINE against each CANDIDATE (files, globs or folders).
 
     Cases match on artifact, runtime, options (thread counts excepted), context, prompt and
     generation lengths and budget. Changes are tested for significance over the repetitions
     (Welch's t-test, 95%); fit-class changes are always shown.
+
+    With --by machine_class, every argument is read together (a fleet dataset folder, or the
+    results of several machines) and split into one side per machine class: "Mac vs GPU PC".
     """
+    if by is None and not candidates:
+        fail("compare needs a BASELINE and at least one CANDIDATE, or --by machine_class to compare the "
+             "machine classes inside the results (e.g. a fleet dataset)")
+    if by_baseline is not None and by is None:
+        fail("--baseline VALUE goes with --by COLUMN")
     if fail_pct == -1.0:  # given without a value
         fail_pct = threshold
     elif fail_pct is not None and fail_pct < 0:
         fail(f"--fail-on-regression takes a percentage of at least 0, got {fail_pct:g}")
     if fail_pct is not None:
         threshold = fail_pct
+    matrix = None
     try:
-        base = Side(baseline, expand([baseline]))
-        comparisons = [compare(base, Side(c, expand([c])), threshold) for c in candidates]
+        if by is not None:
+            sides = split_by(expand([baseline, *candidates]), by, by_baseline)
+            matrix = cross_table(sides)
+            comparisons = [compare(sides[0], other, threshold) for other in sides[1:]]
+        else:
+            base = Side(baseline, expand([baseline]))
+            comparisons = [compare(base, Side(c, expand([c])), threshold) for c in candidates]
     except CompareError as exc:
         fail(str(exc))
     if fmt == "json":
-        click.echo(to_json(comparisons, threshold))
+        text = to_json(comparisons, threshold)
+        if matrix is not None:  # with --by: one object, the matrix plus the pairwise comparisons
+            text = json.dumps({"by": by, "sides": matrix[0], "matrix": matrix[1],
+                               "comparisons": json.loads(text)}, indent=2, default=str)
+        click.echo(text)
     else:
+        if matrix is not None:
+            _print_matrix(by, *matrix, fmt)
         for cmp in comparisons:
             _print_comparison(cmp, fmt, show_all, threshold)
     regressions = sum(len(c.regressions(threshold)) for c in comparisons)
     if fail_pct is not None and regressions:
         err_console.print(f"fitbench: {regressions} significant regression(s) beyond {threshold:g}%")
         sys.exit(1)
+
+
+def _print_matrix(by: str, labels: list[str], rows: list[dict], fmt: str) -> None:
+    """Cases down, one column per machine class: fit class, decode tok/s, TTFT and peak memory side by side."""
+    values = [label.removeprefix(f"{by}=") for label in labels]
+
+    def cell(m: dict | None) -> str:
+        if m is None:
+            return "not measured"
+        parts = [m["fit"] or "-"]
+        if m["decode_tok_s"] is not None:
+            parts.append(f"{m['decode_tok_s']:,.1f} tok/s")
+        if m["ttft_s"] is not None:
+            parts.append(f"TTFT {m['ttft_s']:,.2f} s")
+        if m["peak_rss_bytes"] is not None:
+            parts.append(f"{mib(m['peak_rss_bytes'])} MiB")
+        return ", ".join(parts)
+
+    header = ["case", *values]
+    body = [[r["case"], *[cell(r[label]) for label in labels]] for r in rows]
+    if fmt == "csv":
+        import csv
+
+        out = csv.writer(sys.stdout)
+        out.writerow(header)
+        out.writerows(body)
+        return
+    if fmt == "markdown":
+        lines = [f"### by {by}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(b) + " |" for b in body]
+        click.echo("\n".join(lines) + "\n")
+        return
+    table = Table(title=f"by {by}: fit class, decode, TTFT, peak RSS (medians)")
+    for col in header:
+        table.add_column(col)
+    for b in body:
+        table.add_row(*b)
+    console.print(table)
 
 
 def _print_comparison(cmp, fmt: str, show_all: bool, threshold: float) -> None:
@@ -873,6 +941,243 @@ def models_prepare_sample(models_dir: Path, only: str | None, force: bool) -> No
         console.print(f"{name}\t{path}")
 
 
+@cli.group()
+def fleet() -> None:
+    """One scenario across many machines on a Ray cluster, gathered into one dataset (needs fitbench[fleet]).
+
+    On every machine: `fitbench fleet agent` (the first with --head). Then, from anywhere:
+    `fitbench fleet run SCENARIO --address ray://HEAD:10001`, and `fitbench fleet status` to watch.
+    """
+
+
+ADDRESS_OPTION = click.option("--address", envvar="RAY_ADDRESS", show_envvar=True,
+                              help="the Ray cluster: ray://HEAD:10001, HEAD:6379, or auto inside the cluster")
+
+
+@fleet.command("run")
+@click.argument("scenario", type=click.Path(path_type=Path))
+@ADDRESS_OPTION
+@click.option("--machines", help="comma-separated machine classes to run on (default: every class with a live agent)")
+@click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("results"),
+              show_default=True, help="folder the run's dataset folder goes in")
+@click.option("--repetitions", "-r", type=click.IntRange(min=1), help="override the scenario's repetitions")
+@click.option("--contexts", "-c", help="override the scenario's contexts, e.g. 512,2048")
+@click.option("--gen-tokens", "-n", type=click.IntRange(min=2), help="override tokens generated per repetition")
+@click.option("--timeout", type=click.FloatRange(min=1), help="override seconds allowed per case")
+@click.option("--budget", help="memory the cases may use on each node, e.g. 8GiB")
+@click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE", help="override a fit threshold")
+@click.option("--resume", is_flag=True, help="continue the latest fleet run of this scenario in OUTPUT")
+@click.option("--force", is_flag=True, help="run cases even where their estimated memory is above a node's RAM")
+@click.option("--max-retries", type=click.IntRange(min=0), default=2, show_default=True,
+              help="times Ray reruns a case whose node or task process died")
+@click.option("--lost-grace", "lost_grace_s", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="seconds to wait for a machine class that lost all its nodes before giving up its cases")
+def fleet_run(scenario: Path, address: str | None, machines: str | None, output_dir: Path, repetitions: int | None,
+              contexts: str | None, gen_tokens: int | None, timeout: float | None, budget: str | None,
+              thresholds: tuple[str, ...], resume: bool, force: bool, max_retries: int, lost_grace_s: float) -> None:
+    """Run SCENARIO once per machine class of the cluster; results stream into one dataset in OUTPUT."""
+    from harness.fleet import launch
+
+    sc = _with_overrides(load_scenario(scenario), repetitions, contexts, gen_tokens, timeout, budget, thresholds)
+    artifacts = check_scenario(sc, require_runtimes=False)
+    out = check_output_dir(output_dir)
+    cases = sc.cases()
+    if not cases:
+        fail(f"{scenario}: the scenario expands to no cases; check contexts and prompt_tokens")
+    if not address:
+        fail("no Ray cluster given: pass --address ray://HEAD:10001 (or auto inside the cluster), or set RAY_ADDRESS")
+    wanted = [m.strip() for m in machines.split(",") if m.strip()] if machines else None
+    p = launch.plan(address, cases, artifacts, wanted, force)
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=True)
+    task = progress.add_task("submitting", total=None)
+    state = {"total": 0, "done": 0}
+
+    def on_start(dataset, todo, refused) -> None:
+        state["total"] = len(todo)
+        progress.update(task, total=len(todo))
+        console.print(f"[bold]fitbench fleet[/] {sc.name}: {len(todo)} case run(s) on "
+                      f"{', '.join(p.classes)} ({sum(n.alive for n in p.nodes)} node(s)); "
+                      f"{refused} refused; dataset -> {dataset.root}")
+
+    def on_case_end(o) -> None:
+        state["done"] += 1
+        progress.advance(task)
+        progress.console.print(_fleet_case_line(o, state["done"], state["total"]))
+
+    def on_tick(snapshot: dict) -> None:
+        busy = [f"{n['machine_class']}: {n['case']} · {n['phase']}" for n in snapshot.get("nodes", []) if n.get("case")]
+        progress.update(task, description="; ".join(busy)[:160] or "waiting for nodes")
+
+    try:
+        with progress:
+            dataset, summary = launch.run(sc, cases, artifacts, p, out, address, resume, force, max_retries,
+                                          lost_grace_s, on_start, on_case_end, on_tick)
+    finally:
+        p.ray.shutdown()
+    _fleet_summary(dataset, summary, p.classes)
+    if summary.interrupted:
+        err_console.print(f"fitbench: interrupted; finished cases are saved; continue with: fitbench fleet run "
+                          f"{sc.source} --address {address} -o {out} --resume")
+        sys.exit(EXIT_INTERRUPTED)
+    lost = [o for o in summary.outcomes if o.status == "lost" and o.written]
+    if summary.not_run or lost:
+        reasons = sorted({why for _, why in summary.not_run})
+        err_console.print(f"fitbench: {len(lost)} case run(s) lost with their node, {len(summary.not_run)} not run"
+                          + (f" ({'; '.join(reasons)})" if reasons else "") + "; start their agents again and "
+                          f"continue with: fitbench fleet run {sc.source} --address {address} -o {out} --resume")
+        sys.exit(1)
+
+
+def _fleet_case_line(o, done: int, total: int) -> str:
+    p = o.placement
+    where = f"{p.machine_class}" + (f" @ {o.hostname} ({o.node_id[:12]})" if o.node_id else "")
+    head = f"[{done}/{total}] {where} {p.case.model_label} {p.case.label}"
+    if not o.written:
+        return f"{head}: [yellow]duplicate result ignored[/]"
+    if o.status != "ok":
+        return f"{head}: [red]{o.status}[/] {o.error}"
+    ok_rows = [r for r in o.rows if r["status"] == "ok"]
+    dec = summarize([r["decode_tok_s"] for r in ok_rows])
+    peak = max((r.get("peak_rss_bytes") or 0) for r in ok_rows) if ok_rows else None
+    fit = case_verdict(o.rows)[0]
+    return (f"{head}: [green]ok[/] {FIT_STYLE.get(fit, '{}').format(fit)} · decode "
+            f"{dec.median if dec else float('nan'):,.1f} tok/s, peak RSS {mib(peak)} MiB, {o.wall_s or 0:.1f} s")
+
+
+def _fleet_summary(dataset, summary, classes: list[str]) -> None:
+    table = Table(title=f"fleet run {dataset.root.name}")
+    for col in ("machine class", "ok", "failed", "lost", "not run"):
+        table.add_column(col, justify="left" if col == "machine class" else "right")
+    for cls in classes:
+        mine = [o for o in summary.outcomes if o.placement.machine_class == cls and o.written]
+        table.add_row(cls, str(sum(o.status == "ok" for o in mine)),
+                      str(sum(o.status not in ("ok", "lost") for o in mine)), str(sum(o.status == "lost" for o in mine)),
+                      str(sum(p.machine_class == cls for p, _ in summary.not_run)))
+    console.print(table)
+    console.print(f"dataset: {dataset.root} (partitioned by machine_class)\n"
+                  f"compare the machines: fitbench compare {dataset.root} --by machine_class")
+
+
+@fleet.command("status")
+@ADDRESS_OPTION
+@click.option("--watch", type=click.FloatRange(min=0.5), metavar="SECONDS",
+              help="refresh every SECONDS (a live table on a terminal) until Ctrl-C")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON snapshot instead of a table")
+def fleet_status(address: str | None, watch: float | None, as_json: bool) -> None:
+    """The cluster's fitbench agents: machine class, runtimes, RAM, and each node's progress."""
+    import time
+
+    from harness.fleet import status as status_mod
+    from harness.fleet.nodes import connect
+
+    if not address:
+        fail("no Ray cluster given: pass --address ray://HEAD:10001 (or auto inside the cluster), or set RAY_ADDRESS")
+    ray = connect(address)
+    try:
+        snap = status_mod.collect(ray)
+        if as_json:
+            click.echo(json.dumps(snap, indent=2, default=str))
+            return
+        if watch and console.is_terminal:
+            from rich.live import Live
+
+            with Live(_status_table(snap, status_mod), console=console, refresh_per_second=2) as live:
+                try:
+                    while True:
+                        time.sleep(watch)
+                        live.update(_status_table(status_mod.collect(ray), status_mod))
+                except KeyboardInterrupt:
+                    return
+        while True:
+            _print_status(snap, status_mod)
+            if not watch:
+                return
+            try:
+                time.sleep(watch)
+            except KeyboardInterrupt:
+                return
+            snap = status_mod.collect(ray)
+    finally:
+        ray.shutdown()
+
+
+def _status_table(snap: dict, status_mod) -> Table:
+    rows = status_mod.rows(snap)
+    table = Table(title="fitbench fleet", caption="\n".join(status_mod.run_lines(snap)))
+    for col in ("node", "address", "state", "class", "runtimes", "RAM GiB", "done", "failed", "running"):
+        table.add_column(col, justify="right" if col in ("RAM GiB", "done", "failed") else "left")
+    for r in rows:
+        table.add_row(*[r[c] for c in ("node", "address", "state", "class", "runtimes", "RAM GiB", "done", "failed",
+                                        "running")], style=None if r["state"] == "alive" else "dim")
+    return table
+
+
+def _print_status(snap: dict, status_mod) -> None:
+    rows = status_mod.rows(snap)
+    if not rows:
+        console.print("no fitbench agent in this cluster; start one with `fitbench fleet agent --address HEAD:6379`")
+    elif console.is_terminal:
+        console.print(_status_table(snap, status_mod))
+    else:  # logs and pipes get a plain, tab-separated table
+        cols = list(rows[0])
+        click.echo("\t".join(cols))
+        for r in rows:
+            click.echo("\t".join(r[c] for c in cols))
+    for line in status_mod.run_lines(snap):
+        click.echo(line)
+
+
+@fleet.command("agent")
+@click.option("--head", is_flag=True, help="start a new cluster here (the first machine)")
+@click.option("--address", help="join the cluster whose head is at HEAD:6379")
+@click.option("--port", type=int, default=6379, show_default=True, help="with --head: the cluster port")
+@click.option("--client-port", type=int, default=10001, show_default=True,
+              help="with --head: the Ray Client port that `fleet run --address ray://HEAD:PORT` uses")
+@click.option("--machine-class", help="class to advertise (default: this machine's, see `fitbench machine`)")
+@click.option("--runtimes", help="comma-separated runtimes to offer (default: every runtime installed here)")
+@click.option("--ram", help="memory to advertise for placement, e.g. 16GiB (default: this machine's RAM)")
+@click.option("--num-cpus", type=click.IntRange(min=0), help="CPUs Ray may use here (cases take none: one slot per node)")
+@click.option("--object-store-memory", default="256MiB", show_default=True,
+              help="Ray's shared-memory store here; fitbench moves only rows through it")
+@click.option("--models-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="where this node keeps artifacts, found by file name when the scenario's path is not here")
+@click.option("--temp-dir", type=click.Path(path_type=Path, file_okay=False), help="Ray's temp dir on this node")
+@click.option("--block", is_flag=True, help="stay in the foreground until Ctrl-C (for systemd or a terminal)")
+@click.option("--dry-run", is_flag=True, help="print the `ray start` command and the resources; start nothing")
+def fleet_agent(head: bool, address: str | None, port: int, client_port: int, machine_class: str | None,
+                runtimes: str | None, ram: str | None, num_cpus: int | None, object_store_memory: str,
+                models_dir: Path | None, temp_dir: Path | None, block: bool, dry_run: bool) -> None:
+    """Make this machine a fleet node: start Ray here advertising its machine class, runtimes, RAM and one case slot."""
+    import shlex
+
+    from harness.fleet import agent
+
+    if head == bool(address):
+        fail("give exactly one of --head (start the cluster here) or --address HEAD:6379 (join it)")
+    m = machine_mod.fingerprint() if not (machine_class and ram) else None
+    offered = [r.strip() for r in runtimes.split(",") if r.strip()] if runtimes else agent.installed_runtimes()
+    if not offered:
+        fail("no runtime is installed here, so this node could run no case; install one (see `fitbench runners`) "
+             "or name them with --runtimes")
+    if models_dir is not None and not models_dir.is_dir():
+        fail(f"--models-dir {models_dir} is not a folder")
+    p = agent.plan(head, address, port, client_port, machine_class or m.machine_class, offered,
+                   _size_option("--ram", ram) if ram else m.ram_bytes, num_cpus,
+                   _size_option("--object-store-memory", object_store_memory), models_dir, temp_dir, block)
+    console.print(f"fleet agent: class {machine_class or m.machine_class}, runtimes {', '.join(offered)}, "
+                  f"resources {json.dumps(p.resources, sort_keys=True)}")
+    if dry_run:
+        click.echo(" ".join(shlex.quote(c) for c in p.command))
+        return
+    code = agent.start(p)
+    if code != 0:
+        fail(f"`ray start` failed (exit {code}); see its output above")
+    if not block:
+        console.print("agent started; stop it with `ray stop` on this machine")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
@@ -883,7 +1188,7 @@ def main() -> None:
         # click's own usage errors: keep them to one line too
         click.echo(f"fitbench: error: {exc.format_message()} (see fitbench --help)", err=True)
         sys.exit(exc.exit_code)
-    except (FitbenchError, ScenarioError, OutputError, ResultsError, CatalogError) as exc:
+    except (FitbenchError, ScenarioError, OutputError, ResultsError, CatalogError, FleetError) as exc:
         click.echo(f"fitbench: error: {exc}", err=True)
         sys.exit(EXIT_USAGE)
 

@@ -78,7 +78,9 @@ def expand(patterns: tuple[str, ...] | list[str]) -> list[Path]:
     for pattern in patterns:
         p = Path(pattern)
         if p.is_dir():
-            found = sorted(p.glob("*.parquet"))
+            # A fleet dataset (or a folder holding some) is read whole: its files sit in machine_class=*/.
+            found = sorted(p.glob("*.parquet")) + sorted(p.glob("machine_class=*/*.parquet")) \
+                + sorted(p.glob("*/machine_class=*/*.parquet"))
         elif any(c in pattern for c in "*?["):
             found = sorted(Path(f) for f in glob.glob(pattern))
         else:
@@ -106,6 +108,7 @@ class Side:
     label: str
     files: list[Path]
     info: dict[str, Any] = field(default_factory=dict)
+    where: tuple[str, str] | None = None  # (column, value): only these rows of the files, e.g. one machine class
 
 
 def _key_options_sql() -> str:
@@ -122,15 +125,21 @@ USED_COLUMNS = ("artifact_sha256", "artifact_name", "model_label", "runtime", "r
                 "status", "machine_class", "machine_id", "schema_version", "turn", "workflow_json") + tuple(m for m, *_ in METRICS)
 
 
-def _source(con: duckdb.DuckDBPyConnection, files: str) -> tuple[str, list[str]]:
+def _source(con: duckdb.DuckDBPyConnection, files: str,
+            where: tuple[str, str] | None = None) -> tuple[str, list[str]]:
     """A subquery over the files with every used column, NULL where the files lack it."""
-    scan = f"read_parquet([{files}], union_by_name = true)"
+    # hive_partitioning off: a fleet dataset's machine_class=<x> folders repeat a column the rows already hold
+    scan = f"read_parquet([{files}], union_by_name = true, hive_partitioning = false)"
     present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {scan}").fetchall()}
     # A file from before workflows has no ``turn``: every row is case-level, nothing to note.
     missing = [c for c in USED_COLUMNS if c not in present and c not in ("turn", "workflow_json")]
     types = {c.name: c.type for c in RESULT_COLUMNS}
     cols = ", ".join(c if c in present else f"CAST(NULL AS {_sql_type(types[c])}) AS {c}" for c in USED_COLUMNS)
-    return f"(SELECT {cols} FROM {scan})", missing
+    cond = ""
+    if where is not None:
+        column, value = where
+        cond = f" WHERE {column} IS NOT DISTINCT FROM '{value.replace(chr(39), chr(39) * 2)}'"
+    return f"(SELECT {cols} FROM {scan}{cond})", missing
 
 
 def _sql_type(t: Any) -> str:
@@ -143,7 +152,7 @@ def _sql_type(t: Any) -> str:
 def aggregate(con: duckdb.DuckDBPyConnection, side: Side, name: str) -> None:
     files = ", ".join(f"'{str(p).replace(chr(39), chr(39) * 2)}'" for p in side.files)
     try:
-        source, missing = _source(con, files)
+        source, missing = _source(con, files, side.where)
     except duckdb.Error as exc:
         raise CompareError(f"{side.label}: cannot read the results ({str(exc).splitlines()[0][:160]})") from None
     fit_rank = "CASE fit_class " + " ".join(f"WHEN '{c}' THEN {i}" for i, c in enumerate(ORDER)) + " END"
@@ -304,3 +313,62 @@ def to_json(cmps: list[Comparison], threshold: float) -> str:
         "notes": c.notes, "unmatched_baseline": c.unmatched_baseline, "unmatched_candidate": c.unmatched_candidate,
         "rows": c.rows, "regressions": len(c.regressions(threshold)),
     } for c in cmps], indent=2, default=str)
+
+
+# Columns a cross-machine view may split the rows by.
+BY_COLUMNS = ("machine_class", "machine_id")
+
+
+def split_by(files: list[Path], column: str, baseline: str | None = None) -> list[Side]:
+    """One Side per value of ``column`` in the files (baseline first), e.g. one per machine class of a fleet run."""
+    if column not in BY_COLUMNS:
+        raise CompareError(f"--by {column}: choose one of {', '.join(BY_COLUMNS)}")
+    con = duckdb.connect()
+    source, missing = _source(con, _file_list(files))
+    if column in missing:
+        raise CompareError(f"the results have no {column} column to split by")
+    values = [r[0] for r in con.execute(f"SELECT DISTINCT {column} FROM {source} WHERE {column} IS NOT NULL "
+                                        "ORDER BY 1").fetchall()]
+    if baseline is not None:
+        if baseline not in values:
+            raise CompareError(f"--baseline {baseline!r} is not a {column} in the results; they hold: {', '.join(values)}")
+        values = [baseline] + [v for v in values if v != baseline]
+    if len(values) < 2:
+        raise CompareError(f"the results hold one {column} ({', '.join(values) or 'none'}); "
+                           f"--by {column} needs results from at least two")
+    return [Side(f"{column}={v}", files, where=(column, v)) for v in values]
+
+
+def _file_list(files: list[Path]) -> str:
+    return ", ".join(f"'{str(p).replace(chr(39), chr(39) * 2)}'" for p in files)
+
+
+def cross_table(sides: list[Side]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The cross-machine matrix: one row per case, per side its fit class, decode tok/s, TTFT and peak memory.
+
+    Returns (side labels, rows); each row has ``case`` and, per side label, a dict of medians (or None
+    where that side did not measure the case)."""
+    con = duckdb.connect()
+    names = []
+    for i, side in enumerate(sides):
+        aggregate(con, side, f"s{i}")
+        names.append(f"s{i}")
+    keys = " UNION ".join(f"SELECT {', '.join(KEY)}, model_label, runtime AS rt, case_label FROM {n}" for n in names)
+    cases = con.execute(f"SELECT DISTINCT * FROM ({keys}) ORDER BY model_label, rt, n_ctx, prompt_tokens").fetchall()
+    cols = [d[0] for d in con.execute(f"SELECT * FROM {names[0]} LIMIT 0").description]
+    rows = []
+    for case in cases:
+        ident = dict(zip(list(KEY) + ["model_label", "rt", "case_label"], case))
+        row: dict[str, Any] = {"case": f"{ident['model_label']} {ident['rt']} {ident['case_label']}"}
+        cond = " AND ".join(f"{k} IS NOT DISTINCT FROM ?" for k in KEY)
+        for side, name in zip(sides, names):
+            found = con.execute(f"SELECT * FROM {name} WHERE {cond}", [ident[k] for k in KEY]).fetchone()
+            if found is None:
+                row[side.label] = None
+                continue
+            rec = dict(zip(cols, found))
+            fit = ORDER[rec["fit_rank"]] if rec["fit_rank"] is not None else (rec["failure_statuses"] or None)
+            row[side.label] = {"fit": fit, "decode_tok_s": rec["decode_tok_s_med"], "ttft_s": rec["ttft_s_med"],
+                               "peak_rss_bytes": rec["peak_rss_bytes_med"], "failures": rec["failures"]}
+        rows.append(row)
+    return [s.label for s in sides], rows

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, fields
 
 ORDER = ("fits", "tight", "degraded", "slow", "offload", "spill", "no_fit")
 NO_FIT_STATUSES = {"oom", "killed", "load_error"}
-NO_VERDICT_STATUSES = {"crashed", "runtime_error", "interrupted", "unavailable", "skipped"}
+NO_VERDICT_STATUSES = {"crashed", "runtime_error", "interrupted", "unavailable", "skipped", "lost"}
 
 
 THRESHOLD_HELP = {

@@ -16,7 +16,8 @@ class OutputError(Exception):
     """The output folder cannot be created or written."""
 
 
-def check_scenario(s: Scenario) -> dict[Path, ArtifactInfo]:
+def check_scenario(s: Scenario, require_runtimes: bool = True) -> dict[Path, ArtifactInfo]:
+    """``require_runtimes=False`` for a fleet driver, which runs nothing itself (its nodes must have them)."""
     validate_cases(s)
     artifacts: dict[Path, ArtifactInfo] = {}
     for i, model in enumerate(s.models):
@@ -32,8 +33,8 @@ def check_scenario(s: Scenario) -> dict[Path, ArtifactInfo]:
         if info.format not in runner.formats:
             raise ScenarioError(s.source, f"{where}.runtime",
                                 f"runtime {model.runtime!r} cannot run {info.format} artifacts (it runs {', '.join(sorted(runner.formats))})")
-        avail = runner.available()
-        if not avail.available:
+        avail = runner.available() if require_runtimes else None
+        if avail is not None and not avail.available:
             raise ScenarioError(s.source, f"{where}.runtime",
                                 f"runtime {model.runtime!r} is not available: {avail.reason}; install with: {avail.install}")
         if info.context_length:

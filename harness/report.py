@@ -47,11 +47,16 @@ class ReportError(ValueError):
 def load(paths: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     frames, timelines = [], []
     for path in paths:
-        frames.append(read_results(path).to_pandas())
+        frame = read_results(path).to_pandas()
+        frames.append(frame)
         tl = timeline_path_for(path)
         if tl.exists():
             try:
-                timelines.append(pq.read_table(tl).to_pandas())
+                timeline = pq.read_table(tl).to_pandas()
+                # A timeline has no machine column; its results file (one per fleet node) says which.
+                classes = frame["machine_class"].dropna().unique() if "machine_class" in frame else []
+                timeline["machine_class"] = classes[0] if len(classes) == 1 else None
+                timelines.append(timeline)
             except Exception:  # a damaged timeline costs its plot, not the report
                 pass
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -61,6 +66,8 @@ def load(paths: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     for col in ("turn", "energy_j_per_token"):  # files from before workflows / energy
         if col not in df.columns:
             df[col] = None
+    if df["machine_class"].nunique() > 1:  # results of several machines (a fleet run): one series per machine
+        df["series"] = df["series"] + " · " + df["machine_class"].fillna("?")
     return df, (pd.concat(timelines, ignore_index=True) if timelines else pd.DataFrame())
 
 
@@ -68,10 +75,12 @@ def per_case(df: pd.DataFrame) -> pd.DataFrame:
     """One line per case: medians over ok repetitions, worst fit class, first failure."""
     rows = []
     case_level = df[df["turn"].isna()]  # a workflow's turn rows are plotted per turn, not here
-    for (run_id, key), g in case_level.groupby(["run_id", "case_key"], sort=False):
+    for (run_id, key, machine_class), g in case_level.groupby(["run_id", "case_key", "machine_class"], sort=False,
+                                                              dropna=False):
         ok = g[g["status"] == "ok"]
         rows.append({
             "series": g["series"].iloc[0], "case_label": g["case_label"].iloc[0], "case_key": key, "run_id": run_id,
+            "machine_class": machine_class,
             "n_ctx": int(g["n_ctx"].iloc[0]), "prompt_tokens": int(g["prompt_tokens"].iloc[0]),
             "budget_mib": (g["budget_bytes"].iloc[0] / 2**20 if g["budget_method"].iloc[0] not in (None, "none")
                            else None),
@@ -313,6 +322,8 @@ def build(paths: list[Path], out: Path, png_dir: Path | None = None, case: str |
     chosen = pick_case(cases, tl, case)
     if chosen is not None:
         sel = tl[(tl["case_key"] == chosen["case_key"]) & (tl["run_id"] == chosen["run_id"])]
+        if sel["machine_class"].notna().any() and isinstance(chosen["machine_class"], str):
+            sel = sel[sel["machine_class"] == chosen["machine_class"]]  # a fleet run measured it on each class
         plots["timeline"] = plot_timeline(sel, f"Timeline: {chosen['series']} {chosen['case_label']} "
                                                f"({chosen['fit_class'] or chosen['status']})")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ SCHEMA_VERSION = "1.1"  # 1.1: budget and fit columns
 METADATA_KEY = b"fitbench.schema_version"
 
 STATUSES = ("ok", "load_error", "runtime_error", "oom", "killed", "crashed", "timeout", "stopped", "unavailable",
-            "interrupted", "skipped")
+            "interrupted", "skipped", "lost")  # lost: a fleet node died with the case and no retry was left
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,8 @@ RESULT_COLUMNS: list[Column] = _cols(
     ("os", S, "operating system and kernel"),
     ("python_version", S, "Python version of the harness"),
     ("fitbench_version", S, "fitbench version"),
+    # fleet runs (fitbench fleet run): where in the Ray cluster the case ran
+    ("fleet_node_id", S, "Ray node id of the agent that ran the case; null for local runs"),
 )
 
 TIMELINE_COLUMNS: list[Column] = _cols(

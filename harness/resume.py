@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from harness.results import ResultsError, read_results, timeline_path_for
 from harness.scenario import Case
 
-RETRY_STATUSES = {"interrupted"}
+RETRY_STATUSES = {"interrupted", "lost"}  # lost: a fleet node died with the case
 
 
 def latest_results(output_dir: Path, scenario: str) -> Path | None:
