@@ -136,7 +136,7 @@ def run_case(
     hashes = hashes or ArtifactHashes()
     started_at = datetime.now(timezone.utc)
     base = _base_row(case, artifact, machine, run_id, started_at, hashes)
-    availability = get_runner_class(case.runtime).available()
+    availability = get_runner_class(case.runtime).case_availability(case.options)
     if not availability.available:
         error = f"{availability.reason}; install with: {availability.install}"
         return CaseResult(case, "unavailable", error, [{**base, "status": "unavailable", "error": error}])
