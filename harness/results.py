@@ -154,6 +154,9 @@ RESULT_COLUMNS: list[Column] = _cols(
     ("os", S, "operating system and kernel"),
     ("python_version", S, "Python version of the harness"),
     ("fitbench_version", S, "fitbench version"),
+    # runners for onnxruntime-genai and MLX (issue #4): what the runtime reported at load beyond
+    # the fixed fields, e.g. the execution provider used, max_length, the KV cache kind
+    ("runtime_extra_json", S, "runtime-specific load facts (LoadInfo.extra), JSON"),
 )
 
 TIMELINE_COLUMNS: list[Column] = _cols(

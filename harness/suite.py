@@ -366,6 +366,7 @@ def _rows(case: Case, base: dict, ev: dict, tl: Timeline, status: str, error: st
         "n_layers_total": info.get("n_layers_total"), "n_layers_device": info.get("n_layers_device"),
         "kv_type": info.get("kv_type"), "n_threads": info.get("n_threads"),
         "n_ctx_runtime": info.get("n_ctx"), "n_ctx_meaning": info.get("n_ctx_meaning"),
+        "runtime_extra_json": json.dumps(info["extra"], sort_keys=True, default=str) if info.get("extra") else None,
         "load_s": loaded.get("load_s"), "case_wall_s": wall_s,
         "spawn_s": started["t"] - t_spawn if started else None,
         "import_s": loaded["t0"] - started["t"] if started and loaded else None,

@@ -159,6 +159,11 @@ class MlxRunner(Runner):
                 logits = self._model(token[:, None], cache=self._cache)
                 self._last = None  # fed: the cache now holds it
 
+    @property
+    def last_token(self) -> int | None:
+        """The token sampled last by generate()/extend(): what greedy decoding produced, for tests and quality checks."""
+        return self._last
+
     def _prefill(self, tokens: Any) -> Any:
         """Evaluate ``tokens`` into the cache in chunks; return the last chunk's logits (lazy)."""
         import mlx.core as mx

@@ -263,6 +263,11 @@ class OnnxGenaiRunner(Runner):
         except Exception as exc:
             raise RunnerError(f"onnxruntime-genai failed while generating: {exc}") from exc
 
+    @property
+    def last_token(self) -> int | None:
+        """The token sampled last by generate()/extend(): what greedy decoding produced, for tests and quality checks."""
+        return self._last
+
     def last_sequence(self) -> list[int]:
         """Every token of the current generator (prompt and generated), for tests and quality checks."""
         return [int(t) for t in self._generator.get_sequence(0)] if self._generator is not None else []
