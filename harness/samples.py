@@ -156,6 +156,7 @@ def prepare(models_dir: Path, only: list[str] | None = None, force: bool = False
         tmp = Path(tempfile.mkdtemp(prefix=f".{step.target}.", dir=models_dir))
         try:
             step.make(models_dir, tmp)
+            tmp.chmod(0o755)  # mkdtemp's 0700 would hide the artifact from other users
             if target.exists():
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
             tmp.rename(target)

@@ -55,5 +55,5 @@ def test_wrong_files(tmp_path: Path, content, name, words):
 def test_missing_and_folder(tmp_path):
     with pytest.raises(ArtifactError, match="not found"):
         inspect_artifact(tmp_path / "nope.gguf")
-    with pytest.raises(ArtifactError, match="is a folder"):
+    with pytest.raises(ArtifactError, match="folder without genai_config.json"):
         inspect_artifact(tmp_path)
