@@ -235,7 +235,7 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
     console.print(f"results: {writer.results_path}")
 
 
-FORMAT_RUNTIMES = {"gguf": "llama.cpp"}
+FORMAT_RUNTIMES = {"gguf": "llama.cpp", "onnx": "onnxruntime", "mlx": "mlx"}
 
 
 @cli.group()

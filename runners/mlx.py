@@ -78,7 +78,7 @@ class MlxRunner(Runner):
         devices = ["cpu"]
         if _has_gpu(mx):
             devices.insert(0, "gpu")
-        return Availability(True, lm_version, devices, notes=f"mlx {mx_version}, default device {mx.default_device()}")
+        return Availability(True, lm_version, devices, notes=f"mlx {mx_version}, default device {getattr(mx.default_device().type, 'name', mx.default_device())}")
 
     def prepare(self) -> None:
         try:
