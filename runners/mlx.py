@@ -78,7 +78,8 @@ class MlxRunner(Runner):
         devices = ["cpu"]
         if _has_gpu(mx):
             devices.insert(0, "gpu")
-        return Availability(True, lm_version, devices, notes=f"mlx {mx_version}, default device {getattr(mx.default_device().type, 'name', mx.default_device())}")
+        default = getattr(mx.default_device().type, "name", str(mx.default_device()))
+        return Availability(True, lm_version, devices, notes=f"mlx {mx_version}, default device {default}")
 
     def prepare(self) -> None:
         try:

@@ -226,15 +226,18 @@ class OnnxGenaiRunner(Runner):
         if not self._opts["past_present_share_buffer"]:
             raise RunnerError("extend() needs past_present_share_buffer: true (onnxruntime-genai cannot rewind "
                               "a growing KV cache)")
+        if self._last is None:
+            raise RunnerError("extend() needs a previous generate() that produced a token")
         generator = self._generator
-        if not self._eos_pending():
-            # The sequence ends with the token sampled last, which is not in the
-            # KV cache yet, and append_tokens would not decode it: take it off
-            # and feed it again with the new tokens. (An EOS that ended the
-            # sequence is not in it: it is just fed again.)
-            generator.rewind_to(int(generator.token_count()) - 1)
         feed = [self._last, *new_tokens]
-        self._check_room(int(generator.token_count()), len(feed), max_new_tokens)
+        # The sequence ends with the token sampled last, which is not in the KV
+        # cache yet, and append_tokens would not decode it: take it off and feed
+        # it again with the new tokens. (An EOS that ended the sequence is not
+        # in it: it is just fed again.)
+        pending = not self._eos_pending()
+        self._check_room(int(generator.token_count()) - pending, len(feed), max_new_tokens)
+        if pending:
+            generator.rewind_to(int(generator.token_count()) - 1)
         return self._run(feed, max_new_tokens)
 
     def _eos_pending(self) -> bool:

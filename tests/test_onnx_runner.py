@@ -64,6 +64,16 @@ def test_eos_is_not_a_stop(runner):
     assert int(runner.logits(history)[len(prompt) + eos].argmax()) == tokens[eos + 1]
 
 
+def test_extend_after_eos_equals_reprefilling(runner):
+    prompt = runner.tokenize("The capital of France is Paris. The capital of Italy is")
+    tokens = contract.greedy(runner, runner.generate(prompt, 20))
+    upto_eos = tokens[:tokens.index(2) + 1]
+    assert contract.greedy(runner, runner.generate(prompt, len(upto_eos))) == upto_eos  # ends on EOS
+    new = runner.tokenize(" And the capital of Spain is")
+    extended = contract.greedy(runner, runner.extend(new, 5))
+    assert extended == contract.greedy(runner, runner.generate(prompt + upto_eos + new, 5))
+
+
 def test_logits_agree_with_greedy_generation(runner):
     contract.check_logits_agree_with_greedy(runner, 100, 10, tolerance=0.1)
 
