@@ -166,15 +166,22 @@ class MlxRunner(Runner):
         return self._last
 
     def _prefill(self, tokens: Any) -> Any:
-        """Evaluate ``tokens`` into the cache in chunks; return the last chunk's logits (lazy)."""
+        """Evaluate ``tokens`` into the cache; return the logits for the last one (lazy).
+
+        As in mlx-lm's generate_step (and llama.cpp), all but the last token
+        go in ``prefill_step_size`` chunks with only the cache evaluated: MLX
+        is lazy, so the vocabulary projection of those positions (a fifth of
+        a prefill's work for this model) is never computed. The last token
+        alone then gives the logits to sample from."""
         import mlx.core as mx
 
         step = max(1, self._opts["prefill_step_size"])
-        while tokens.size > step:
-            self._model(tokens[:step][None], cache=self._cache)
+        head = tokens[:-1]
+        while head.size > 0:
+            self._model(head[:step][None], cache=self._cache)
             mx.eval([c.state for c in self._cache])
-            tokens = tokens[step:]
-        return self._model(tokens[None], cache=self._cache)
+            head = head[step:]
+        return self._model(tokens[-1:][None], cache=self._cache)
 
     # --- quality and memory hooks -----------------------------------------
 
