@@ -59,21 +59,173 @@ def inspect_artifact(path: Path) -> ArtifactInfo:
         return _inspect_gguf(path)
     if path.suffix.lower() == ".gguf":
         raise ArtifactError(f"{path} is named .gguf but is not a GGUF file (bad magic {magic!r}); re-download or re-convert it")
-    raise ArtifactError(f"{path}: unknown artifact format (expected a GGUF file)")
+    raise ArtifactError(f"{path}: unknown artifact format (expected a GGUF file, or a folder with "
+                        "genai_config.json (ONNX) or config.json and safetensors (Hugging Face / MLX))")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 of a file; of a folder artifact, over its files' relative paths and their hashes."""
+    """sha256 of a file; for a folder artifact, of every file's relative path and sha256, sorted."""
     if path.is_dir():
         digest = hashlib.sha256()
-        for member in _folder_files(path):
-            digest.update(f"{member.relative_to(path).as_posix()}\0{sha256_file(member, chunk)}\n".encode())
+        for file in folder_files(path):
+            digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file, chunk)}\n".encode())
         return digest.hexdigest()
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def folder_files(path: Path) -> list[Path]:
+    """The regular files of a folder artifact, sorted, hidden ones (.cache, .DS_Store) left out."""
+    return sorted(p for p in path.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+
+
+# --- folders: ONNX (onnxruntime-genai), MLX, Hugging Face ------------------
+
+def inspect_folder(path: Path) -> ArtifactInfo:
+    """A model folder: onnxruntime-genai (genai_config.json), MLX or Hugging Face (config.json)."""
+    files = folder_files(path)
+    size = sum(f.stat().st_size for f in files)
+    if (path / "genai_config.json").is_file():
+        return _inspect_onnx_folder(path, files, size)
+    if (path / "config.json").is_file():
+        return _inspect_safetensors_folder(path, files, size)
+    raise ArtifactError(f"{path} is a folder without genai_config.json (ONNX) or config.json (Hugging Face / MLX); "
+                        "point at a GGUF file or a converted model folder")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ArtifactError(f"{path} is not readable JSON ({exc}); re-convert the model") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} is not a JSON object; re-convert the model")
+    return data
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _inspect_onnx_folder(path: Path, files: list[Path], size: int) -> ArtifactInfo:
+    config = _read_json(path / "genai_config.json")
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    decoder = model.get("decoder") if isinstance(model.get("decoder"), dict) else {}
+    onnx_name = decoder.get("filename", "model.onnx")
+    if not isinstance(onnx_name, str) or not (path / onnx_name).is_file():
+        raise ArtifactError(f"{path}: genai_config.json names decoder {onnx_name!r}, which is not in the folder; "
+                            "re-convert the model")
+    heads = _int(decoder.get("num_attention_heads"))
+    return ArtifactInfo(
+        path=path, format="onnx", size_bytes=size,
+        architecture=model.get("type") if isinstance(model.get("type"), str) else None,
+        quant=_onnx_weight_bits(path / onnx_name),
+        n_layers=_int(decoder.get("num_hidden_layers")),
+        n_heads=heads,
+        n_kv_heads=_int(decoder.get("num_key_value_heads")) or heads,
+        embedding_length=_int(decoder.get("hidden_size")),
+        context_length=_int(model.get("context_length")),
+        head_dim=_int(decoder.get("head_size")),
+        vocab_size=_int(model.get("vocab_size")),
+        metadata={"files": len(files), "onnx": onnx_name},
+    )
+
+
+def _onnx_weight_bits(graph: Path) -> str | None:
+    """int4/int8 from the weight names onnxruntime-genai's builder gives quantized
+    MatMulNBits weights (``..._Q4``); None when the graph does not say."""
+    if graph.stat().st_size > 64 << 20:  # weights inside the graph file: don't read it all
+        return None
+    data = graph.read_bytes()
+    if b"MatMulNBits" not in data:
+        return None
+    for bits in (4, 8, 2):
+        if f".weight_Q{bits}".encode() in data:
+            return f"int{bits}"
+    return "nbits"
+
+
+def _inspect_safetensors_folder(path: Path, files: list[Path], size: int) -> ArtifactInfo:
+    config = _read_json(path / "config.json")
+    weights = [f for f in files if f.suffix == ".safetensors"]
+    if not weights:
+        raise ArtifactError(f"{path} has config.json but no .safetensors weights; re-convert or re-download the model")
+    headers = [_safetensors_header(f) for f in weights]
+    # mlx_lm.convert writes {"format": "mlx"} into every shard's metadata and a
+    # "quantization" block (bits, group_size) into config.json.
+    is_mlx = any(h.get("__metadata__", {}).get("format") == "mlx" for h in headers) or isinstance(config.get("quantization"), dict)
+    quant = None
+    mlx_q = config.get("quantization")
+    if isinstance(mlx_q, dict) and _int(mlx_q.get("bits")):
+        quant = f"q{mlx_q['bits']}"
+    elif isinstance(config.get("quantization_config"), dict):
+        qc = config["quantization_config"]
+        quant = str(qc.get("quant_method") or qc.get("bits") or "quantized")
+    else:
+        dtype = config.get("torch_dtype") or config.get("dtype")
+        quant = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}.get(dtype, dtype) if isinstance(dtype, str) else None
+    n_params = None
+    if quant is None or quant in ("bf16", "f16", "f32"):  # packed quantized tensors do not count parameters
+        n_params = 0
+        for header in headers:
+            for name, entry in header.items():
+                if name != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("shape"), list):
+                    count = 1
+                    for d in entry["shape"]:
+                        count *= d if isinstance(d, int) else 1
+                    n_params += count
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    heads = _int(text.get("num_attention_heads"))
+    hidden = _int(text.get("hidden_size"))
+    head_dim = _int(text.get("head_dim")) or (hidden // heads if hidden and heads else None)
+    return ArtifactInfo(
+        path=path, format="mlx" if is_mlx else "hf", size_bytes=size,
+        architecture=text.get("model_type") if isinstance(text.get("model_type"), str) else None,
+        quant=quant, n_params=n_params,
+        n_layers=_int(text.get("num_hidden_layers")),
+        n_heads=heads,
+        n_kv_heads=_int(text.get("num_key_value_heads")) or heads,
+        embedding_length=hidden,
+        context_length=_int(text.get("max_position_embeddings")),
+        head_dim=head_dim,
+        vocab_size=_int(text.get("vocab_size")),
+        metadata={"files": len(files), "weights": len(weights)},
+    )
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (8-byte little-endian length, then JSON), checked against its size."""
+    import json
+
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read(8)
+            if len(raw) != 8:
+                raise ArtifactError(f"{path} is truncated (no safetensors header); re-convert or re-download it")
+            n = struct.unpack("<Q", raw)[0]
+            if n > min(size - 8, 100 << 20):
+                raise ArtifactError(f"{path}: safetensors header claims {n:,} bytes, more than the file holds; it is damaged")
+            header = json.loads(fh.read(n))
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc.strerror}") from exc
+    except ValueError:
+        raise ArtifactError(f"{path}: safetensors header is not JSON; the file is damaged") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path}: safetensors header is not a JSON object; the file is damaged")
+    end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__" and isinstance(e, dict)
+               and isinstance(e.get("data_offsets"), list) and len(e["data_offsets"]) == 2
+               and isinstance(e["data_offsets"][1], int)), default=0)
+    if 8 + n + end > size:
+        raise ArtifactError(f"{path} is truncated: its tensors need {8 + n + end:,} bytes but the file has {size:,}; "
+                            "re-convert or re-download it")
+    return header
 
 
 # --- GGUF -----------------------------------------------------------------
@@ -209,114 +361,3 @@ def _inspect_gguf(path: Path) -> ArtifactInfo:
         metadata=small_meta,
     )
 
-
-# --- folders (Hugging Face checkpoints) ------------------------------------
-
-def _folder_files(path: Path) -> list[Path]:
-    """Regular files of a folder artifact, in a stable order; hidden files (caches, temp files) excluded."""
-    return sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
-
-
-def inspect_folder(path: Path) -> ArtifactInfo:
-    """A folder artifact: a Hugging Face checkpoint (config.json + safetensors) so far."""
-    if (path / "config.json").is_file() and (any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))):
-        return _inspect_hf(path)
-    raise ArtifactError(f"artifact folder {path} is not a model fitbench knows "
-                        "(a Hugging Face checkpoint needs config.json and *.safetensors)")
-
-
-_SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                            "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def _safetensors_params(path: Path) -> tuple[int, set[str]]:
-    """Parameter count and element types from a safetensors header (8-byte length + JSON), without reading tensors."""
-    import json
-
-    size = path.stat().st_size
-    with path.open("rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise ArtifactError(f"{path} is truncated (no safetensors header); re-download or re-convert it")
-        n = struct.unpack("<Q", raw)[0]
-        if n > min(size - 8, 100 << 20):
-            raise ArtifactError(f"{path}: safetensors header claims {n:,} bytes; the file is truncated or damaged")
-        try:
-            header = json.loads(fh.read(n))
-        except ValueError:
-            raise ArtifactError(f"{path}: safetensors header is not valid JSON; the file is damaged") from None
-    if not isinstance(header, dict):
-        raise ArtifactError(f"{path}: safetensors header is not a JSON object; the file is damaged")
-    params, dtypes, data_end = 0, set(), 0
-    for name, t in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            shape, offsets = t["shape"], t["data_offsets"]
-            count = 1
-            for d in shape:
-                if not isinstance(d, int) or isinstance(d, bool) or d < 0:
-                    raise ValueError(d)
-                count *= d
-            end = offsets[1]
-            if not isinstance(end, int) or isinstance(end, bool) or end < 0:
-                raise ValueError(end)
-        except (TypeError, KeyError, IndexError, ValueError):
-            raise ArtifactError(f"{path}: tensor {str(name)[:60]!r} has a malformed safetensors entry; the file is damaged") from None
-        params += count
-        dtypes.add(str(t.get("dtype"))[:16])
-        data_end = max(data_end, end)
-    if 8 + n + data_end > size:
-        raise ArtifactError(f"{path} is truncated: its tensors need {8 + n + data_end:,} bytes but the file has {size:,}")
-    return params, dtypes
-
-
-def _inspect_hf(path: Path) -> ArtifactInfo:
-    import json
-
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path}/config.json is not readable JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ArtifactError(f"{path}/config.json is not a JSON object")
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-
-    def num(*keys: str) -> int | None:
-        for k in keys:
-            v = text.get(k)
-            if isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**53:  # untrusted: sane positive sizes
-                return v
-        return None
-
-    n_params, dtypes = 0, set()
-    for shard in sorted(path.glob("*.safetensors")):
-        p, d = _safetensors_params(shard)
-        n_params += p
-        dtypes |= d
-    heads, embedding = num("num_attention_heads", "n_head"), num("hidden_size", "n_embd", "d_model")
-    head_dim = num("head_dim") or (embedding // heads if heads and embedding else None)
-    quant_cfg = config.get("quantization_config")
-    if isinstance(quant_cfg, dict):
-        quant = str(quant_cfg.get("quant_method") or "quantized")[:32]
-    else:
-        dtype = config.get("dtype") or config.get("torch_dtype")
-        quant = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(dtype if isinstance(dtype, str) else "") or (
-            "/".join(sorted(dtypes)) if dtypes else None)
-    return ArtifactInfo(
-        path=path,
-        format="hf",
-        size_bytes=sum(p.stat().st_size for p in _folder_files(path)),
-        architecture=config["model_type"][:64] if isinstance(config.get("model_type"), str) else None,
-        quant=quant,
-        n_params=n_params or None,
-        n_layers=num("num_hidden_layers", "n_layer", "num_layers"),
-        n_heads=heads,
-        n_kv_heads=num("num_key_value_heads") or heads,
-        embedding_length=embedding,
-        context_length=num("max_position_embeddings", "n_positions"),
-        head_dim=head_dim,
-        vocab_size=num("vocab_size"),
-        metadata={k: v for k, v in config.items() if isinstance(v, (str, float, bool)) or
-                  (isinstance(v, int) and abs(v) < 2**53)},
-    )

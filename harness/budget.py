@@ -105,7 +105,14 @@ def _try_make(path: Path, limit_file: str, method: str, limit_bytes: int) -> Cgr
 
 
 def drop_cached_pages(path: Path) -> None:
-    """Ask the kernel to forget the file's cached pages (so a budgeted case pays to read them)."""
+    """Ask the kernel to forget the file's cached pages (so a budgeted case pays to read them).
+    A folder artifact (ONNX, MLX, Hugging Face) drops every file in it."""
+    if path.is_dir():
+        from harness.artifact import folder_files
+
+        for file in folder_files(path):
+            drop_cached_pages(file)
+        return
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

@@ -260,7 +260,7 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
     console.print(f"results: {writer.results_path}")
 
 
-FORMAT_RUNTIMES = {"gguf": "llama.cpp", "hf": "torch"}
+FORMAT_RUNTIMES = {"gguf": "llama.cpp", "hf": "torch", "onnx": "onnxruntime", "mlx": "mlx"}
 
 
 def _workflow_option(text: str, reply_tokens: int) -> Workflow:
@@ -876,18 +876,18 @@ def runners(as_json: bool) -> None:
             avail = cls.available()
             rows.append({"runtime": name, "formats": sorted(cls.formats), "available": avail.available,
                          "version": avail.version, "devices": avail.devices, "reason": avail.reason,
-                         "install": avail.install})
+                         "install": avail.install, "notes": avail.notes})
         except Exception as exc:  # a broken third-party runner must not hide the others
             rows.append({"runtime": name, "formats": [], "available": False, "version": None, "devices": [],
-                         "reason": f"runner failed to load: {exc}", "install": None})
+                         "reason": f"runner failed to load: {exc}", "install": None, "notes": None})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     table = Table(title="fitbench runners")
-    for col in ("runtime", "formats", "available", "version", "devices", "how to install / why not"):
+    for col in ("runtime", "formats", "available", "version", "devices", "notes / how to install / why not"):
         table.add_column(col)
     for r in rows:
-        note = "" if r["available"] else f"{r['reason']}; {r['install'] or ''}".strip("; ")
+        note = (r["notes"] or "") if r["available"] else f"{r['reason']}; {r['install'] or ''}".strip("; ")
         table.add_row(r["runtime"], ",".join(r["formats"]), "[green]yes[/]" if r["available"] else "[red]no[/]",
                       r["version"] or "-", ",".join(r["devices"]) or "-", note)
     console.print(table)

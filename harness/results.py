@@ -205,6 +205,9 @@ RESULT_COLUMNS: list[Column] = _cols(
     ("fitbench_version", S, "fitbench version"),
     # fleet runs (fitbench fleet run): where in the Ray cluster the case ran
     ("fleet_node_id", S, "Ray node id of the agent that ran the case; null for local runs"),
+    # runners for onnxruntime-genai and MLX (issue #4): what the runtime reported at load beyond
+    # the fixed fields, e.g. the execution provider used, max_length, the KV cache kind
+    ("runtime_extra_json", S, "runtime-specific load facts (LoadInfo.extra), JSON"),
 )
 
 TIMELINE_COLUMNS: list[Column] = _cols(

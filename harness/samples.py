@@ -9,6 +9,12 @@ trust. A step whose target exists is skipped (idempotent, cached).
 Steps (later ones build on earlier ones):
   hf    GGUF -> Hugging Face safetensors (bf16), via transformers' GGUF loader
         (torch runner; also the source for the ONNX and MLX conversions)
+  onnx  hf -> ONNX int4 for onnxruntime-genai's CPU provider, via its model builder
+  mlx   hf -> MLX 4-bit (group size 64), via mlx_lm.convert
+
+The ONNX and MLX converters run as child processes with the Hugging Face hub
+switched off (HF_HUB_OFFLINE=1): they read only the local folder, and a
+converter that tried the network fails instead of downloading.
 
 The converters are imported only inside the steps: the harness never imports
 a runtime at module import time.
@@ -16,7 +22,10 @@ a runtime at module import time.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +33,9 @@ from typing import Callable
 
 SAMPLE_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HF_DIR = "SmolLM2-135M-Instruct-hf"
+ONNX_DIR = "SmolLM2-135M-Instruct-onnx-int4"
+MLX_DIR = "SmolLM2-135M-Instruct-mlx-q4"
+CACHE_DIR = Path(".cache")  # converter scratch space, relative to where fitbench runs (as in the Makefile)
 
 
 class SampleError(Exception):
@@ -58,9 +70,56 @@ def _make_hf(models_dir: Path, out: Path) -> None:
     tokenizer.save_pretrained(str(out))
 
 
+def _hf_source(models_dir: Path) -> Path:
+    source = models_dir / HF_DIR
+    if not (source / "config.json").is_file():
+        raise SampleError(f"{source} is missing: make it first with `fitbench models prepare-sample --only hf`")
+    return source
+
+
+def offline_env(cache: Path) -> dict[str, str]:
+    """The environment for a converter: no hub, no telemetry, Hugging Face caches under ``cache``."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HOME=str(cache / "hf-home"))
+    return env
+
+
+def _convert(name: str, argv: list[str], cache: Path) -> None:
+    """Run a converter in a child process; its output goes to a log, its last line into the error."""
+    cache.mkdir(parents=True, exist_ok=True)
+    log = cache / f"{name}-convert.log"
+    with log.open("w") as fh:
+        rc = subprocess.run([sys.executable, *argv], stdout=fh, stderr=subprocess.STDOUT, env=offline_env(cache)).returncode
+    if rc != 0:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        raise SampleError(f"{name} conversion failed (exit {rc}): {lines[-1] if lines else 'no output'}; full log: {log}")
+
+
+def _make_onnx(models_dir: Path, out: Path) -> None:
+    source = _hf_source(models_dir)
+    cache = CACHE_DIR / "onnx-builder"
+    # int4 weights (MatMulNBits) for the CPU provider; the builder writes
+    # model.onnx, its external data, genai_config.json and the tokenizer.
+    _convert("onnx", ["-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out),
+                      "-p", "int4", "-e", "cpu", "-c", str(cache), "--extra_options", "hf_token=false"], cache)
+    shutil.rmtree(cache / "tmp", ignore_errors=True)
+
+
+def _make_mlx(models_dir: Path, out: Path) -> None:
+    source = _hf_source(models_dir)
+    out.rmdir()  # mlx_lm.convert refuses to write into an existing folder
+    _convert("mlx", ["-m", "mlx_lm", "convert", "--hf-path", str(source), "--mlx-path", str(out),
+                     "-q", "--q-bits", "4", "--q-group-size", "64"], CACHE_DIR / "mlx-convert")
+
+
 STEPS: list[SampleStep] = [
     SampleStep("hf", HF_DIR, _make_hf, ("torch", "transformers"), "pip install 'fitbench[torch]'",
                "Hugging Face safetensors (bf16) dequantized from the GGUF"),
+    SampleStep("onnx", ONNX_DIR, _make_onnx, ("onnxruntime_genai", "onnx_ir", "onnx", "torch", "transformers"),
+               "pip install 'fitbench[onnx,torch]'", "ONNX int4 for onnxruntime-genai (CPU provider), from the hf folder"),
+    SampleStep("mlx", MLX_DIR, _make_mlx, ("mlx", "mlx_lm"), "pip install 'fitbench[mlx]'",
+               "MLX 4-bit (group size 64), from the hf folder"),
 ]
 
 
@@ -97,6 +156,7 @@ def prepare(models_dir: Path, only: list[str] | None = None, force: bool = False
         tmp = Path(tempfile.mkdtemp(prefix=f".{step.target}.", dir=models_dir))
         try:
             step.make(models_dir, tmp)
+            tmp.chmod(0o755)  # mkdtemp's 0700 would hide the artifact from other users
             if target.exists():
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
             tmp.rename(target)

@@ -177,7 +177,7 @@ def run_case(
     hashes = hashes or ArtifactHashes()
     started_at = datetime.now(timezone.utc)
     base = _base_row(case, artifact, machine, run_id, started_at, hashes)
-    availability = get_runner_class(case.runtime).available()
+    availability = get_runner_class(case.runtime).case_availability(case.options)
     if not availability.available:
         error = f"{availability.reason}; install with: {availability.install}"
         return CaseResult(case, "unavailable", error, [{**base, "status": "unavailable", "error": error}])
@@ -444,6 +444,7 @@ def _rows(case: Case, base: dict, ev: dict, tl: Timeline, status: str, error: st
         "n_layers_total": info.get("n_layers_total"), "n_layers_device": info.get("n_layers_device"),
         "kv_type": info.get("kv_type"), "n_threads": info.get("n_threads"),
         "n_ctx_runtime": info.get("n_ctx"), "n_ctx_meaning": info.get("n_ctx_meaning"),
+        "runtime_extra_json": json.dumps(info["extra"], sort_keys=True, default=str) if info.get("extra") else None,
         "load_s": loaded.get("load_s"), "case_wall_s": wall_s,
         "spawn_s": started["t"] - t_spawn if started else None,
         "import_s": loaded["t0"] - started["t"] if started and loaded else None,

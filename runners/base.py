@@ -25,6 +25,8 @@ ENTRY_POINT_GROUP = "fitbench.runners"
 BUILTIN_RUNNERS = {
     "llama.cpp": "runners.llama_cpp:LlamaCppRunner",
     "torch": "runners.torch:TorchRunner",
+    "onnxruntime": "runners.onnx:OnnxGenaiRunner",
+    "mlx": "runners.mlx:MlxRunner",
 }
 
 
@@ -59,6 +61,7 @@ class Availability:
     devices: list[str] = field(default_factory=list)
     reason: str | None = None
     install: str | None = None
+    notes: str | None = None  # e.g. the execution providers present, for `fitbench runners`
 
 
 @dataclass
@@ -94,6 +97,12 @@ class Runner:
     @classmethod
     def available(cls) -> Availability:
         raise NotImplementedError
+
+    @classmethod
+    def case_availability(cls, options: dict[str, Any]) -> Availability:
+        """Whether a case with these options can run here (e.g. its execution provider
+        is present). An unavailable case becomes an ``unavailable`` row, not a crash."""
+        return cls.available()
 
     @classmethod
     def validate_options(cls, options: dict[str, Any]) -> dict[str, Any]:

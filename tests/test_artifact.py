@@ -55,7 +55,7 @@ def test_wrong_files(tmp_path: Path, content, name, words):
 def test_missing_and_folder(tmp_path):
     with pytest.raises(ArtifactError, match="not found"):
         inspect_artifact(tmp_path / "nope.gguf")
-    with pytest.raises(ArtifactError, match="is not a model fitbench knows"):
+    with pytest.raises(ArtifactError, match="folder without genai_config.json"):
         inspect_artifact(tmp_path)
 
 
@@ -91,7 +91,7 @@ def test_hugging_face_folder(tmp_path):
 
     folder = hf_folder(tmp_path)
     info = inspect_artifact(folder)
-    assert (info.format, info.architecture, info.quant) == ("hf", "llama", "BF16")
+    assert (info.format, info.architecture, info.quant) == ("hf", "llama", "bf16")
     assert info.n_params == 100 * 64 + 64 * 64
     assert (info.n_layers, info.n_heads, info.n_kv_heads, info.head_dim) == (2, 4, 2, 16)
     assert info.context_length == 1024 and info.vocab_size == 100

@@ -1,0 +1,298 @@
+"""ONNX model folders (genai_config.json) through onnxruntime-genai, with the
+execution provider chosen per case: cpu, cuda, dml (DirectML), openvino,
+qnn (NPU), coreml, webgpu.
+
+The timed path is onnxruntime-genai's own token loop: a new ``og.Generator``
+per ``generate()`` (an empty KV cache, so a real prefill), ``append_tokens``
+for the prompt (the prefill), then ``generate_next_token`` per token; its
+first call only samples from the prefill's logits, each later one decodes
+the previous token and samples. That is the llama.cpp runner's order: a
+timestamp per sampled token, and the last sampled token never decoded.
+Greedy (``do_sample=False``). EOS is not a stop: onnxruntime-genai marks the
+sequence done at EOS, so the runner appends the EOS token itself and goes on,
+which decodes it exactly as the other runners do.
+
+Configured context: ``n_ctx`` becomes the search option ``max_length`` (prompt
+plus generated tokens). With ``past_present_share_buffer`` (the default) the
+generator allocates one KV buffer of ``max_length`` tokens when it is
+created, inside the timed region of each ``generate()``; without it the KV
+tensors grow with the sequence.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Iterator
+
+from runners.base import Availability, LoadError, LoadInfo, Option, Runner, RunnerError
+
+INSTALL = "pip install 'fitbench[onnx]'"
+# fitbench's provider name -> (onnxruntime's execution provider, the name
+# onnxruntime-genai's Config.append_provider takes, the package that brings it).
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider", None, "onnxruntime-genai"),
+    "cuda": ("CUDAExecutionProvider", "cuda", "onnxruntime-genai-cuda"),
+    "dml": ("DmlExecutionProvider", "dml", "onnxruntime-genai-directml (Windows)"),
+    "openvino": ("OpenVINOExecutionProvider", "OpenVINO", "onnxruntime-openvino with onnxruntime-genai"),
+    "qnn": ("QNNExecutionProvider", "QNN", "onnxruntime-qnn with onnxruntime-genai (Snapdragon)"),
+    "coreml": ("CoreMLExecutionProvider", "CoreML", "onnxruntime-genai on macOS"),
+    "webgpu": ("WebGpuExecutionProvider", "WebGPU", "onnxruntime-genai-webgpu"),
+}
+DTYPE_NAMES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _genai_version() -> str | None:
+    # The CUDA / DirectML builds are separate distributions of the same module.
+    for dist in ("onnxruntime-genai", "onnxruntime-genai-cuda", "onnxruntime-genai-directml", "onnxruntime-genai-webgpu"):
+        if (v := _version(dist)) is not None:
+            return v
+    return None
+
+
+def ort_providers() -> list[str] | None:
+    """The execution providers the installed onnxruntime can create here (None: no onnxruntime module)."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None
+    try:
+        import onnxruntime
+
+        return list(onnxruntime.get_available_providers())
+    except Exception:
+        return None
+
+
+def present_providers() -> list[str]:
+    """fitbench provider names usable on this machine, cpu first."""
+    found = ort_providers()
+    if found is not None:
+        return [name for name, (ep, _og, _pkg) in PROVIDERS.items() if ep in found]
+    # No onnxruntime Python module beside onnxruntime-genai: ask onnxruntime-genai
+    # (its is_*_available() say what it was built for, which is a weaker answer).
+    import onnxruntime_genai as og
+
+    names = ["cpu"]
+    for name, probe in (("cuda", "is_cuda_available"), ("dml", "is_dml_available"),
+                        ("openvino", "is_openvino_available"), ("qnn", "is_qnn_available"),
+                        ("webgpu", "is_webgpu_available")):
+        try:
+            if getattr(og, probe)():
+                names.append(name)
+        except Exception:
+            pass
+    return names
+
+
+class OnnxGenaiRunner(Runner):
+    name = "onnxruntime"
+    formats = {"onnx"}
+    supports_extend: ClassVar[bool] = True
+    options = {
+        "provider": Option(str, "cpu", "execution provider", tuple(PROVIDERS)),
+        "past_present_share_buffer": Option(bool, True, "preallocate one KV buffer of max_length (= n_ctx) tokens "
+                                            "per generator instead of growing the KV tensors"),
+        "intra_op_num_threads": Option(int, None, "onnxruntime intra-op threads (default: onnxruntime's choice)"),
+    }
+
+    def __init__(self) -> None:
+        self._og: Any = None
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._n_ctx = 0
+        self._opts: dict[str, Any] = {}
+        self._eos: set[int] = set()
+        self._generator: Any = None  # kept alive after generate() so extend() can continue it
+        self._last: int | None = None  # the token sampled last
+
+    @classmethod
+    def available(cls) -> Availability:
+        if importlib.util.find_spec("onnxruntime_genai") is None:
+            return Availability(False, reason="onnxruntime-genai is not installed", install=INSTALL)
+        version = _genai_version()
+        try:
+            import onnxruntime_genai  # noqa: F401
+        except Exception as exc:  # a broken native library is "unavailable", not a crash
+            return Availability(False, version, reason=f"onnxruntime_genai does not import: {exc}", install=INSTALL)
+        eps = ort_providers()
+        ort = _version("onnxruntime") or _version("onnxruntime-gpu") or _version("onnxruntime-directml")
+        notes = f"onnxruntime {ort or '?'}; execution providers: {', '.join(eps) if eps is not None else 'unknown'}"
+        return Availability(True, version, present_providers(), notes=notes)
+
+    @classmethod
+    def case_availability(cls, options: dict[str, Any]) -> Availability:
+        avail = cls.available()
+        provider = options.get("provider") or cls.options["provider"].default
+        if not avail.available or provider in avail.devices:
+            return avail
+        ep, _og_name, package = PROVIDERS[provider]
+        return Availability(False, avail.version, avail.devices,
+                            reason=f"execution provider {provider} ({ep}) is not present here "
+                                   f"(present: {', '.join(avail.devices) or 'none'})",
+                            install=package)
+
+    def prepare(self) -> None:
+        try:
+            import onnxruntime_genai as og
+        except ImportError as exc:
+            raise LoadError(f"onnxruntime-genai is not installed: {INSTALL}") from exc
+        self._og = og
+
+    def load(self, artifact: Path, n_ctx: int, options: dict[str, Any]) -> LoadInfo:
+        og = self._og
+        opts = self.validate_options(options)
+        provider = opts["provider"]
+        if provider not in present_providers():
+            raise LoadError(f"execution provider {provider} is not present here; install {PROVIDERS[provider][2]}")
+        try:
+            config = og.Config(str(artifact))
+            config.clear_providers()  # CPU unless a provider is appended
+            og_name = PROVIDERS[provider][1]
+            if og_name is not None:
+                config.append_provider(og_name)
+            if opts["intra_op_num_threads"] is not None:
+                config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                    "intra_op_num_threads": opts["intra_op_num_threads"]}}}}))
+            self._model = og.Model(config)
+            self._tokenizer = og.Tokenizer(self._model)
+        except Exception as exc:
+            raise LoadError(f"onnxruntime-genai could not load {artifact.name} with provider {provider}: {exc}") from exc
+        self._n_ctx, self._opts = n_ctx, opts
+        self._eos = {int(t) for t in self._tokenizer.eos_token_ids}
+        genai = json.loads((artifact / "genai_config.json").read_text())
+        model_cfg = genai.get("model", {})
+        trained = model_cfg.get("context_length")
+        if isinstance(trained, int) and n_ctx > trained:
+            raise LoadError(f"n_ctx {n_ctx} is beyond the model's context_length {trained} in genai_config.json")
+        decoder = model_cfg.get("decoder", {})
+        device = str(self._model.device_type).lower()  # what the session really runs on (CPU, CUDA, DML, ...)
+        return LoadInfo(
+            device=provider if provider != "cpu" else device,
+            runtime_version=_genai_version() or "unknown",
+            n_ctx=n_ctx,
+            n_ctx_meaning=("onnxruntime-genai max_length (prompt + generated tokens); "
+                           + ("past_present_share_buffer: one KV buffer of max_length tokens allocated per generator"
+                              if opts["past_present_share_buffer"] else "KV tensors grow with the sequence up to max_length")),
+            n_layers_total=decoder.get("num_hidden_layers"),
+            n_layers_device=decoder.get("num_hidden_layers") if provider != "cpu" else 0,
+            kv_type=self._kv_type(),
+            n_threads=opts["intra_op_num_threads"],
+            extra={"provider": provider, "execution_provider": PROVIDERS[provider][0],
+                   "model_device_type": str(self._model.device_type), "max_length": n_ctx,
+                   "past_present_share_buffer": opts["past_present_share_buffer"],
+                   "onnxruntime_version": _version("onnxruntime")},
+        )
+
+    def _kv_type(self) -> str | None:
+        """The KV cache dtype is the model's I/O dtype (the builder uses one for both); read it
+        from a two-token logits probe instead of importing onnx into the measured process."""
+        try:
+            generator = self._generator_for(max_length=2)
+            generator.append_tokens([0])
+            return DTYPE_NAMES.get(str(generator.get_output("logits").dtype))
+        except Exception:
+            return None
+
+    def tokenize(self, text: str) -> list[int]:
+        return [int(t) for t in self._tokenizer.encode(text)]
+
+    # --- the timed path -------------------------------------------------
+
+    def _generator_for(self, max_length: int) -> Any:
+        params = self._og.GeneratorParams(self._model)
+        params.set_search_options(max_length=max_length, do_sample=False,
+                                  past_present_share_buffer=self._opts.get("past_present_share_buffer", True))
+        return self._og.Generator(self._model, params)
+
+    def generate(self, prompt_tokens: list[int], max_new_tokens: int) -> Iterator[float]:
+        self._check_room(0, len(prompt_tokens), max_new_tokens)
+        # A new generator per call: an empty KV cache, so a real prefill.
+        self._generator, self._last = None, None
+        self._generator = self._generator_for(self._n_ctx)
+        return self._run(list(prompt_tokens), max_new_tokens)
+
+    def extend(self, new_tokens: list[int], max_new_tokens: int) -> Iterator[float]:
+        if self._generator is None:
+            raise RunnerError("extend() needs a previous generate() in this process")
+        if not self._opts["past_present_share_buffer"]:
+            raise RunnerError("extend() needs past_present_share_buffer: true (onnxruntime-genai cannot rewind "
+                              "a growing KV cache)")
+        if self._last is None:
+            raise RunnerError("extend() needs a previous generate() that produced a token")
+        generator = self._generator
+        feed = [self._last, *new_tokens]
+        # The sequence ends with the token sampled last, which is not in the KV
+        # cache yet, and append_tokens would not decode it: take it off and feed
+        # it again with the new tokens. (An EOS that ended the sequence is not
+        # in it: it is just fed again.)
+        pending = not self._eos_pending()
+        self._check_room(int(generator.token_count()) - pending, len(feed), max_new_tokens)
+        if pending:
+            generator.rewind_to(int(generator.token_count()) - 1)
+        return self._run(feed, max_new_tokens)
+
+    def _eos_pending(self) -> bool:
+        return self._last is not None and self._last in self._eos and bool(self._generator.is_done())
+
+    def _check_room(self, in_sequence: int, new: int, max_new_tokens: int) -> None:
+        if in_sequence + new + max_new_tokens > self._n_ctx:
+            raise RunnerError(f"context full: {in_sequence} in the sequence + {new} new + {max_new_tokens} to generate "
+                              f"exceed max_length (n_ctx) {self._n_ctx}")
+
+    def _run(self, feed: list[int], max_new_tokens: int) -> Iterator[float]:
+        generator = self._generator
+        self._last = None
+        try:
+            if feed:
+                generator.append_tokens(feed)
+            for _ in range(max_new_tokens):
+                if self._eos_pending():
+                    # Done at EOS: feed EOS itself and go on (EOS is not a stop).
+                    generator.append_tokens([self._last])
+                generator.generate_next_token()
+                self._last = int(generator.get_next_tokens()[0])
+                yield time.perf_counter()
+        except RunnerError:
+            raise
+        except Exception as exc:
+            raise RunnerError(f"onnxruntime-genai failed while generating: {exc}") from exc
+
+    @property
+    def last_token(self) -> int | None:
+        """The token sampled last by generate()/extend(): what greedy decoding produced, for tests and quality checks."""
+        return self._last
+
+    def last_sequence(self) -> list[int]:
+        """Every token of the current generator (prompt and generated), for tests and quality checks."""
+        return [int(t) for t in self._generator.get_sequence(0)] if self._generator is not None else []
+
+    # --- quality hook ---------------------------------------------------
+
+    def logits(self, tokens: list[int]) -> Any:
+        """Raw float32 logits (len(tokens), n_vocab) from an empty cache; row i predicts token i+1."""
+        import numpy as np
+
+        generator = self._generator_for(max(len(tokens) + 1, 2))
+        generator.append_tokens(list(tokens))
+        out = np.asarray(generator.get_output("logits"))
+        if out.ndim != 3 or out.shape[1] != len(tokens):
+            raise RunnerError(f"the model returned logits of shape {out.shape}, not one row per token "
+                              "(a graph that keeps only the last token's logits)")
+        return out[0].astype(np.float32)
+
+    # No memory_stats(): onnxruntime-genai exposes no allocator statistics;
+    # the harness's RSS and /proc figures are the memory measurement.
+
+    def close(self) -> None:
+        self._generator = None
+        self._tokenizer = None
+        self._model = None
