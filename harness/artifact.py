@@ -213,6 +213,8 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
             if n > min(size - 8, 100 << 20):
                 raise ArtifactError(f"{path}: safetensors header claims {n:,} bytes, more than the file holds; it is damaged")
             header = json.loads(fh.read(n))
+    except ArtifactError:  # a ValueError too: let it through with its own message
+        raise
     except OSError as exc:
         raise ArtifactError(f"cannot read {path}: {exc.strerror}") from exc
     except ValueError:
