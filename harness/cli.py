@@ -997,6 +997,10 @@ def fleet_run(scenario: Path, address: str | None, machines: str | None, output_
     def on_start(dataset, todo, refused) -> None:
         state["total"] = len(todo)
         progress.update(task, total=len(todo))
+        if dataset.manifest.get("resumed"):
+            console.print(f"resuming {dataset.root.name}: {len(dataset.done)} case run(s) already done")
+        elif resume:
+            console.print(f"nothing to resume in {out} for scenario {sc.name}; starting a new fleet run")
         console.print(f"[bold]fitbench fleet[/] {sc.name}: {len(todo)} case run(s) on "
                       f"{', '.join(p.classes)} ({sum(n.alive for n in p.nodes)} node(s)); "
                       f"{refused} refused; dataset -> {dataset.root}")
