@@ -157,16 +157,16 @@ class LlamaCppRunner(Runner):
 
         if self._last is None:
             raise RunnerError("extend() continues a generate() that finished; call generate() first")
+        n_ctx = int(llama_cpp.llama_n_ctx(self._llama.ctx))
+        need = self._n_past + 1 + len(new_tokens) + max_new_tokens - 1
+        if need > n_ctx:  # say so in session terms rather than as a failed llama_decode
+            raise RunnerError(f"context full: the session needs {need:,} KV cells, n_ctx is {n_ctx:,}")
         # The last sampled token was never decoded (generate stops after sampling it): it goes first.
         return self._run(llama_cpp, [self._last, *new_tokens], max_new_tokens)
 
     def _run(self, llama_cpp: Any, feed: list[int], max_new_tokens: int) -> Iterator[float]:
         """Decode ``feed`` after what the KV cache holds, then sample greedily, one decode per token."""
         ctx = self._llama.ctx
-        n_ctx = int(llama_cpp.llama_n_ctx(ctx))
-        need = self._n_past + len(feed) + max_new_tokens - 1
-        if need > n_ctx:
-            raise RunnerError(f"context full: the session needs {need:,} KV cells, n_ctx is {n_ctx:,}")
         self.generated = []
         self._last = None  # a failed or abandoned call leaves nothing to extend
         tokens = (llama_cpp.llama_token * len(feed))(*feed)

@@ -69,7 +69,7 @@ def test_extend_needs_a_session_and_room_in_the_context(runner):
         next(fresh.extend([1, 2], 4))
     list(runner.generate(build_prompt(runner.tokenize, 400), 4))
     with pytest.raises(RunnerError, match="context full: the session needs 5[0-9]{2} KV cells, n_ctx is 512"):
-        next(runner.extend(message(runner, 120, 3), 4))
+        runner.extend(message(runner, 120, 3), 4)
 
 
 def test_a_workflow_case_writes_turn_rows_that_reuse_the_cache(sample_model, tmp_path):
