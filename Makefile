@@ -73,6 +73,7 @@ bench: setup llama-bench
 
 bench-upstream: setup
 	$(PY) bench/upstream_load.py --clients 50 --bundles 20 --out results/bench
+
 bench-fleet: setup
 	$(PY) bench/fleet_overhead.py --out results/bench
 

@@ -273,4 +273,4 @@ def test_fitbench_run_gives_ok_torch_rows(tmp_path, write_scenario, hf_model):
     # CPU: no allocator peak, no offload, no GPU figures (none on this machine), and a verdict
     assert df["runtime_peak_bytes"].isna().all() and df["offload_host_bytes"].isna().all()
     assert df["fit_class"].notna().all() and not df["fit_offload"].any()
-    assert df["artifact_n_params"].iloc[0] == 134515008 and df["artifact_quant"].iloc[0] == "BF16"
+    assert df["artifact_n_params"].iloc[0] == 134515008 and df["artifact_quant"].iloc[0] == "bf16"
