@@ -132,12 +132,16 @@ def plot_density(dens: pd.DataFrame) -> bytes:
     fig, ax = plt.subplots(figsize=(11, 4.5))
     speed = d["decode_tok_s"].fillna(0)
     sizes = 40 + 400 * speed / max(float(speed.max()), 1e-9)
-    ax.scatter(d["peak_mib"], d[y_col].clip(lower=1e-6) if use_kl else d[y_col], s=sizes,
+    # The reference itself has KL 0: draw it on the floor of the log axis, labelled.
+    positive = d.loc[d[y_col] > 1e-6, y_col] if use_kl else d[y_col]  # below: float32 rounding of KL 0
+    floor = float(positive.min()) / 3 if use_kl and len(positive) else 1e-6
+    ax.scatter(d["peak_mib"], d[y_col].clip(lower=floor) if use_kl else d[y_col], s=sizes,
                c=[FIT_COLOURS.get(f, "#9e9e9e") for f in d["fit_class"]], alpha=0.8, edgecolors="black")
     for r in d.itertuples():
-        y = max(getattr(r, y_col), 1e-6) if use_kl else getattr(r, y_col)
-        tok = "" if pd.isna(r.decode_tok_s) else f", {r.decode_tok_s:,.0f} tok/s"
-        ax.annotate(f"{r.series}{tok}", (r.peak_mib, y), fontsize=8, xytext=(6, 4), textcoords="offset points")
+        y = max(getattr(r, y_col), floor) if use_kl else getattr(r, y_col)
+        tok = "" if pd.isna(r.decode_tok_s) else f", {r.decode_tok_s:,.1f} tok/s"
+        ref = " (reference)" if use_kl and getattr(r, y_col) <= 1e-6 else ""
+        ax.annotate(f"{r.series}{tok}{ref}", (r.peak_mib, y), fontsize=8, xytext=(6, 4), textcoords="offset points")
     if use_kl:
         ax.set_yscale("log")
     ax.set(title="Intelligence density: quality vs peak memory (lower-left is better; marker size = decode tok/s, "

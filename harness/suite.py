@@ -119,7 +119,8 @@ def run_suite(
             except SuiteInterrupted as interrupted:
                 stop, result = interrupted, interrupted.args[0]
             got = (result.events or {}).get("quality")
-            if got and got.get("quality_error") is None and case.quality_group not in probed:
+            measured = got and (got.get("quality_ppl") is not None or got.get("task_count"))
+            if measured and case.quality_group not in probed:
                 probed[case.quality_group] = {**quality_columns(got), "quality_case_key": case.key}
         record(writer, result, run_id)
         on_case_end(result)

@@ -142,7 +142,8 @@ class LogitsRunner(FakeRunner):
     bigram table; option ``noise`` perturbs them, like a coarser quantization would."""
 
     VOCAB = 64
-    options = {**FakeRunner.options, "noise": Option(float, 0.0, "std of the perturbation added to the logits")}
+    options = {**FakeRunner.options, "noise": Option(float, 0.0, "std of the perturbation added to the logits"),
+               "logits_delay": Option(float, 0.0, "seconds each logits() call sleeps")}
 
     def tokenize(self, text: str) -> list[int]:
         return [ord(c) % self.VOCAB for c in text]
@@ -150,6 +151,7 @@ class LogitsRunner(FakeRunner):
     def logits(self, tokens: list[int]):
         import numpy as np
 
+        time.sleep(self._opts.get("logits_delay") or 0.0)
         table = np.random.default_rng(0).normal(size=(self.VOCAB, self.VOCAB)).astype(np.float32) * 3
         out = table[np.asarray(tokens)]
         if self._opts.get("noise"):

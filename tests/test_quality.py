@@ -265,3 +265,21 @@ def test_suite_runs_the_probe_once_per_artifact_with_a_cached_reference(tmp_path
     # a second run reuses the reference cache
     proc = fitbench("run", str(tmp_path / "s.yaml"), "-o", str(tmp_path / "out2"), env=env)
     assert proc.returncode == 0 and "scoring the quality reference" not in proc.stdout
+
+
+def test_a_probe_slower_than_the_timeout_loses_its_figures_not_the_case(tmp_path, tiny_gguf):
+    scenario = {
+        "name": "slowq", "contexts": [128], "prompt_tokens": 16, "gen_tokens": 4, "repetitions": 2, "warmup": 0,
+        "timeout": 4,
+        "models": [{"artifact": str(tiny_gguf), "runtime": "fake_runners:LogitsRunner",
+                    "options": {"logits_delay": 30.0}}],
+        "quality": {"tokens": 64, "window": 64},
+    }
+    (tmp_path / "s.yaml").write_text(json.dumps(scenario))
+    proc = fitbench("run", str(tmp_path / "s.yaml"), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    path = next(p for p in (tmp_path / "out").glob("*.parquet") if not p.name.endswith(".timeline.parquet"))
+    df = pq.read_table(path).to_pandas()
+    assert list(df["status"]) == ["ok", "ok"] and (df["fit_class"] == "fits").all()
+    assert df["quality_error"].str.contains("quality probe took longer than 4 s").all()
+    assert df["quality_ppl"].isna().all()
