@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = "1.1"  # 1.1: budget and fit columns
+SCHEMA_VERSION = "1.2"  # 1.1: budget and fit columns; 1.2: runtime allocator, GPU, quality, workflow, fleet columns
 METADATA_KEY = b"fitbench.schema_version"
 
 STATUSES = ("ok", "load_error", "runtime_error", "oom", "killed", "crashed", "timeout", "stopped", "unavailable",
