@@ -80,14 +80,10 @@ bench-fleet: setup
 # llama-bench from the llama.cpp sources vendored in the installed
 # llama-cpp-python's sdist, built with the same flags, into .cache/ (never committed).
 LLAMA_BENCH := .cache/llama.cpp/build/bin/llama-bench
+LLAMA_SRC := .cache/llama.cpp/CMakeLists.txt
 llama-bench: $(LLAMA_BENCH)
 
-$(LLAMA_BENCH): | $(STAMP)
-	@mkdir -p .cache/sdist .cache/llama.cpp
-	version=$$($(PY) -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))'); \
-	  $(PIP) download --quiet --no-deps --no-binary :all: -d .cache/sdist "llama-cpp-python==$$version" && \
-	  tar xzf .cache/sdist/llama_cpp_python-$$version.tar.gz -C .cache/llama.cpp --strip-components=3 \
-	    llama_cpp_python-$$version/vendor/llama.cpp
+$(LLAMA_BENCH): | $(LLAMA_SRC)
 	CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" cmake -S .cache/llama.cpp -B .cache/llama.cpp/build \
 	  -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	  -DLLAMA_BUILD_SERVER=OFF > .cache/llama-bench-cmake.log
@@ -95,12 +91,12 @@ $(LLAMA_BENCH): | $(STAMP)
 
 # llama.cpp's own quantization tools from the same sdist sources, for the quality
 # comparison: convert_hf_to_gguf.py (needs the gguf package and torch) and llama-quantize.
-LLAMA_SRC := .cache/llama.cpp/CMakeLists.txt
 LLAMA_QUANTIZE := .cache/llama.cpp/build/bin/llama-quantize
 QUALITY_QUANTS ?= Q8_0 Q6_K Q4_K_M Q3_K_M Q2_K
 QUALITY_F16 := $(MODELS)/SmolLM2-135M-Instruct.F16.gguf
 QUALITY_GGUFS := $(foreach q,$(QUALITY_QUANTS),$(MODELS)/SmolLM2-135M-Instruct.$(q).gguf)
 
+# The llama.cpp sources vendored in the installed llama-cpp-python's sdist (llama-bench, llama-quantize).
 $(LLAMA_SRC): | $(STAMP)
 	@mkdir -p .cache/sdist .cache/llama.cpp
 	version=$$($(PY) -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))'); \

@@ -229,47 +229,48 @@ def _quality(source: str, raw: Any, base_dir: Path | None, models: list[ModelSpe
         raise ScenarioError(source, exc.where, exc.message) from None
 
 
+def _model_options(s: Scenario):
+    """(model, options) for every model and every combination of its swept (list) options."""
+    for model in s.models:
+        swept = {k: v for k, v in model.options.items() if isinstance(v, list)}
+        fixed = {k: v for k, v in model.options.items() if not isinstance(v, list)}
+        for combo in itertools.product(*swept.values()) if swept else [()]:
+            yield model, {**fixed, **dict(zip(swept, combo))}
+
+
 def expand_cases(s: Scenario) -> list[Case]:
     """Cartesian product in an order that keeps one artifact's cases together."""
     if s.workflows is not None:
         return _workflow_cases(s)
     cases: list[Case] = []
-    for model in s.models:
-        swept = {k: v for k, v in model.options.items() if isinstance(v, list)}
-        fixed = {k: v for k, v in model.options.items() if not isinstance(v, list)}
-        for combo in itertools.product(*swept.values()) if swept else [()]:
-            options = {**fixed, **dict(zip(swept, combo))}
-            for budget, n_ctx in itertools.product(s.budgets, s.contexts):
-                for fill, n_prompt in _prompt_lengths(s, n_ctx):
-                    cases.append(Case(
-                        index=len(cases), scenario=s.name, model_label=model.label,
-                        artifact=model.artifact, runtime=model.runtime, options=options,
-                        n_ctx=n_ctx, prompt_tokens=n_prompt, gen_tokens=s.gen_tokens, fill=fill,
-                        warmup=s.warmup, repetitions=s.repetitions, timeout=s.timeout,
-                        sampler_interval_ms=s.sampler_interval_ms, budget_bytes=budget,
-                        thresholds=s.thresholds, quality=s.quality,
-                    ))
+    for model, options in _model_options(s):
+        for budget, n_ctx in itertools.product(s.budgets, s.contexts):
+            for fill, n_prompt in _prompt_lengths(s, n_ctx):
+                cases.append(Case(
+                    index=len(cases), scenario=s.name, model_label=model.label,
+                    artifact=model.artifact, runtime=model.runtime, options=options,
+                    n_ctx=n_ctx, prompt_tokens=n_prompt, gen_tokens=s.gen_tokens, fill=fill,
+                    warmup=s.warmup, repetitions=s.repetitions, timeout=s.timeout,
+                    sampler_interval_ms=s.sampler_interval_ms, budget_bytes=budget,
+                    thresholds=s.thresholds, quality=s.quality,
+                ))
     return cases
 
 
 def _workflow_cases(s: Scenario) -> list[Case]:
     """One case per (model, options, budget, workflow, context); no context given: the session's own length."""
     cases: list[Case] = []
-    for model in s.models:
-        swept = {k: v for k, v in model.options.items() if isinstance(v, list)}
-        fixed = {k: v for k, v in model.options.items() if not isinstance(v, list)}
-        for combo in itertools.product(*swept.values()) if swept else [()]:
-            options = {**fixed, **dict(zip(swept, combo))}
-            for budget, wf in itertools.product(s.budgets, s.workflows or []):
-                for n_ctx in s.contexts or [round_up(wf.session_tokens)]:
-                    cases.append(Case(
-                        index=len(cases), scenario=s.name, model_label=model.label,
-                        artifact=model.artifact, runtime=model.runtime, options=options,
-                        n_ctx=n_ctx, prompt_tokens=wf.context_before_reply()[-1], gen_tokens=wf.reply_tokens,
-                        fill=None, warmup=s.warmup, repetitions=s.repetitions, timeout=s.timeout,
-                        sampler_interval_ms=s.sampler_interval_ms, budget_bytes=budget,
-                        thresholds=s.thresholds, workflow=wf,
-                    ))
+    for model, options in _model_options(s):
+        for budget, wf in itertools.product(s.budgets, s.workflows or []):
+            for n_ctx in s.contexts or [round_up(wf.session_tokens)]:
+                cases.append(Case(
+                    index=len(cases), scenario=s.name, model_label=model.label,
+                    artifact=model.artifact, runtime=model.runtime, options=options,
+                    n_ctx=n_ctx, prompt_tokens=wf.context_before_reply()[-1], gen_tokens=wf.reply_tokens,
+                    fill=None, warmup=s.warmup, repetitions=s.repetitions, timeout=s.timeout,
+                    sampler_interval_ms=s.sampler_interval_ms, budget_bytes=budget,
+                    thresholds=s.thresholds, workflow=wf,
+                ))
     return cases
 
 
