@@ -185,6 +185,9 @@ class MlxRunner(Runner):
 
     # --- quality and memory hooks -----------------------------------------
 
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._tokenizer.decode(list(tokens), skip_special_tokens=True)
+
     def logits(self, tokens: list[int]) -> Any:
         """Raw float32 logits (len(tokens), n_vocab) from an empty cache; row i predicts token i+1."""
         import mlx.core as mx

@@ -277,6 +277,12 @@ class OnnxGenaiRunner(Runner):
 
     # --- quality hook ---------------------------------------------------
 
+    def detokenize(self, tokens: list[int]) -> str:
+        import numpy as np
+
+        # onnxruntime-genai's decode renders special tokens; task answers compare text only.
+        return self._tokenizer.decode(np.asarray(tokens, dtype=np.int32))
+
     def logits(self, tokens: list[int]) -> Any:
         """Raw float32 logits (len(tokens), n_vocab) from an empty cache; row i predicts token i+1."""
         import numpy as np

@@ -390,6 +390,9 @@ class TorchRunner(Runner):
         self.generated = []
         yield from self._stream(first, max_new_tokens)
 
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._tokenizer.decode(list(tokens), skip_special_tokens=True)
+
     def logits(self, tokens: list[int]) -> Any:
         """float32 logits (len(tokens), n_vocab) from an empty cache; row i predicts token i+1.
         Runs without the KV cache, so it may be longer than n_ctx; a following extend() is not allowed."""
