@@ -47,7 +47,11 @@ def test_the_suite_completes_with_a_row_per_budget(budget_run):
 def test_no_budget_fits(budget_run):
     _, df = budget_run
     free = df[df.case_index == 0]
-    assert (free.status == "ok").all() and (free.fit_class == "fits").all()
+    assert (free.status == "ok").all()
+    # Memory is what a budget decides; the speed verdict depends on how busy this shared
+    # machine is (a CI run once saw "slow" here), and speed is judged in test_fit.py.
+    assert (free.fit_memory == "resident").all(), free[["fit_class", "fit_reason"]]
+    assert set(free.fit_class) <= {"fits", "slow"}, free[["fit_class", "fit_reason"]]
     assert (free.read_bytes == 0).all()
 
 
