@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 from harness.fleet import FleetError, require_ray
@@ -23,14 +24,32 @@ def connect(address: str) -> Any:
     _probe(address)
     # Quiet: the user reads fitbench's progress, not Ray's start-up chatter.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    try:
-        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR, log_to_driver=False,
-                 configure_logging=True)
-    except Exception as exc:  # ConnectionError, RuntimeError, grpc errors: all mean "no cluster there"
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise FleetError(f"cannot join the Ray cluster at {address}: {first}; start one with "
-                         "`fitbench fleet agent --head` and pass its address") from None
+    for attempt in range(1, CONNECT_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR, log_to_driver=False,
+                     configure_logging=True)
+            return ray
+        except Exception as exc:  # ConnectionError, RuntimeError, grpc errors: all mean "no cluster there"
+            # Something listens (the probe said so): a Ray Client server that is slow to start its
+            # per-client server answers "Initialization failure from server"; seen on a busy CI box.
+            if attempt < CONNECT_ATTEMPTS:
+                _quietly_shutdown(ray)
+                time.sleep(2.0 * attempt)
+                continue
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise FleetError(f"cannot join the Ray cluster at {address} ({attempt} attempts): {first}; start one "
+                             "with `fitbench fleet agent --head` and pass its address") from None
     return ray
+
+
+CONNECT_ATTEMPTS = 3
+
+
+def _quietly_shutdown(ray: Any) -> None:
+    try:
+        ray.shutdown()
+    except Exception:  # noqa: BLE001 - a half-made connection may not even shut down cleanly
+        pass
 
 
 PROBE_TIMEOUT_S = 5.0
