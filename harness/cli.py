@@ -764,8 +764,10 @@ def _case_line(r: CaseResult, total: int) -> str:
     dec = summarize([row["decode_tok_s"] for row in ok_rows])
     first = ok_rows[0]
     gpu = ""  # GPU cases: the process's GPU memory (NVML) and the allocator's peak, where known
-    if first.get("gpu_proc_peak_bytes") is not None or first.get("runtime_peak_bytes") is not None:
+    if first.get("gpu_proc_peak_bytes") is not None:
         gpu = f", GPU {mib(first.get('gpu_proc_peak_bytes'))} MiB (allocator {mib(first.get('runtime_peak_bytes'))})"
+    elif first.get("runtime_peak_bytes") is not None:  # e.g. MLX on a CPU: its allocator, no GPU
+        gpu = f", allocator peak {mib(first['runtime_peak_bytes'])} MiB"
     if first.get("offload_host_bytes"):
         gpu += f", {mib(first['offload_host_bytes'])} MiB of weights on the host"
     return (f"{head}: [green]ok[/] {FIT_STYLE.get(fit, '{}').format(fit)} · TTFT {ttft.median * 1000:,.0f} ms, decode {dec.median:,.1f} tok/s, "
