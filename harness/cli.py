@@ -69,14 +69,23 @@ def cli() -> None:
     """
 
 
+def scenario_overrides(command):
+    """The options `run` and `fleet run` share to override what a scenario file says."""
+    for option in reversed([
+        click.option("--repetitions", "-r", type=click.IntRange(min=1), help="override the scenario's repetitions"),
+        click.option("--contexts", "-c", help="override the scenario's contexts, e.g. 512,2048"),
+        click.option("--gen-tokens", "-n", type=click.IntRange(min=2), help="override tokens generated per repetition"),
+        click.option("--timeout", type=click.FloatRange(min=1), help="override seconds allowed per case"),
+    ]):
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.argument("scenario", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("results"),
               show_default=True, help="folder for the results files")
-@click.option("--repetitions", "-r", type=click.IntRange(min=1), help="override the scenario's repetitions")
-@click.option("--contexts", "-c", help="override the scenario's contexts, e.g. 512,2048")
-@click.option("--gen-tokens", "-n", type=click.IntRange(min=2), help="override tokens generated per repetition")
-@click.option("--timeout", type=click.FloatRange(min=1), help="override seconds allowed per case")
+@scenario_overrides
 @click.option("--budget", help="memory the cases may use, e.g. 8GiB; enforced with a cgroup where possible")
 @click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE",
               help="override a fit threshold, e.g. --threshold min_decode_tok_s=20 (see `fitbench thresholds`)")
@@ -965,10 +974,7 @@ ADDRESS_OPTION = click.option("--address", envvar="RAY_ADDRESS", show_envvar=Tru
 @click.option("--machines", help="comma-separated machine classes to run on (default: every class with a live agent)")
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("results"),
               show_default=True, help="folder the run's dataset folder goes in")
-@click.option("--repetitions", "-r", type=click.IntRange(min=1), help="override the scenario's repetitions")
-@click.option("--contexts", "-c", help="override the scenario's contexts, e.g. 512,2048")
-@click.option("--gen-tokens", "-n", type=click.IntRange(min=2), help="override tokens generated per repetition")
-@click.option("--timeout", type=click.FloatRange(min=1), help="override seconds allowed per case")
+@scenario_overrides
 @click.option("--budget", help="memory the cases may use on each node, e.g. 8GiB")
 @click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE", help="override a fit threshold")
 @click.option("--resume", is_flag=True, help="continue the latest fleet run of this scenario in OUTPUT")
