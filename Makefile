@@ -17,11 +17,14 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 # LLAMA_CFLAGS= (empty) to keep AMX on bare metal.
 LLAMA_CFLAGS ?= $(shell grep -qw amx_tile /proc/cpuinfo 2>/dev/null && echo "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
 
-.PHONY: help setup sample-models quick test bench bench-upstream bench-fleet llama-bench llama-quantize quality-models quality clean
+.PHONY: help setup sample-models quick test unit lint docs bench bench-upstream bench-fleet llama-bench llama-quantize quality-models quality clean
 
 help:
-	@echo "make quick          set up (venv, fitbench[llama], sample model) and run scenarios/quick.yaml"
-	@echo "make test           set up and run the tests (real model included)"
+	@echo "make quick          set up (venv, fitbench[$(EXTRAS)], sample models) and run scenarios/quick.yaml"
+	@echo "make test           set up and run every test (the real sample model in every runtime included)"
+	@echo "make unit           only the tests that need no model (the harness logic, fake runners): no model download"
+	@echo "make lint           ruff over harness/, runners/, tests/ and bench/"
+	@echo "make docs           regenerate docs/results-columns.md, scenario-fields.md, fit-thresholds.md from the code"
 	@echo "make bench          harness vs bare llama-cpp-python vs llama-bench, sampler cost, compare over 1M rows -> results/bench/"
 	@echo "make bench-upstream load test of fitbench upstream serve: 50 clients x 20 bundles -> results/bench/upstream.json"
 	@echo "make bench-fleet    scheduling overhead per case of a fleet run (local Ray cluster) vs a local run -> results/bench/fleet.json"
@@ -66,6 +69,17 @@ quick: setup
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+# The tests that need no model: seconds to a minute, no sample-models step.
+unit: $(STAMP)
+	$(PY) -m pytest tests -m "not model" $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check harness runners tests bench
+
+docs: $(STAMP)
+	$(PY) -m harness.docs
 
 bench: setup llama-bench
 	$(PY) bench/harness_vs_bare.py --out results/bench --llama-bench $(LLAMA_BENCH) --quick

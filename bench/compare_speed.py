@@ -21,7 +21,7 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from harness.compare import Side, compare  # noqa: E402
+from harness.analyse.compare import Side, compare  # noqa: E402
 from harness.results import RESULT_SCHEMA, SCHEMA_VERSION, write_atomic  # noqa: E402
 
 

@@ -20,7 +20,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from harness.fleet import launch  # noqa: E402
 from harness.fleet.resources import agent_resources  # noqa: E402
-from harness.machine import fingerprint  # noqa: E402
+from harness.measure.machine import fingerprint  # noqa: E402
 from harness.preflight import check_scenario  # noqa: E402
 from harness.results import ResultWriter  # noqa: E402
 from harness.scenario import parse_contexts, parse_scenario  # noqa: E402

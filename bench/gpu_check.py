@@ -61,7 +61,7 @@ def build_model(folder: Path, gpu: bool) -> dict:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from harness.prompt import WORDS
+    from harness.worker.prompt import WORDS
 
     words = sorted(set(WORDS) | {w.capitalize() for w in WORDS} | {".", ",", "?", "!"})
     vocab = {tok: i for i, tok in enumerate(["[UNK]", "[BOS]", "[EOS]", *words])}
@@ -97,7 +97,7 @@ def nvml_device_used() -> int | None:
 
 
 def run_cases(folder: Path, out: Path, gpu: bool, offload_cap: int) -> list[dict]:
-    from harness.machine import fingerprint
+    from harness.measure.machine import fingerprint
     from harness.preflight import check_scenario
     from harness.results import ResultWriter, read_results
     from harness.scenario import parse_scenario
@@ -186,7 +186,8 @@ def judge(rows: list[dict], gpu: bool, baseline_used: int | None) -> list[dict]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny model on the CPU: checks the script, not the GPU")
-    parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "results" / "gpu_check")
+    parser.add_argument("--out", type=Path,
+                        default=Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "results" / "gpu_check")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "python": platform.python_version()}
@@ -224,7 +225,8 @@ def main() -> int:
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
     for r in report["rows"]:
         print(f"  {r['model_label']:8} {r['status']:6} ttft {r['ttft_s'] or 0:.3f} s  decode {r['decode_tok_s'] or 0:.1f} tok/s"
-              f"  torch peak {(r['runtime_peak_bytes'] or 0) / 2**20:,.0f} MiB  NVML proc {(r['gpu_proc_peak_bytes'] or 0) / 2**20:,.0f} MiB"
+              f"  torch peak {(r['runtime_peak_bytes'] or 0) / 2**20:,.0f} MiB"
+              f"  NVML proc {(r['gpu_proc_peak_bytes'] or 0) / 2**20:,.0f} MiB"
               f"  host {(r['offload_host_bytes'] or 0) / 2**20:,.0f} MiB  fit {r['fit_class']}", flush=True)
     print(f"gpu_check: {report['status']} in {report['elapsed_s']} s -> {args.out / 'gpu_check.json'}")
     return 1 if failed else 0

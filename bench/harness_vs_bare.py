@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from harness.machine import fingerprint  # noqa: E402
+from harness.measure.machine import fingerprint  # noqa: E402
 from harness.preflight import check_scenario  # noqa: E402
 from harness.results import ResultWriter  # noqa: E402
 from harness.scenario import parse_scenario  # noqa: E402
@@ -83,7 +83,7 @@ def run_fitbench(model: Path, n_prompt: int, n_gen: int, threads: int, reps: int
 
 def sampler_cost(interval_ms: float, seconds: float = 3.0) -> dict:
     """CPU the sampler thread costs the harness process, sampling a 300 MiB idle process."""
-    from harness.sampler import Sampler
+    from harness.measure.sampler import Sampler
 
     proc = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(300 << 20); time.sleep(60)"])
     try:
@@ -206,7 +206,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "harness.json").write_text(json.dumps(report, indent=2))
-    lines = [f"# fitbench harness benchmark\n", f"{report['what']}, model {report['model']}, {report['machine']}\n",
+    lines = ["# fitbench harness benchmark\n", f"{report['what']}, model {report['model']}, {report['machine']}\n",
              "| method | prefill tok/s (median, CV) | decode tok/s (median, CV) |", "|---|---|---|"]
     for name, m in report["methods"].items():
         p, d = m["prefill_tok_s"], m["decode_tok_s"]

@@ -24,8 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from harness import quality as Q  # noqa: E402
-from harness.evaltext import stdlib_text  # noqa: E402
+from harness.quality import probe as Q  # noqa: E402
+from harness.quality.text import stdlib_text  # noqa: E402
 from runners.llama_cpp import LlamaCppRunner  # noqa: E402
 from tests.torch_reference import TransformersScorer  # noqa: E402
 

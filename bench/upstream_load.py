@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import httpx  # noqa: E402
-
-from harness import bundle as bundle_mod  # noqa: E402
-from harness.contribute import build, parse_token  # noqa: E402
 from upstream_helpers import free_port, wait_healthy  # noqa: E402
+
+from harness.share import bundle as bundle_mod  # noqa: E402
+from harness.share.contribute import build, parse_token  # noqa: E402
 
 
 def real_results(folder: Path) -> Path:
@@ -49,7 +49,8 @@ def real_results(folder: Path) -> Path:
 
 def variant(doc: dict, run_id: str, machine_id: str) -> dict:
     rows = [{**r, "run_id": run_id, "machine_id": machine_id} for r in doc["rows"]]
-    timeline = {**doc["timeline"], "run_id": [run_id] * len(doc["timeline"]["run_id"])}
+    n = len(doc["timeline"]["run_id"])
+    timeline = {**doc["timeline"], "run_id": [run_id] * n, "machine_id": [machine_id] * n}
     return {**doc, "rows": rows, "timeline": timeline}
 
 

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from harness.errors import FitbenchError
+
 GGUF_MAGIC = b"GGUF"
 
 
-class ArtifactError(ValueError):
+class ArtifactError(FitbenchError, ValueError):
     """The artifact is missing, unreadable, of an unknown format, or damaged."""
 
 
@@ -159,7 +161,8 @@ def _inspect_safetensors_folder(path: Path, files: list[Path], size: int) -> Art
     headers = [_safetensors_header(f) for f in weights]
     # mlx_lm.convert writes {"format": "mlx"} into every shard's metadata and a
     # "quantization" block (bits, group_size) into config.json.
-    is_mlx = any(h.get("__metadata__", {}).get("format") == "mlx" for h in headers) or isinstance(config.get("quantization"), dict)
+    is_mlx = (any(h.get("__metadata__", {}).get("format") == "mlx" for h in headers)
+              or isinstance(config.get("quantization"), dict))
     quant = None
     mlx_q = config.get("quantization")
     if isinstance(mlx_q, dict) and _int(mlx_q.get("bits")):
@@ -321,7 +324,8 @@ def _inspect_gguf(path: Path) -> ArtifactInfo:
         try:
             block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
         except (KeyError, ValueError):
-            raise ArtifactError(f"{path}: tensor {name} has unknown type {ttype}; fitbench's gguf package may be too old") from None
+            raise ArtifactError(f"{path}: tensor {name} has unknown type {ttype}; "
+                                "fitbench's gguf package may be too old") from None
         data_end = max(data_end, data_start + offset + n_elements // block * type_size)
     if data_end > size:
         raise ArtifactError(

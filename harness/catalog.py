@@ -25,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from harness.fit import ORDER, worst
+from harness.errors import FitbenchError
+from harness.fit import ORDER, Thresholds, judged_peak, memory_verdict, worst
 
 CATALOG_VERSION = 1
 DEFAULT_CATALOG = Path("catalog.yaml")
@@ -41,7 +42,7 @@ def default_catalog_path(near: Path | None = None) -> Path:
     return next((c for c in candidates if c.exists()), DEFAULT_CATALOG)
 
 
-class CatalogError(ValueError):
+class CatalogError(FitbenchError, ValueError):
     """The catalog file is unreadable or malformed; the message says where."""
 
 
@@ -97,6 +98,11 @@ def load_catalog(path: Path) -> Catalog:
             raise CatalogError(f"{path}: fits[{i}] lacks {', '.join(missing)}")
         if entry["artifact"] not in artifacts:
             raise CatalogError(f"{path}: fits[{i}] names artifact {entry['artifact']!r}, which is not under 'artifacts'")
+        if isinstance(entry["n_ctx"], bool) or not isinstance(entry["n_ctx"], int) or entry["n_ctx"] < 1:
+            raise CatalogError(f"{path}: fits[{i}] has n_ctx {entry['n_ctx']!r}; it is a positive whole number")
+        if entry.get("fit_class") not in ORDER:
+            raise CatalogError(f"{path}: fits[{i}] has fit_class {entry.get('fit_class')!r}; "
+                               f"it is one of {', '.join(ORDER)}")
     return Catalog(path, dict(artifacts), list(fits))
 
 
@@ -165,7 +171,8 @@ def update_catalog(cat: Catalog, results: list[tuple[str, list[dict]]]) -> dict[
                 "budget_bytes": budget,
                 "fit_class": verdict,
                 "fit_reason": next((r.get("fit_reason") for r in case_rows if r.get("fit_class") == verdict), None),
-                "peak_rss_bytes": max((r.get("peak_rss_bytes") or 0 for r in case_rows), default=None) or None,
+                # the peak the verdict was judged on (load peak and VmHWM included), not only the sampled one
+                "peak_rss_bytes": max((judged_peak(r) or 0 for r in case_rows), default=None) or None,
                 "decode_tok_s": _round(_median([r.get("decode_tok_s") for r in ok])),
                 "ttft_s": _round(_median([r.get("ttft_s") for r in ok])),
                 **quality_entry(case_rows),
@@ -252,9 +259,11 @@ def _ensure_artifact(cat: Catalog, row: dict) -> str:
 
 
 def query(cat: Catalog, machine_class: str | None = None, context: int | None = None,
-          budget_bytes: int | None = None, headroom: float = 0.10) -> list[dict]:
+          budget_bytes: int | None = None, headroom: float = Thresholds.headroom) -> list[dict]:
     """Entries for a machine class; with ``context``, per artifact/runtime/options the smallest
-    measured context at or above it; with ``budget_bytes``, the verdict against that budget too."""
+    measured context at or above it; with ``budget_bytes``, the verdict against that budget too:
+    the measured class made no better than fit.memory_verdict of its peak (``headroom`` is the
+    Thresholds' margin)."""
     entries = [f for f in cat.fits if machine_class is None or f.get("machine_class") == machine_class]
     if context is not None:
         best: dict[tuple, dict] = {}
@@ -269,13 +278,10 @@ def query(cat: Catalog, machine_class: str | None = None, context: int | None = 
     for f in entries:
         row = dict(f)
         if budget_bytes is not None:
-            peak = f.get("peak_rss_bytes")
-            if f.get("fit_class") == "no_fit" or (peak and peak > budget_bytes):
-                row["budget_verdict"] = "no_fit" if f.get("fit_class") == "no_fit" else "spill"
-            elif peak and peak > (1 - headroom) * budget_bytes:
-                row["budget_verdict"] = worst(["tight", f.get("fit_class")])
-            else:
-                row["budget_verdict"] = f.get("fit_class")
+            memory = memory_verdict(f.get("peak_rss_bytes"), budget_bytes, headroom)
+            row["budget_verdict"] = worst([memory.fit_class, f.get("fit_class")])
+            if memory.reason:
+                row["budget_reason"] = memory.reason
         out.append(row)
     return sorted(out, key=lambda r: (ORDER.index(r.get("budget_verdict") or r["fit_class"]), r["artifact"], r["n_ctx"]))
 

@@ -150,6 +150,48 @@ def judge_sessions(rows: list[dict]) -> None:
             row["fit_reason"] = f"turn {row['fit_turn']}: {row.get('fit_reason') or ''}"
 
 
+@dataclass(frozen=True)
+class MemoryVerdict:
+    """Peak memory against a budget: the one memory verdict (rows, catalog, estimate, upstream)."""
+
+    fit_memory: str | None  # resident | tight | over_budget; None when the peak is unknown
+    fit_class: str  # fits | tight | spill: a peak above the budget spills (or is killed, if enforced)
+    headroom: float | None  # (budget - peak) / budget
+    reason: str | None
+
+
+def memory_verdict(peak_bytes: int | float | None, budget_bytes: int | float | None,
+                   headroom_margin: float = Thresholds.headroom) -> MemoryVerdict:
+    """Judge a peak (measured, or predicted by ``estimate``) against a budget. Above the budget is
+    ``spill``: the memory had to come from somewhere slower (an enforced budget kills such a case
+    instead, and that row is ``no_fit`` by its status). Within ``headroom_margin`` of it is ``tight``."""
+    if not peak_bytes or not budget_bytes:
+        return MemoryVerdict(None, "fits", None, None)
+    headroom = (budget_bytes - peak_bytes) / budget_bytes
+    mib = 2**20
+    if headroom < 0:
+        return MemoryVerdict("over_budget", "spill", headroom,
+                             f"peak {peak_bytes / mib:,.0f} MiB is above the {budget_bytes / mib:,.0f} MiB budget")
+    if headroom < headroom_margin:
+        return MemoryVerdict("tight", "tight", headroom,
+                             f"only {headroom:.0%} of the {budget_bytes / mib:,.0f} MiB budget left "
+                             f"(margin {headroom_margin:.0%})")
+    return MemoryVerdict("resident", "fits", headroom, None)
+
+
+PEAK_COLUMNS = ("rep_peak_rss_bytes", "load_peak_rss_bytes", "peak_rss_bytes", "vmhwm_bytes")
+
+
+def judged_peak(row: dict) -> int | None:
+    """The peak a row's memory verdict is judged on: never below the load-time peak (a float32
+    cast at load can peak above everything that follows). A turn row is judged on its own turn
+    and the load, not on the whole session's peak (later turns would otherwise taint earlier ones);
+    every other row also on the case's peak and the kernel's VmHWM (which a 10 ms sampler can miss)."""
+    keys = PEAK_COLUMNS[:2] if row.get("turn") is not None else PEAK_COLUMNS
+    values = [row.get(k) for k in keys if row.get(k)]
+    return max(values) if values else None
+
+
 def classify(row: dict, budget_bytes: int, t: Thresholds = Thresholds()) -> Verdict:
     """Judge one result row (a repetition, or a failed case's row)."""
     status = row.get("status")
@@ -171,22 +213,18 @@ def classify(row: dict, budget_bytes: int, t: Thresholds = Thresholds()) -> Verd
         return Verdict(None, f"no verdict for status {status!r}")
 
     reasons: dict[str, str] = {}
-    peak = row.get("rep_peak_rss_bytes") or row.get("peak_rss_bytes")
-    headroom = (budget_bytes - peak) / budget_bytes if peak and budget_bytes else None
-    memory = "resident"
-    if headroom is not None:
-        if headroom < 0:
-            memory = "over_budget"
-            reasons["spill"] = f"peak {peak / 2**20:,.0f} MiB is above the {budget_bytes / 2**20:,.0f} MiB budget"
-        elif headroom < t.headroom:
-            memory = "tight"
-            reasons["tight"] = f"only {headroom:.0%} of the {budget_bytes / 2**20:,.0f} MiB budget left (margin {t.headroom:.0%})"
+    peak = judged_peak(row)
+    mem = memory_verdict(peak, budget_bytes, t.headroom)
+    memory, headroom = mem.fit_memory or "resident", mem.headroom
+    if mem.fit_class != "fits":
+        reasons[mem.fit_class] = mem.reason or ""
 
     swapped = ((row.get("swap_in_pages") or 0) + (row.get("swap_out_pages") or 0)) * 4096
     if artifact and read and read >= max(t.spill_read_fraction * artifact, t.spill_read_min_bytes):
         memory = "spill"
         reasons["spill"] = (f"read {read / 2**20:,.0f} MiB from storage during generation "
-                            f"({read / artifact:.1f}x the {artifact / 2**20:,.0f} MiB artifact): weights were evicted and re-read")
+                            f"({read / artifact:.1f}x the {artifact / 2**20:,.0f} MiB artifact): "
+                            "weights were evicted and re-read")
     elif swapped >= t.spill_swap_bytes:
         memory = "spill"
         reasons["spill"] = f"the system swapped {swapped / 2**20:,.0f} MiB during generation"

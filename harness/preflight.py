@@ -8,11 +8,12 @@ import tempfile
 from pathlib import Path
 
 from harness.artifact import ArtifactError, ArtifactInfo, inspect_artifact
+from harness.errors import FitbenchError
 from harness.scenario import Scenario, ScenarioError, validate_cases
 from runners.base import get_runner_class
 
 
-class OutputError(Exception):
+class OutputError(FitbenchError):
     """The output folder cannot be created or written."""
 
 
@@ -26,13 +27,15 @@ def check_scenario(s: Scenario, require_runtimes: bool = True) -> dict[Path, Art
             try:
                 artifacts[model.artifact] = inspect_artifact(model.artifact)
             except ArtifactError as exc:
-                hint = " (run `make sample-models` to get the sample model)" if "models/" in str(model.artifact) and not model.artifact.exists() else ""
+                hint = (" (run `make sample-models` to get the sample model)"
+                        if "models/" in str(model.artifact) and not model.artifact.exists() else "")
                 raise ScenarioError(s.source, f"{where}.artifact", f"{exc}{hint}") from None
         info = artifacts[model.artifact]
         runner = get_runner_class(model.runtime)
         if info.format not in runner.formats:
             raise ScenarioError(s.source, f"{where}.runtime",
-                                f"runtime {model.runtime!r} cannot run {info.format} artifacts (it runs {', '.join(sorted(runner.formats))})")
+                                f"runtime {model.runtime!r} cannot run {info.format} artifacts "
+                                f"(it runs {', '.join(sorted(runner.formats))})")
         avail = runner.available() if require_runtimes else None
         if avail is not None and not avail.available:
             raise ScenarioError(s.source, f"{where}.runtime",

@@ -19,12 +19,15 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = "1.2"  # 1.1: budget and fit columns; 1.2: runtime allocator, GPU, quality, workflow, fleet columns
+from harness.errors import FitbenchError
+
+SCHEMA_VERSION = "1.3"  # 1.1: budget and fit columns; 1.2: runtime allocator, GPU, quality, workflow, fleet columns;
+# 1.3: load_peak_rss_bytes, budget_requested_bytes, budget_note, budget_peak_bytes, machine_id in the timeline
 METADATA_KEY = b"fitbench.schema_version"
 
 STATUSES = ("ok", "load_error", "runtime_error", "oom", "killed", "crashed", "timeout", "stopped", "unavailable",
@@ -42,7 +45,7 @@ def _cols(*specs: tuple[str, pa.DataType, str]) -> list[Column]:
     return [Column(*s) for s in specs]
 
 
-S, I, F, B, T = pa.string(), pa.int64(), pa.float64(), pa.bool_(), pa.timestamp("us", tz="UTC")
+S, I, F, B, T = pa.string(), pa.int64(), pa.float64(), pa.bool_(), pa.timestamp("us", tz="UTC")  # noqa: E741
 
 RESULT_COLUMNS: list[Column] = _cols(
     # identity
@@ -107,7 +110,9 @@ RESULT_COLUMNS: list[Column] = _cols(
     ("vmhwm_bytes", I, "the kernel's peak RSS of the child (VmHWM), read just before it exits"),
     ("ru_maxrss_bytes", I, "the child's max RSS from getrusage when reaped: what /usr/bin/time -v reports (schema 1.1)"),
     ("peak_uss_bytes", I, "highest sampled unique memory of the child (sampled less often)"),
-    ("rep_peak_rss_bytes", I, "highest sampled child RSS during this repetition"),
+    ("rep_peak_rss_bytes", I, "highest sampled child RSS during this repetition (a workflow turn row: this turn)"),
+    ("load_peak_rss_bytes", I, "highest sampled child RSS from spawn to the end of load (schema 1.3): "
+                               "the verdict never judges below it"),
     ("sys_mem_total_bytes", I, "physical memory of the machine"),
     ("sys_available_min_bytes", I, "lowest system available memory seen during the case"),
     ("swap_used_max_bytes", I, "highest swap in use on the system during the case"),
@@ -138,7 +143,13 @@ RESULT_COLUMNS: list[Column] = _cols(
     ("energy_note", S, "why energy is missing or partial, e.g. no powercap on this machine"),
     # budget and fit (schema 1.1)
     ("budget_bytes", I, "memory budget the case was judged against (the machine's RAM when none was set)"),
-    ("budget_method", S, "how the budget was applied: cgroup-v1 | cgroup-v2 (enforced) | none (judged only)"),
+    ("budget_requested_bytes", I, "the budget the scenario or --budget asked for, enforced or not; null when none "
+                                  "was asked (schema 1.3)"),
+    ("budget_method", S, "how the budget was applied: cgroup-v1 | cgroup-v2 | systemd-scope (enforced) | "
+                         "none (judged only)"),
+    ("budget_note", S, "why a requested budget was not enforced, or how it was (schema 1.3)"),
+    ("budget_peak_bytes", I, "the budget cgroup's own peak charge (memory.peak / max_usage_in_bytes), page cache "
+                             "included (schema 1.3)"),
     ("fit_class", S, "fits | tight | degraded | slow | offload | spill | no_fit; null when the case gave no verdict"),
     ("fit_reason", S, "why, in words, with the numbers that decided it"),
     ("fit_memory", S, "memory component: resident | tight | over_budget | spill | no_fit"),
@@ -215,8 +226,10 @@ TIMELINE_COLUMNS: list[Column] = _cols(
     ("run_id", S, "run that wrote the sample"),
     ("case_key", S, "case the sample belongs to"),
     ("case_index", I, "position of the case in the scenario"),
+    ("machine_id", S, "machine that took the sample (schema 1.3; a fleet run has several per run)"),
     ("t_s", F, "seconds since the case's child was started"),
-    ("phase", S, "spawn | load | prompt | warmup | rep<N> | teardown"),
+    ("phase", S, "spawn | load | prompt | warmup | rep<N> | rep<N>/turn<M> | quality | teardown: "
+                 "quality samples are the probe's, outside the case's memory figures"),
     ("rss_bytes", I, "child resident memory"),
     ("uss_bytes", I, "child unique memory (null between the dearer USS samples)"),
     ("sys_available_bytes", I, "system available memory"),
@@ -246,7 +259,7 @@ RESULT_SCHEMA = schema(RESULT_COLUMNS)
 TIMELINE_SCHEMA = schema(TIMELINE_COLUMNS)
 
 
-class ResultsError(Exception):
+class ResultsError(FitbenchError):
     """A results file cannot be written or read; the message says why."""
 
 
@@ -296,7 +309,8 @@ def read_results(path: Path) -> pa.Table:
     if version is None:
         raise ResultsError(f"{path} has no {METADATA_KEY.decode()} metadata; it was not written by fitbench")
     if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-        raise ResultsError(f"{path} uses schema {version}; this fitbench reads {SCHEMA_VERSION.split('.')[0]}.x — upgrade fitbench")
+        raise ResultsError(f"{path} uses schema {version}; "
+                           f"this fitbench reads {SCHEMA_VERSION.split('.')[0]}.x — upgrade fitbench")
     try:
         return pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
@@ -350,3 +364,87 @@ class ResultWriter:
                 write_atomic(timeline, self.timeline_path)
         except OSError as exc:
             raise ResultsError(f"cannot write results to {self.results_path.parent}: {exc.strerror or exc}") from exc
+
+
+TIMELINE_SUFFIX = ".timeline.parquet"
+
+
+def result_path_for(path: Path) -> Path:
+    """A timeline companion's result file (a result file is its own)."""
+    if path.name.endswith(TIMELINE_SUFFIX):
+        return path.with_name(path.name.removesuffix(TIMELINE_SUFFIX) + ".parquet")
+    return path
+
+
+def expand_result_files(patterns: Iterable[str | Path]) -> list[Path]:
+    """Files, globs or folders -> result files, in the order given, each once and each checked.
+
+    Every command that reads results takes its inputs through here, so ``results/*.parquet``
+    works everywhere: a timeline companion named among them stands for its result file
+    (it is read with it), never for a file of its own. A folder is read whole, fleet
+    datasets (``machine_class=*/``) included."""
+    import glob
+
+    paths: list[Path] = []
+    for pattern in patterns:
+        text = str(pattern)
+        p = Path(text)
+        if p.is_dir():
+            found = sorted(p.glob("*.parquet")) + sorted(p.glob("machine_class=*/*.parquet")) \
+                + sorted(p.glob("*/machine_class=*/*.parquet"))
+        elif any(c in text for c in "*?["):
+            found = sorted(Path(f) for f in glob.glob(text))
+        else:
+            found = [p]
+        found = [result_path_for(f) for f in found]
+        if not found:
+            raise ResultsError(f"{text}: no result files there; name .parquet files, a glob or a folder of them")
+        for f in found:
+            if f not in paths:
+                paths.append(f)
+    for path in paths:
+        if not path.exists():
+            raise ResultsError(f"{path}: file not found")
+        try:
+            version = file_schema_version(path)
+        except Exception as exc:  # pyarrow raises several types for damaged files
+            raise ResultsError(f"{path}: not a readable Parquet file ({_one_line(exc)})") from None
+        if version is None:
+            raise ResultsError(f"{path}: not a fitbench results file (no schema version)")
+        if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+            raise ResultsError(f"{path}: schema {version} cannot be read by this fitbench ({SCHEMA_VERSION})")
+    return paths
+
+
+REQUESTED_SINCE = (1, 3)  # the schema that added budget_requested_bytes
+
+
+def schema_version_tuple(text: Any) -> tuple[int, int]:
+    """"1.3" -> (1, 3); unreadable -> (0, 0)."""
+    try:
+        major, minor = str(text).split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return (0, 0)
+
+
+def requested_budget(row: Mapping[str, Any]) -> int | None:
+    """The budget a row's case asked for (null: none), enforced or not; what compare, report and the
+    upstream group by. Rows before schema 1.3 had no such column: an enforced budget was asked for,
+    a judged-only budget that is not the machine's RAM was a yardstick, the RAM itself means none.
+    compare.REQUESTED_BUDGET_SQL is the same rule in SQL."""
+
+    def get(key: str) -> Any:
+        value = row.get(key)
+        return None if value is None or value != value else value  # NaN (pandas) is missing
+
+    if schema_version_tuple(get("schema_version")) >= REQUESTED_SINCE:
+        value = get("budget_requested_bytes")
+        return None if value is None else int(value)
+    budget, method = get("budget_bytes"), get("budget_method")
+    if budget is None:
+        return None
+    if method is not None and method != "none":
+        return int(budget)
+    ram = get("ram_bytes") if get("ram_bytes") is not None else get("sys_mem_total_bytes")
+    return None if ram is not None and int(budget) == int(ram) else int(budget)

@@ -78,7 +78,8 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "another process"
             os.close(self.fd)
-            raise ResultsError(f"another fitbench run (pid {holder}) is writing {self.path.name.removeprefix('.').removesuffix('.lock')}; "
+            raise ResultsError(f"another fitbench run (pid {holder}) is writing "
+                               f"{self.path.name.removeprefix('.').removesuffix('.lock')}; "
                                "wait for it or choose another -o") from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, str(os.getpid()).encode(), 0)

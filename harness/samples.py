@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from harness.errors import FitbenchError
+
 SAMPLE_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HF_DIR = "SmolLM2-135M-Instruct-hf"
 ONNX_DIR = "SmolLM2-135M-Instruct-onnx-int4"
@@ -38,7 +40,7 @@ MLX_DIR = "SmolLM2-135M-Instruct-mlx-q4"
 CACHE_DIR = Path(".cache")  # converter scratch space, relative to where fitbench runs (as in the Makefile)
 
 
-class SampleError(Exception):
+class SampleError(FitbenchError):
     """A sample artifact could not be made (missing converter, missing source)."""
 
 

@@ -22,37 +22,72 @@ from typing import Any
 
 import yaml
 
+from harness.errors import FitbenchError
 from harness.fit import Thresholds, parse_size
-from harness.qualityspec import QualitySpec, QualitySpecError, parse_quality
+from harness.quality.spec import QualitySpec, QualitySpecError, parse_quality
 from harness.workflow import Workflow, WorkflowError, parse_workflow, round_up
 from runners.base import OptionError, UnknownRunner, get_runner_class, short_repr
 
-TOP_FIELDS = {
-    "name": "short name, used in result file names",
-    "description": "free text",
-    "models": "list of {artifact, runtime, options, label}",
-    "contexts": "configured context lengths (n_ctx), e.g. [512, 2048, 8192]",
-    "fill": "fraction(s) of each context the prompt fills, 0.0-0.95 (default 0.5)",
-    "prompt_tokens": "explicit prompt length(s) in tokens, instead of fill",
-    "gen_tokens": "tokens to generate per repetition (default 32)",
-    "warmup": "unrecorded warm-up generations per case (default 1)",
-    "repetitions": "recorded repetitions per case (default 5)",
-    "timeout": "seconds a case may take, load included (default 600)",
-    "sampler_interval_ms": "memory sampling interval in milliseconds (default 10)",
-    "budget": "memory the case may use, e.g. 8GiB, or a list to sweep ('none' = no budget); cgroup-enforced where possible",
-    "thresholds": "fit thresholds: headroom, min_decode_tok_s, max_ttft_s, spill_read_fraction, ...",
-    "quality": "quality probe: {text, tokens, window, top_k, reference, tasks} (see harness/qualityspec.py)",
-    "workflow": "a multi-turn session instead of one prompt, e.g. {kind: chat, turns: 10, user_tokens: 200, "
-                "reply_tokens: 64} or {kind: document, document_tokens: 4000, questions: 5, question_tokens: 30, "
-                "reply_tokens: 32}; a list runs each",
-}
+
+@dataclass(frozen=True)
+class FieldDoc:
+    """One documented scenario field, as a user writes it in YAML (docs/scenario-fields.md is made from these)."""
+
+    name: str
+    type: str  # as written in YAML
+    default: str  # as written in YAML; REQUIRED when the file must give it
+    help: str
+
+
+REQUIRED = "required"
+
+# The reference of a scenario's top-level fields: the parser accepts exactly these names, and
+# tests/test_docs.py fails when a default here differs from what the parser fills in.
+SCENARIO_FIELDS: tuple[FieldDoc, ...] = (
+    FieldDoc("name", "string", "the file name's stem", "short name used in result file names: up to 64 letters, "
+             "digits, '-' or '_'"),
+    FieldDoc("description", "string", "''", "free text"),
+    FieldDoc("models", "list of model entries", REQUIRED, "what to measure: {artifact, runtime, options, label} each"),
+    FieldDoc("contexts", "int or list of ints", REQUIRED, "configured context lengths (n_ctx), at least 16 each; "
+             "optional with a workflow (each session then gets a context that holds it)"),
+    FieldDoc("fill", "float or list of floats", "0.5", "fraction of each context the prompt fills, 0.0-0.95, "
+             "capped so the generated tokens fit; not with prompt_tokens or workflow"),
+    FieldDoc("prompt_tokens", "int or list of ints", "none", "explicit prompt lengths instead of fill; lengths "
+             "that leave no room for gen_tokens in a context are skipped there"),
+    FieldDoc("gen_tokens", "int", "32", "tokens generated per repetition, at least 2 (EOS does not stop generation)"),
+    FieldDoc("warmup", "int", "1", "unrecorded warm-up generations per case, 0-100"),
+    FieldDoc("repetitions", "int", "5", "recorded repetitions per case, 1-10000"),
+    FieldDoc("timeout", "number (seconds)", "600", "time a case may take, load included; then it is killed "
+             "(status timeout)"),
+    FieldDoc("sampler_interval_ms", "number", "10", "interval of the memory sampler, milliseconds (at least 1)"),
+    FieldDoc("budget", "size or list of sizes", "none", "memory the case may use, e.g. 8GiB; a list sweeps, "
+             "'none' is no budget; enforced with a cgroup where one is writable"),
+    FieldDoc("thresholds", "mapping", "the defaults", "fit thresholds to override, e.g. {min_decode_tok_s: 20} "
+             "(docs/fit-thresholds.md)"),
+    FieldDoc("quality", "mapping", "none", "quality probe: {text, tokens, window, top_k, reference, tasks}"),
+    FieldDoc("workflow", "mapping or list of mappings", "none", "a multi-turn session instead of one prompt "
+             "(chat or document); a list runs each; not with fill, prompt_tokens or gen_tokens"),
+)
+
+# The fields of one entry of ``models:``.
+MODEL_ENTRY_FIELDS: tuple[FieldDoc, ...] = (
+    FieldDoc("artifact", "path or catalog:ID", REQUIRED, "the model file or folder, relative to the scenario "
+             "file (then the working directory), absolute, or an id from catalog.yaml"),
+    FieldDoc("runtime", "string", REQUIRED, "runner name (llama.cpp, torch, onnxruntime, mlx; `fitbench runners`) "
+             "or package.module:ClassName"),
+    FieldDoc("options", "mapping", "{}", "runner options; a list value sweeps (every combination is a case)"),
+    FieldDoc("label", "string", "the artifact's stem", "name of the model in output and result rows"),
+)
+
+# What the parser accepts is what is documented: one table, so the two cannot drift.
+TOP_FIELDS = {f.name: f.help for f in SCENARIO_FIELDS}
 # A workflow sets its own prompt and reply lengths.
 NOT_WITH_WORKFLOW = ("fill", "prompt_tokens", "gen_tokens")
-MODEL_FIELDS = {"artifact", "runtime", "options", "label"}
+MODEL_FIELDS = {f.name for f in MODEL_ENTRY_FIELDS}
 MAX_FILL = 0.95
 
 
-class ScenarioError(ValueError):
+class ScenarioError(FitbenchError, ValueError):
     """A scenario file is wrong; the message says where and what to do."""
 
     def __init__(self, source: str, where: str, message: str) -> None:
@@ -419,7 +454,8 @@ def _fill_list(source: str, value: Any) -> list[float]:
     out = []
     for i, v in enumerate(values):
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v > MAX_FILL:
-            raise ScenarioError(source, f"fill[{i}]", f"must be at most {MAX_FILL} (generated tokens need room), got {short_repr(v)}")
+            raise ScenarioError(source, f"fill[{i}]",
+                                f"must be at most {MAX_FILL} (generated tokens need room), got {short_repr(v)}")
         f = _number(source, f"fill[{i}]", v, minimum=0.0, maximum=MAX_FILL)
         out.append(f)
     return out

@@ -25,6 +25,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from harness.errors import FitbenchError
+
 KINDS = ("chat", "document")
 REUSE_HELP = "false: replay the whole history every turn even where the runtime could reuse its cache"
 FIELDS = {
@@ -40,7 +42,7 @@ MAX_TURNS = 1000
 MAX_TOKENS = 1 << 24
 
 
-class WorkflowError(ValueError):
+class WorkflowError(FitbenchError, ValueError):
     """A bad workflow spec; ``field`` names the offending field (or '' for the whole spec)."""
 
     def __init__(self, field: str, message: str) -> None:

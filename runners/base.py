@@ -14,6 +14,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
@@ -79,6 +85,125 @@ class LoadInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# --- availability without importing a runtime ------------------------------------------
+#
+# The CLI process is also the measuring parent: a runtime imported there (hundreds of MB,
+# native thread pools) would sit beside the sampler for the whole suite. So availability
+# has two layers: ``missing_modules`` and ``dist_version`` answer "installed? which
+# version?" from import metadata alone; ``probe_runtime`` asks a short-lived interpreter
+# what only an import can tell (that it imports at all, devices, execution providers).
+
+PROBE_TIMEOUT_S = 120.0  # importing torch on a busy small machine takes tens of seconds
+_PROBE_MARK = "FITBENCH-RUNTIME-PROBE "
+# Runs in the child: this process's sys.path, then the probe function; one marked JSON line back.
+# os._exit skips interpreter teardown, where some native runtimes join their thread pools slowly.
+_PROBE_MAIN = """
+import importlib, json, os, sys
+sys.path[:] = json.loads(sys.argv[1])
+module, _, func = sys.argv[2].partition(":")
+try:
+    answer = json.dumps({"facts": getattr(importlib.import_module(module), func)()})
+except BaseException as exc:
+    text = (str(exc).strip().splitlines() or [""])[0]
+    answer = json.dumps({"error": type(exc).__name__ + (": " + text if text else "")})
+sys.stdout.write("\\n" + sys.argv[3] + answer + "\\n")
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def missing_modules(*names: str) -> list[str]:
+    """The top-level modules among ``names`` that are not installed, found without importing them."""
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a half-installed package: the probe will say more
+            found = True
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def dist_version(*dists: str) -> str | None:
+    """The version of the first installed distribution among ``dists``, from its metadata (None: none is)."""
+    for dist in dists:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What a runtime's probe function answered in a child interpreter, or why it could not."""
+
+    facts: dict[str, Any]
+    error: str | None = None  # one line, naming the package: ready to be an Availability reason
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+_probe_cache: dict[tuple[str, str], Probe] = {}
+_probe_lock = threading.Lock()
+
+
+def probe_runtime(what: str, target: str, key: str | None = "", timeout: float = PROBE_TIMEOUT_S) -> Probe:
+    """Call ``target`` ("module:function": imports the runtime, returns a JSON-able dict) in a
+    fresh interpreter with this process's ``sys.path``, so this process never imports it.
+
+    Cached per process by (target, key): pass the installed version as ``key`` so an upgrade
+    in between is seen. ``what`` names the package in a failure reason, e.g.
+    ``"onnxruntime-genai 0.8.0"``."""
+    with _probe_lock:
+        cache_key = (target, key or "")
+        if cache_key not in _probe_cache:
+            _probe_cache[cache_key] = _run_probe(what, target, timeout)
+        return _probe_cache[cache_key]
+
+
+def clear_probe_cache() -> None:
+    """Forget every probe answer (tests; a long-lived process after installing a runtime)."""
+    with _probe_lock:
+        _probe_cache.clear()
+
+
+def _run_probe(what: str, target: str, timeout: float) -> Probe:
+    cmd = [sys.executable, "-c", _PROBE_MAIN, json.dumps(sys.path), target, _PROBE_MARK]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout,
+                             stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return Probe({}, f"{what} is installed but importing it took longer than {timeout:g} s")
+    except OSError as exc:
+        return Probe({}, f"{what} is installed but no Python could be started to probe it: {exc.strerror or exc}")
+    for line in reversed(out.stdout.splitlines()):
+        if line.startswith(_PROBE_MARK):
+            try:
+                answer = json.loads(line[len(_PROBE_MARK):])
+            except ValueError:
+                break
+            if isinstance(answer.get("facts"), dict):
+                return Probe(answer["facts"])
+            return Probe({}, f"{what} is installed but failed to import: {_one_line(str(answer.get('error')))}")
+    if out.returncode < 0:
+        try:
+            how = signal.Signals(-out.returncode).name
+        except ValueError:
+            how = f"signal {-out.returncode}"
+        return Probe({}, f"{what} is installed but importing it crashed the interpreter ({how})")
+    last = ([ln for ln in out.stderr.splitlines() if ln.strip()] or [f"exit status {out.returncode}, no answer"])[-1]
+    return Probe({}, f"{what} is installed but failed to import: {_one_line(last)}")
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 class Runner:
     """Base class for runners. Subclasses fill in the class variables and methods.
 
@@ -96,6 +221,9 @@ class Runner:
 
     @classmethod
     def available(cls) -> Availability:
+        """Whether the runtime can be used here. Must not import the runtime into this process
+        (the measuring parent): ``missing_modules``/``dist_version`` for the cheap answer,
+        ``probe_runtime`` for what needs an import."""
         raise NotImplementedError
 
     @classmethod
@@ -171,6 +299,8 @@ class Runner:
 
 
 MEMORY_STATS_KEYS = ("runtime_peak_bytes", "offload_host_bytes", "offload_device_bytes")
+
+
 def overrides(runner: Runner | type[Runner], method: str) -> bool:
     """Whether a runner implements an optional protocol method (rather than inheriting the stub)."""
     cls = runner if isinstance(runner, type) else type(runner)

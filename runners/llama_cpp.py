@@ -16,13 +16,22 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata
-import importlib.util
 import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from runners.base import Availability, LoadError, LoadInfo, Option, Runner, RunnerError
+from runners.base import (
+    Availability,
+    LoadError,
+    LoadInfo,
+    Option,
+    Runner,
+    RunnerError,
+    dist_version,
+    missing_modules,
+    probe_runtime,
+)
 
 # KV cache types by the names llama.cpp's own tools use (-ctk/-ctv).
 KV_TYPES = {
@@ -30,6 +39,16 @@ KV_TYPES = {
     "q8_0": 8, "iq4_nl": 20, "bf16": 30,
 }
 INSTALL = "pip install 'fitbench[llama]'  (CUDA: CMAKE_ARGS=-DGGML_CUDA=on; Metal is on by default on macOS)"
+FACTS = "runners.llama_cpp:runtime_facts"  # run by available() in a child interpreter
+GPU_BACKENDS = ("CUDA", "Metal", "Vulkan", "ROCm", "HIP", "SYCL")
+
+
+def runtime_facts() -> dict[str, Any]:
+    """What only importing llama_cpp tells (runs in a probe child, never in the harness)."""
+    import llama_cpp
+
+    return {"gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+            "system_info": llama_cpp.llama_print_system_info().decode(errors="replace")}
 
 
 def default_threads() -> int:
@@ -70,21 +89,16 @@ class LlamaCppRunner(Runner):
 
     @classmethod
     def available(cls) -> Availability:
-        if importlib.util.find_spec("llama_cpp") is None:
+        if missing_modules("llama_cpp"):
             return Availability(False, reason="llama-cpp-python is not installed", install=INSTALL)
-        version = importlib.metadata.version("llama-cpp-python")
-        try:
-            import llama_cpp
-        except Exception as exc:  # a broken native library is "unavailable", not a crash
-            return Availability(False, version, reason=f"llama_cpp does not import: {exc}", install=INSTALL)
+        version = dist_version("llama-cpp-python")
+        probe = probe_runtime(f"llama-cpp-python {version or '(unknown version)'}", FACTS, key=version)
+        if not probe.ok:  # a broken native library is "unavailable", not a crash
+            return Availability(False, version, reason=probe.error, install=INSTALL)
         devices = ["cpu"]
-        if llama_cpp.llama_supports_gpu_offload():
-            info = llama_cpp.llama_print_system_info().decode(errors="replace")
-            for backend in ("CUDA", "Metal", "Vulkan", "ROCm", "HIP", "SYCL"):
-                if backend.lower() in info.lower():
-                    devices.append(backend.lower())
-            if len(devices) == 1:
-                devices.append("gpu")
+        if probe.facts.get("gpu_offload"):
+            info = str(probe.facts.get("system_info", "")).lower()
+            devices += [b.lower() for b in GPU_BACKENDS if b.lower() in info] or ["gpu"]
         return Availability(True, version, devices)
 
     def prepare(self) -> None:

@@ -21,27 +21,40 @@ full KV cache is in llama.cpp.
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import os
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
-from runners.base import Availability, LoadError, LoadInfo, Option, Runner, RunnerError
+from runners.base import (
+    Availability,
+    LoadError,
+    LoadInfo,
+    Option,
+    Runner,
+    RunnerError,
+    dist_version,
+    missing_modules,
+    probe_runtime,
+)
 
 INSTALL = "pip install 'fitbench[mlx]'  (macOS on Apple silicon: Metal GPU; Linux: the mlx[cpu] backend)"
 KEEP_TOKENS = 4  # tokens a rotating cache never evicts (mlx-lm's choice for max_kv_size)
+FACTS = "runners.mlx:runtime_facts"  # run by available() in a child interpreter
 
 
 def _versions() -> tuple[str | None, str | None]:
-    def version(dist: str) -> str | None:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
+    return dist_version("mlx-lm"), dist_version("mlx")
 
-    return version("mlx-lm"), version("mlx")
+
+def runtime_facts() -> dict[str, Any]:
+    """What only importing mlx tells: a backend for this platform, a GPU, the default device.
+    Runs in a probe child, never in the harness. (mlx_lm is not imported: it pulls in
+    transformers, and its failures show at load.)"""
+    import mlx.core as mx
+
+    device = mx.default_device()
+    return {"gpu": _has_gpu(mx), "default_device": getattr(device.type, "name", str(device))}
 
 
 class MlxRunner(Runner):
@@ -68,18 +81,15 @@ class MlxRunner(Runner):
 
     @classmethod
     def available(cls) -> Availability:
-        lm_version, mx_version = _versions()
-        if importlib.util.find_spec("mlx_lm") is None or importlib.util.find_spec("mlx") is None:
+        if missing_modules("mlx_lm", "mlx"):
             return Availability(False, reason="mlx-lm is not installed", install=INSTALL)
-        try:
-            import mlx.core as mx
-        except Exception as exc:  # e.g. mlx without a backend for this platform
-            return Availability(False, lm_version, reason=f"mlx does not import: {exc}", install=INSTALL)
-        devices = ["cpu"]
-        if _has_gpu(mx):
-            devices.insert(0, "gpu")
-        default = getattr(mx.default_device().type, "name", str(mx.default_device()))
-        return Availability(True, lm_version, devices, notes=f"mlx {mx_version}, default device {default}")
+        lm_version, mx_version = _versions()
+        probe = probe_runtime(f"mlx {mx_version or '(unknown version)'}", FACTS, key=f"{mx_version} {lm_version}")
+        if not probe.ok:  # e.g. mlx without a backend for this platform
+            return Availability(False, lm_version, reason=probe.error, install=INSTALL)
+        devices = ["gpu", "cpu"] if probe.facts.get("gpu") else ["cpu"]
+        return Availability(True, lm_version, devices,
+                            notes=f"mlx {mx_version}, default device {probe.facts.get('default_device')}")
 
     def prepare(self) -> None:
         try:

@@ -21,14 +21,22 @@ tensors grow with the sequence.
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
-from runners.base import Availability, LoadError, LoadInfo, Option, Runner, RunnerError
+from runners.base import (
+    Availability,
+    LoadError,
+    LoadInfo,
+    Option,
+    Runner,
+    RunnerError,
+    dist_version,
+    missing_modules,
+    probe_runtime,
+)
 
 INSTALL = "pip install 'fitbench[onnx]'"
 # fitbench's provider name -> (onnxruntime's execution provider, the name
@@ -45,52 +53,53 @@ PROVIDERS = {
 DTYPE_NAMES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+FACTS = "runners.onnx:runtime_facts"  # run by available() in a child interpreter
+# The CUDA / DirectML / WebGPU builds are separate distributions of the same module.
+GENAI_DISTS = ("onnxruntime-genai", "onnxruntime-genai-cuda", "onnxruntime-genai-directml", "onnxruntime-genai-webgpu")
+ORT_DISTS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino", "onnxruntime-qnn")
+# onnxruntime-genai's own "was I built for it" checks, used when no onnxruntime module is installed.
+GENAI_CHECKS = (("cuda", "is_cuda_available"), ("dml", "is_dml_available"), ("openvino", "is_openvino_available"),
+                ("qnn", "is_qnn_available"), ("webgpu", "is_webgpu_available"))
 
 
 def _genai_version() -> str | None:
-    # The CUDA / DirectML builds are separate distributions of the same module.
-    for dist in ("onnxruntime-genai", "onnxruntime-genai-cuda", "onnxruntime-genai-directml", "onnxruntime-genai-webgpu"):
-        if (v := _version(dist)) is not None:
-            return v
-    return None
+    return dist_version(*GENAI_DISTS)
 
 
-def ort_providers() -> list[str] | None:
-    """The execution providers the installed onnxruntime can create here (None: no onnxruntime module)."""
-    if importlib.util.find_spec("onnxruntime") is None:
-        return None
-    try:
-        import onnxruntime
+def runtime_facts() -> dict[str, Any]:
+    """What only importing the runtime tells: onnxruntime-genai imports, and which execution
+    providers are here. Runs in a probe child (never in the harness) and in the worker's load()."""
+    import onnxruntime_genai as og
 
-        return list(onnxruntime.get_available_providers())
-    except Exception:
-        return None
+    facts: dict[str, Any] = {"ort_providers": None, "genai_checks": {}}
+    if not missing_modules("onnxruntime"):
+        try:
+            import onnxruntime
+
+            facts["ort_providers"] = list(onnxruntime.get_available_providers())
+        except Exception as exc:
+            facts["ort_error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    for name, check in GENAI_CHECKS:
+        try:
+            facts["genai_checks"][name] = bool(getattr(og, check)())
+        except Exception:  # an older onnxruntime-genai without that check
+            pass
+    return facts
+
+
+def providers_from(facts: dict[str, Any]) -> list[str]:
+    """fitbench provider names usable here, cpu first, from ``runtime_facts``."""
+    eps = facts.get("ort_providers")
+    if eps is not None:
+        return [name for name, (ep, _og, _pkg) in PROVIDERS.items() if ep in eps]
+    # No onnxruntime Python module beside onnxruntime-genai: what onnxruntime-genai says
+    # it was built for is the (weaker) answer.
+    return ["cpu"] + [name for name, present in facts.get("genai_checks", {}).items() if present]
 
 
 def present_providers() -> list[str]:
-    """fitbench provider names usable on this machine, cpu first."""
-    found = ort_providers()
-    if found is not None:
-        return [name for name, (ep, _og, _pkg) in PROVIDERS.items() if ep in found]
-    # No onnxruntime Python module beside onnxruntime-genai: ask onnxruntime-genai
-    # (its is_*_available() say what it was built for, which is a weaker answer).
-    import onnxruntime_genai as og
-
-    names = ["cpu"]
-    for name, probe in (("cuda", "is_cuda_available"), ("dml", "is_dml_available"),
-                        ("openvino", "is_openvino_available"), ("qnn", "is_qnn_available"),
-                        ("webgpu", "is_webgpu_available")):
-        try:
-            if getattr(og, probe)():
-                names.append(name)
-        except Exception:
-            pass
-    return names
+    """Providers usable here, asked in this process: for the worker, which has imported the runtime."""
+    return providers_from(runtime_facts())
 
 
 class OnnxGenaiRunner(Runner):
@@ -116,17 +125,17 @@ class OnnxGenaiRunner(Runner):
 
     @classmethod
     def available(cls) -> Availability:
-        if importlib.util.find_spec("onnxruntime_genai") is None:
+        if missing_modules("onnxruntime_genai"):
             return Availability(False, reason="onnxruntime-genai is not installed", install=INSTALL)
         version = _genai_version()
-        try:
-            import onnxruntime_genai  # noqa: F401
-        except Exception as exc:  # a broken native library is "unavailable", not a crash
-            return Availability(False, version, reason=f"onnxruntime_genai does not import: {exc}", install=INSTALL)
-        eps = ort_providers()
-        ort = _version("onnxruntime") or _version("onnxruntime-gpu") or _version("onnxruntime-directml")
-        notes = f"onnxruntime {ort or '?'}; execution providers: {', '.join(eps) if eps is not None else 'unknown'}"
-        return Availability(True, version, present_providers(), notes=notes)
+        probe = probe_runtime(f"onnxruntime-genai {version or '(unknown version)'}", FACTS,
+                              key=f"{version} {dist_version(*ORT_DISTS)}")
+        if not probe.ok:  # a broken native library is "unavailable", not a crash
+            return Availability(False, version, reason=probe.error, install=INSTALL)
+        eps = probe.facts.get("ort_providers")
+        notes = (f"onnxruntime {dist_version(*ORT_DISTS) or '?'}; execution providers: "
+                 f"{', '.join(eps) if eps is not None else probe.facts.get('ort_error', 'unknown')}")
+        return Availability(True, version, providers_from(probe.facts), notes=notes)
 
     @classmethod
     def case_availability(cls, options: dict[str, Any]) -> Availability:
@@ -189,7 +198,7 @@ class OnnxGenaiRunner(Runner):
             extra={"provider": provider, "execution_provider": PROVIDERS[provider][0],
                    "model_device_type": str(self._model.device_type), "max_length": n_ctx,
                    "past_present_share_buffer": opts["past_present_share_buffer"],
-                   "onnxruntime_version": _version("onnxruntime")},
+                   "onnxruntime_version": dist_version(*ORT_DISTS)},
         )
 
     def _kv_type(self) -> str | None:

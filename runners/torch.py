@@ -22,20 +22,26 @@ per forward. The bytes on each side are reported by ``memory_stats``.
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
-import importlib.util
 import inspect
-import json
 import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
-from runners.base import Availability, LoadError, LoadInfo, Option, OptionError, Runner, RunnerError
+from runners.base import (
+    Availability,
+    LoadError,
+    LoadInfo,
+    Option,
+    OptionError,
+    Runner,
+    RunnerError,
+    dist_version,
+    missing_modules,
+    probe_runtime,
+)
 
 INSTALL = "pip install 'fitbench[torch]'  (CPU-only: pip install torch==2.13.0 first, so pip does not pull a CUDA build)"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -45,22 +51,25 @@ ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_at
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mib": 2**20, "mb": 10**6,
           "g": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
 
-# Run in a separate interpreter by ``available()``: the harness process never imports torch
-# (it is large, slow to import, and a broken CUDA install must not take the harness down).
-_PROBE = """
-import json, torch
-d = {"torch": torch.__version__, "cuda": [], "mps": False}
-try:
-    if torch.cuda.is_available():
-        d["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-except Exception as e:
-    d["cuda_error"] = str(e)
-try:
-    d["mps"] = bool(torch.backends.mps.is_available())
-except Exception:
-    pass
-print(json.dumps(d))
-"""
+FACTS = "runners.torch:runtime_facts"  # run by available() in a child interpreter
+
+
+def runtime_facts() -> dict[str, Any]:
+    """What only importing torch tells (runs in a probe child: the harness never imports torch,
+    which is large, slow to import, and a broken CUDA install must not take the harness down)."""
+    import torch
+
+    facts: dict[str, Any] = {"torch": torch.__version__, "cuda": [], "mps": False}
+    try:
+        if torch.cuda.is_available():
+            facts["cuda"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception as exc:  # a CUDA build without a usable driver still runs on the CPU
+        facts["cuda_error"] = " ".join(str(exc).split())[:200]
+    try:
+        facts["mps"] = bool(torch.backends.mps.is_available())
+    except Exception:
+        pass
+    return facts
 
 
 def parse_bytes(text: str) -> int:
@@ -82,21 +91,6 @@ def default_threads() -> int:
         return psutil.cpu_count(logical=False) or os.cpu_count() or 1
     except Exception:
         return os.cpu_count() or 1
-
-
-@functools.lru_cache(maxsize=1)
-def _probe() -> dict[str, Any]:
-    try:
-        out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return {"error": f"probing torch failed: {exc}"}
-    if out.returncode != 0:
-        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"torch does not import: {last[:200]}"}
-    try:
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return {"error": f"unexpected torch probe output: {out.stdout[-200:]!r}"}
 
 
 class TorchRunner(Runner):
@@ -135,18 +129,19 @@ class TorchRunner(Runner):
 
     @classmethod
     def available(cls) -> Availability:
-        missing = [m for m in ("torch", "transformers", "accelerate") if importlib.util.find_spec(m) is None]
+        missing = missing_modules("torch", "transformers", "accelerate")
         if missing:
             return Availability(False, reason=f"{', '.join(missing)} not installed", install=INSTALL)
-        probe = _probe()
-        version = f"torch {probe.get('torch') or importlib.metadata.version('torch')}, " \
-                  f"transformers {importlib.metadata.version('transformers')}"
-        if "error" in probe:
-            return Availability(False, version, reason=probe["error"], install=INSTALL)
-        devices = ["cpu"] + [f"cuda:{i} ({name})" for i, name in enumerate(probe.get("cuda", []))]
-        if probe.get("mps"):
+        torch_version, tf_version = dist_version("torch"), dist_version("transformers")
+        probe = probe_runtime(f"torch {torch_version or '(unknown version)'}", FACTS, key=torch_version)
+        version = f"torch {probe.facts.get('torch') or torch_version}, transformers {tf_version}"
+        if not probe.ok:
+            return Availability(False, version, reason=probe.error, install=INSTALL)
+        devices = ["cpu"] + [f"cuda:{i} ({name})" for i, name in enumerate(probe.facts.get("cuda", []))]
+        if probe.facts.get("mps"):
             devices.append("mps")
-        return Availability(True, version, devices)
+        notes = f"CUDA not usable: {probe.facts['cuda_error']}" if probe.facts.get("cuda_error") else None
+        return Availability(True, version, devices, notes=notes)
 
     @classmethod
     def validate_options(cls, options: dict[str, Any]) -> dict[str, Any]:

@@ -214,3 +214,33 @@ class FakeExtendRunner(FakeRunner):
     def extend(self, new_tokens: list[int], max_new_tokens: int) -> Iterator[float]:
         self._prefill([7, *new_tokens])  # the last sampled token first
         yield from self._reply(max_new_tokens)
+
+
+# --- runtime probe functions, called by runners.base.probe_runtime in a child interpreter ---
+
+def probe_facts_ok() -> dict[str, Any]:
+    """Answers with the child's pid; appends a line to $FITBENCH_TEST_PROBE_LOG per call."""
+    print("a runtime chatting on stdout while it imports")
+    log = os.environ.get("FITBENCH_TEST_PROBE_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write("probed\n")
+    return {"pid": os.getpid(), "devices": ["cpu", "npu"]}
+
+
+def probe_facts_broken() -> dict[str, Any]:
+    raise ImportError("libfake.so.1: cannot open shared object file: No such file or directory\n(second line)")
+
+
+def probe_facts_hang() -> dict[str, Any]:
+    time.sleep(600)
+    return {}
+
+
+def probe_facts_crash() -> dict[str, Any]:
+    """Dies like a native library segfaulting at import (no core file)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    os.kill(os.getpid(), signal.SIGSEGV)
+    return {}

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.prompt import build_prompt
+from harness.worker.prompt import build_prompt
 
 
 def greedy(runner: Any, stream) -> list[int]:

@@ -84,8 +84,25 @@ def test_query_by_context_and_budget(tmp_path: Path):
     [at_1k] = query(cat, "cpu-x86_64-24GiB", context=1000)
     assert at_1k["n_ctx"] == 2048
     judged = {f["n_ctx"]: f["budget_verdict"] for f in query(cat, "cpu-x86_64-24GiB", budget_bytes=320 * MiB)}
-    assert judged == {512: "fits", 2048: "tight", 8192: "spill"}
+    assert judged == {512: "fits", 2048: "tight", 8192: "spill"}  # 8192 was slow; over the budget it spills
     assert query(cat, "apple-m3-16GiB") == []
+    # the margin is the Thresholds' headroom: with 40% asked, 200 of 320 MiB (37% left) is tight too
+    wide = {f["n_ctx"]: f["budget_verdict"] for f in query(cat, budget_bytes=320 * MiB, headroom=0.4)}
+    assert wide == {512: "tight", 2048: "tight", 8192: "spill"}
+
+
+def test_the_budget_verdict_is_fit_memory_verdict_never_better_than_measured(tmp_path: Path):
+    from harness.fit import memory_verdict
+
+    cat = load_catalog(tmp_path / "c.yaml")
+    update_catalog(cat, [("x", [row("r1", n_ctx=512, fit="no_fit", peak=100 * MiB),
+                                row("r1", n_ctx=1024, fit="slow", peak=290 * MiB),
+                                row("r1", n_ctx=2048, fit="fits", peak=None)])])
+    judged = {f["n_ctx"]: f for f in query(cat, budget_bytes=320 * MiB)}
+    assert judged[512]["budget_verdict"] == "no_fit"  # a case that did not load stays no_fit
+    assert judged[1024]["budget_verdict"] == "slow"  # tight (9% left) is milder than the measured slow
+    assert judged[1024]["budget_reason"] == memory_verdict(290 * MiB, 320 * MiB).reason
+    assert judged[2048]["budget_verdict"] == "fits" and "budget_reason" not in judged[2048]  # no peak: not judged
 
 
 @pytest.mark.parametrize("text, words", [
@@ -94,6 +111,10 @@ def test_query_by_context_and_budget(tmp_path: Path):
     ("catalog_version: 7\n", "upgrade fitbench"),
     ("artifacts: {}\nfits: [{artifact: x, machine_class: c, runtime: r, n_ctx: 1}]\n", "not under 'artifacts'"),
     ("artifacts: {}\nfits: [{artifact: x}]\n", "lacks machine_class"),
+    ("artifacts: {x: {}}\nfits: [{artifact: x, machine_class: c, runtime: r, n_ctx: 1, fit_class: huge}]\n",
+     "fit_class 'huge'"),
+    ("artifacts: {x: {}}\nfits: [{artifact: x, machine_class: c, runtime: r, n_ctx: lots, fit_class: fits}]\n",
+     "n_ctx 'lots'"),
 ])
 def test_malformed_catalogs_are_errors_and_never_overwritten(tmp_path: Path, text, words):
     path = tmp_path / "c.yaml"

@@ -15,7 +15,7 @@ from tests.conftest import ROOT, write_tiny_gguf
 def fitbench(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env or {}), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     return subprocess.run([sys.executable, "-m", "harness.cli", *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env=env, timeout=300)
+                          cwd=cwd or ROOT, env=env, timeout=900)  # a loaded 2-core CI box is slow
 
 
 def assert_usage_error(proc: subprocess.CompletedProcess, *words: str) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from harness.compare import CompareError, Side, compare, expand, t_critical, welch
-from harness.results import ResultWriter
+from harness.analyse.compare import CompareError, Side, compare, expand, split_by, t_critical, welch
+from harness.results import ResultsError, ResultWriter
 from tests.test_cli import fitbench
 
 MiB = 2**20
@@ -79,18 +79,22 @@ def test_machines_unmatched_cases_and_memory_jitter(tmp_path):
     assert any("different machines" in n for n in cmp.notes)
     assert cmp.unmatched_baseline == ["m pp2048+tg32 @ ctx4096"]
     mem = [r for r in cmp.rows if r["metric"] == "peak RSS"][0]
-    assert mem["significant"] is False  # one page is not a change
+    # one figure per case and side: untested, and one page is below its floor
+    assert (mem["test"], mem["significant"], mem["beyond_floor"], mem["regression"]) == ("none", None, False, False)
 
 
 def test_bad_files_are_one_line_errors(tmp_path):
     junk = tmp_path / "junk.parquet"
     junk.write_text("nope")
-    with pytest.raises(CompareError, match="junk.parquet: not a readable Parquet"):
+    # expand is harness.results.expand_result_files: its errors are ResultsError (a FitbenchError)
+    with pytest.raises(ResultsError, match="junk.parquet: not a readable Parquet"):
         expand([str(junk)])
-    with pytest.raises(CompareError, match="no result files"):
+    with pytest.raises(ResultsError, match="no result files"):
         expand([str(tmp_path / "*.nothing")])
-    with pytest.raises(CompareError, match="file not found"):
+    with pytest.raises(ResultsError, match="file not found"):
         expand([str(tmp_path / "missing.parquet")])
+    with pytest.raises(CompareError, match="--by"):
+        split_by([junk], "hostname")
 
 
 def test_cli_gates_ci(tmp_path):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.energy import NvmlEnergy, RaplReader, interpolate
-from harness.sampler import Timeline
-from harness.suite import energy_columns
+from harness.measure.energy import NvmlEnergy, RaplReader, interpolate
+from harness.measure.sampler import Timeline
+from harness.rows import energy_columns
 
 
 def zone(root: Path, name: str, energy: int, max_range: int = 1_000_000, label: str = "package-0") -> Path:

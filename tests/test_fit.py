@@ -113,3 +113,33 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+def test_a_load_peak_above_the_budget_is_never_fits_or_tight():
+    """A float32 cast at load can peak above everything after it: the verdict never judges below it."""
+    from harness.fit import judged_peak
+
+    mib = 2**20
+    row = {"status": "ok", "rep_peak_rss_bytes": 100 * mib, "load_peak_rss_bytes": 300 * mib,
+           "peak_rss_bytes": 300 * mib, "decode_tok_s": 50.0, "ttft_s": 0.1}
+    assert judged_peak(row) == 300 * mib
+    v = classify(row, 200 * mib)
+    assert v.fit_class == "spill" and v.fit_memory == "over_budget" and "300 MiB" in v.fit_reason
+    # the kernel's VmHWM catches a spike between two samples
+    assert classify({**row, "load_peak_rss_bytes": 150 * mib, "peak_rss_bytes": 150 * mib,
+                     "vmhwm_bytes": 250 * mib}, 200 * mib).fit_class == "spill"
+    # a turn row is judged on its turn and the load, not on the whole session's peak
+    turn = {**row, "turn": 1, "rep_peak_rss_bytes": 120 * mib, "load_peak_rss_bytes": 110 * mib,
+            "peak_rss_bytes": 400 * mib, "vmhwm_bytes": 400 * mib}
+    assert judged_peak(turn) == 120 * mib and classify(turn, 200 * mib).fit_class == "fits"
+
+
+def test_memory_verdict_is_the_one_definition():
+    from harness.fit import memory_verdict
+
+    assert memory_verdict(None, 100).fit_class == "fits"
+    assert memory_verdict(50, 100, 0.10).fit_memory == "resident"
+    tight = memory_verdict(95, 100, 0.10)
+    assert tight.fit_class == "tight" and abs(tight.headroom - 0.05) < 1e-9
+    over = memory_verdict(101, 100, 0.10)
+    assert over.fit_class == "spill" and over.fit_memory == "over_budget" and over.headroom < 0

@@ -6,20 +6,18 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from harness.analyse.compare import expand, split_by
 from harness.cli import cli, main
-from harness.compare import expand, split_by
 from harness.fleet import FleetError, require_ray
 from harness.fleet.dataset import FleetDataset, latest_dataset, read_dataset, result_files
 from harness.fleet.placement import choose_classes, place
-from harness.fleet.resources import (CLASS_PREFIX, RAM_MIB, RUNTIME_PREFIX, SLOT, agent_resources, case_resources,
-                                     parse_nodes)
+from harness.fleet.resources import CLASS_PREFIX, RAM_MIB, RUNTIME_PREFIX, SLOT, agent_resources, case_resources, parse_nodes
 from harness.results import RESULT_SCHEMA
 from harness.scenario import parse_scenario
 
@@ -127,7 +125,7 @@ def test_missing_ray_is_one_line_with_install_hint(monkeypatch):
 
 
 def test_nothing_outside_the_fleet_package_imports_ray():
-    code = ("import sys, harness.cli, harness.suite, harness.compare, harness.report, harness.fleet.launch; "
+    code = ("import sys, harness.cli, harness.suite, harness.analyse.compare, harness.analyse.report, harness.fleet.launch; "
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"

@@ -6,18 +6,15 @@ from __future__ import annotations
 import os
 import sys
 import types
-from pathlib import Path
 
 import psutil
 import pytest
 
-from harness.energy import NvmlEnergy
 from harness.fit import classify
-from harness.gpu import NvmlMemory
-from harness.machine import fingerprint
-from harness.preflight import check_scenario
+from harness.measure.energy import NvmlEnergy
+from harness.measure.gpu import NvmlMemory
+from harness.measure.sampler import Sampler
 from harness.results import RESULT_SCHEMA, TIMELINE_SCHEMA
-from harness.sampler import Sampler
 from tests.test_suite_failures import run, scenario
 
 GIB = 2**30
@@ -136,9 +133,9 @@ def test_case_rows_carry_gpu_and_runtime_memory(tmp_path, tiny_gguf, monkeypatch
                           "options": {"token_delay": 0.01}}])
     results, df = run(s, tmp_path)
     assert (df["status"] == "ok").all() and len(df) == 2
-    from harness.cli import _case_line
+    from harness.cli.present import case_line
 
-    line = _case_line(results[0], 1)
+    line = case_line(results[0], 1)
     assert "GPU 1,024 MiB (allocator 123)" in line and "40 MiB of weights on the host" in line
     row = df.iloc[0]
     assert row["runtime_peak_bytes"] == 123 << 20

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from harness.prompt import build_prompt
+from harness.worker.prompt import build_prompt
 from runners.base import LoadError, OptionError, get_runner_class
 from runners.llama_cpp import LlamaCppRunner
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from harness.machine import GPU, fingerprint, machine_class
+from harness.measure.machine import GPU, fingerprint, machine_class
 
 
 def test_fingerprint_is_stable_and_anonymous():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.prompt import build_prompt
+from harness.worker.prompt import build_prompt
 from runners.base import RunnerError, get_runner_class
 from runners.mlx import MlxRunner
 from tests import runner_contract as contract

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.prompt import build_prompt
+from harness.worker.prompt import build_prompt
 from runners.base import LoadError, OptionError, RunnerError, get_runner_class
 from runners.onnx import OnnxGenaiRunner
 from tests import runner_contract as contract

@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from harness import quality as Q
-from harness.evaltext import EvalTextError, file_text, stdlib_text
 from harness.fit import ORDER, Thresholds, classify, worst
+from harness.quality import probe as Q
+from harness.quality.tasks import TaskFileError, answer_of, load_tasks, passes
+from harness.quality.text import EvalTextError, file_text, stdlib_text
 from harness.scenario import ScenarioError, parse_scenario
-from harness.tasks import TaskFileError, answer_of, load_tasks, passes
 from tests.test_cli import assert_usage_error, fitbench
 
 sys.path.insert(0, str(Path(__file__).parent))

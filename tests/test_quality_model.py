@@ -7,14 +7,13 @@ Short texts (128-256 tokens) keep this to well under a minute of CPU on 2 cores.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from harness import quality as Q
-from harness.evaltext import stdlib_text
+from harness.quality import probe as Q
+from harness.quality.text import stdlib_text
 from runners.llama_cpp import LlamaCppRunner
 from tests.conftest import ROOT
 from tests.test_cli import fitbench

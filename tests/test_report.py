@@ -7,9 +7,9 @@ import re
 import pandas as pd
 import pytest
 
-from harness.machine import fingerprint
+from harness.analyse.report import ReportError, build
+from harness.measure.machine import fingerprint
 from harness.preflight import check_scenario
-from harness.report import ReportError, build
 from harness.results import ResultWriter
 from harness.scenario import parse_scenario
 from harness.suite import run_suite
@@ -70,3 +70,29 @@ def test_report_cli_errors_are_one_line(tmp_path):
     junk.write_bytes(b"\x00" * 100)
     proc = fitbench("report", str(junk), "-o", str(tmp_path / "r.html"))
     assert proc.returncode == 2 and "junk.parquet" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_judged_only_budgets_stay_their_own_series(tmp_path):
+    """scenarios/budgets.yaml without a writable cgroup: none, 200 MiB and 60 MiB judged only — three series."""
+    from harness.analyse.report import load, per_case, series_label
+    from tests.test_compare_groups import budgets_run
+
+    cases = per_case(load([budgets_run(tmp_path / "b.parquet")])[0])
+    assert sorted(cases["budget_mib"].fillna(0)) == [0, 60, 200]
+    assert sorted(series_label(cases)) == ["m · llama.cpp", "m · llama.cpp ≤200 MiB", "m · llama.cpp ≤60 MiB"]
+
+
+def test_report_reads_a_glob_with_timeline_companions(results, tmp_path):
+    import shutil
+
+    from harness.results import timeline_path_for
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    shutil.copy(results, folder / results.name)
+    shutil.copy(timeline_path_for(results), folder / timeline_path_for(results).name)
+    proc = fitbench("report", str(folder / "*.parquet"), "-o", str(tmp_path / "r.html"))
+    assert proc.returncode == 0, proc.stderr
+    page = (tmp_path / "r.html").read_text()
+    assert "from 1 file(s): rep.parquet." in page  # the timeline is read with its results, not as a second file
+    assert 'alt="sampler timeline"' in page  # its timeline was found and drawn

@@ -10,8 +10,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from harness.results import (
-    RESULT_COLUMNS, RESULT_SCHEMA, SCHEMA_VERSION, TIMELINE_SCHEMA, ResultsError, ResultWriter,
-    file_schema_version, read_results, to_table, write_atomic,
+    RESULT_COLUMNS,
+    RESULT_SCHEMA,
+    SCHEMA_VERSION,
+    TIMELINE_SCHEMA,
+    ResultsError,
+    ResultWriter,
+    file_schema_version,
+    read_results,
+    to_table,
+    write_atomic,
 )
 
 

@@ -6,7 +6,9 @@ import subprocess
 import sys
 import time
 
-from harness.sampler import Sampler
+import pytest
+
+from harness.measure.sampler import SYSTEM_PERIOD_S, USS_MAX_SHARE, USS_PERIOD_S, Sampler, Timeline, _Cadence
 
 ALLOC = """
 import sys, time
@@ -40,7 +42,9 @@ def test_sampled_peak_matches_the_kernel_peak():
     assert 40 < len(timeline) <= 150
     assert timeline.samples["minflt"][-1] > timeline.samples["minflt"][0]
     assert any(v is not None for v in timeline.samples["uss"])
-    assert timeline.samples["sys_available"][0] > 0
+    # the memory guard's figure is in every sample, not only in the dearer system samples
+    assert all(v is not None and v > 0 for v in timeline.samples["sys_available"])
+    assert timeline.last("uss") is not None and timeline.last("pswpin") is not None  # the final sample has all
 
 
 def test_sampler_stops_cleanly_when_the_process_is_gone():
@@ -53,8 +57,6 @@ def test_sampler_stops_cleanly_when_the_process_is_gone():
 
 
 def test_timeline_deltas_and_windows():
-    from harness.sampler import Timeline
-
     tl = Timeline(0.01)
     for t, flt, rss in [(1.0, 10, 100), (2.0, 15, 300), (3.0, 40, 200)]:
         tl.append({"t": t, "majflt": flt, "rss": rss})
@@ -62,3 +64,48 @@ def test_timeline_deltas_and_windows():
     assert tl.peak("rss", 2.5, 3.5) == 200
     assert tl.peak("rss") == 300
     assert tl.value_at("majflt", 0.0) == 10
+
+
+def test_last_is_the_newest_reading_of_a_sparse_series():
+    tl = Timeline(0.01)
+    assert tl.last("sys_available") is None
+    for t, available in [(1.0, 500), (2.0, None), (3.0, 300), (4.0, None), (5.0, None)]:
+        tl.append({"t": t, "rss": 1, "sys_available": available})
+    assert tl.samples["sys_available"][-1] is None and tl.last("sys_available") == 300
+    assert tl.last("rss") == 1 and tl.last("uss") is None
+
+
+def readings(cadence: _Cadence, interval: float, n: int) -> list[float]:
+    """Times at which ``cadence`` reads over ``n`` samples on the grid, with up to 5% of jitter."""
+    return [t for k in range(n) if cadence.due(t := k * interval + interval * (k * 7919 % 6) / 100)]
+
+
+@pytest.mark.parametrize("interval_ms", [1, 5, 10, 15, 20, 25, 30, 45, 50, 80, 200])
+def test_system_figures_come_at_least_every_50_ms_whatever_the_interval(interval_ms):
+    interval = interval_ms / 1000
+    times = readings(_Cadence(SYSTEM_PERIOD_S, interval), interval, 400)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert times[0] == 0 and max(gaps) <= max(SYSTEM_PERIOD_S, interval) + 0.06 * interval
+    assert min(gaps) > min(SYSTEM_PERIOD_S, interval) / 2  # and not needlessly more often
+
+
+def test_documented_cadences_at_the_default_interval():
+    def every(cadence: _Cadence) -> set[int]:
+        due = [k for k in range(300) if cadence.due(k * 0.01)]
+        return {b - a for a, b in zip(due, due[1:])}
+
+    assert every(_Cadence(SYSTEM_PERIOD_S, 0.01)) == {5}
+    assert every(_Cadence(USS_PERIOD_S, 0.01)) == {25}
+    assert every(_Cadence(0.01, 0.01)) == {1}  # system_every=1
+
+
+def test_a_dear_uss_read_is_spaced_out_to_its_share_of_time():
+    cadence = _Cadence(USS_PERIOD_S, 0.01)
+    cadence.stretch(0.001, USS_MAX_SHARE)  # a small process: the base cadence stands
+    assert cadence.period_s == USS_PERIOD_S
+    cadence.stretch(0.040, USS_MAX_SHARE)  # a page-table walk of a few GiB
+    assert cadence.period_s == pytest.approx(0.040 / USS_MAX_SHARE)
+    due = [k for k in range(2000) if cadence.due(k * 0.01)]
+    assert {b - a for a, b in zip(due, due[1:])} == {400}
+    cadence.stretch(0.0, USS_MAX_SHARE)  # the process shrank
+    assert cadence.period_s == USS_PERIOD_S

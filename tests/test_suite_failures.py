@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness.machine import fingerprint
+from harness.measure.machine import fingerprint
 from harness.preflight import check_scenario
 from harness.results import ResultWriter, read_results
 from harness.scenario import parse_scenario
@@ -125,7 +125,7 @@ def test_exit_mid_stream_and_abort_are_crashes_with_the_runtime_last_words(tiny_
 
 
 def test_unbounded_allocation_under_a_budget_is_oom(tiny_gguf, tmp_path):
-    from harness.budget import create_budget
+    from harness.measure.budget import create_budget
 
     probe = create_budget(1 << 30)
     if probe is None:

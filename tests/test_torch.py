@@ -14,7 +14,7 @@ import time
 import pandas as pd
 import pytest
 
-from harness.prompt import build_prompt
+from harness.worker.prompt import build_prompt
 from runners.base import OptionError, RunnerError, get_runner_class
 from runners.torch import TorchRunner, parse_bytes
 from tests.conftest import ROOT

@@ -10,10 +10,10 @@ from __future__ import annotations
 import io
 import struct
 import time
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

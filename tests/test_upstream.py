@@ -15,15 +15,15 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from harness import bundle as bundle_mod
-from harness.anonymise import Identity, upstream_machine_id
 from harness.catalog import load_catalog, save_catalog, update_catalog
-from harness.community import merge_community
-from harness.contribute import build, parse_token
 from harness.results import read_results
-from harness.upstream.app import Config, create_app
-from harness.upstream.ratelimit import Limit
-from harness.upstream.validate import check_bundle, check_row
+from harness.share import bundle as bundle_mod
+from harness.share.anonymise import Identity, upstream_machine_id
+from harness.share.community import merge_community
+from harness.share.contribute import build, parse_token
+from harness.share.upstream.app import Config, create_app
+from harness.share.upstream.ratelimit import Limit
+from harness.share.upstream.validate import check_bundle, check_row
 from tests.test_cli import assert_usage_error, fitbench
 from tests.upstream_helpers import MiB, ThreadServer, write_results
 
@@ -220,7 +220,8 @@ def test_wrong_schema_version_and_huge_strings_are_422(tmp_path):
 
 
 def test_fuzzed_bodies_never_get_a_500(tmp_path):
-    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
 
     client = app_client(tmp_path, request_limit=Limit(per_minute=1e9, burst=10**9))
     token = new_token(client)
@@ -276,7 +277,8 @@ def test_concurrent_submissions_lose_and_duplicate_nothing(tmp_path):
 
 def _variant(doc: dict, run_id: str, machine_id: str) -> dict:
     rows = [{**r, "run_id": run_id, "machine_id": machine_id} for r in doc["rows"]]
-    timeline = {**doc["timeline"], "run_id": [run_id] * len(doc["timeline"]["run_id"])}
+    n = len(doc["timeline"]["run_id"])
+    timeline = {**doc["timeline"], "run_id": [run_id] * n, "machine_id": [machine_id] * n}
     return {**doc, "rows": rows, "timeline": timeline}
 
 

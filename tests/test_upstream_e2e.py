@@ -6,9 +6,7 @@ from __future__ import annotations
 import glob
 import io
 import json
-import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -19,9 +17,8 @@ import yaml
 
 from harness.catalog import load_catalog
 from harness.results import timeline_path_for
-from tests.conftest import ROOT
 from tests.test_cli import fitbench
-from tests.upstream_helpers import free_port, wait_healthy
+from tests.upstream_helpers import upstream_subprocess
 
 pytestmark = pytest.mark.model
 
@@ -45,18 +42,8 @@ def real_results(tmp_path_factory, sample_model) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = free_port()
-    db = tmp_path_factory.mktemp("upstream") / "up.sqlite"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "upstream", "serve", "--db", str(db),
-                             "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url)
+    with upstream_subprocess(tmp_path_factory.mktemp("upstream") / "up.sqlite") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def contribute(*args: str, cfg: Path) -> subprocess.CompletedProcess:

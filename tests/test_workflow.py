@@ -15,16 +15,16 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from harness.compare import Side, compare
+from harness.analyse.compare import Side, compare
+from harness.analyse.report import build
 from harness.fit import case_verdict, judge_sessions
 from harness.fitsearch import workflow_at
-from harness.machine import fingerprint
+from harness.measure.machine import fingerprint
 from harness.preflight import check_scenario
-from harness.report import build
 from harness.results import ResultWriter
 from harness.scenario import ScenarioError, parse_scenario, validate_cases
 from harness.suite import run_suite
-from harness.workflow import Workflow, WorkflowError, parse_workflow, parse_workflow_option
+from harness.workflow import WorkflowError, parse_workflow, parse_workflow_option
 from tests.conftest import ROOT, write_tiny_gguf
 from tests.test_cli import fitbench
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from harness.machine import fingerprint
+from harness.measure.machine import fingerprint
 from harness.preflight import check_scenario
-from harness.prompt import SEED, build_prompt
 from harness.results import ResultWriter
 from harness.scenario import parse_scenario
 from harness.suite import run_suite
+from harness.worker.prompt import SEED, build_prompt
 from runners.base import RunnerError
 from runners.llama_cpp import LlamaCppRunner
 

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from harness.errors import FitbenchError
+
 INSTALL_HINT = "pip install 'fitbench[fleet]'"
 
 
-class FleetError(Exception):
+class FleetError(FitbenchError):
     """An expected fleet failure (no Ray, no cluster, no agents): one line, exit 2."""
 
 

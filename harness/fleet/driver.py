@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from harness import rows
 from harness.artifact import ArtifactInfo
 from harness.fleet import progress as progress_mod
 from harness.fleet.dataset import FleetDataset
 from harness.fleet.nodes import agent_nodes
 from harness.fleet.placement import Placement, Refusal
 from harness.fleet.remote import task_body
-from harness.machine import Machine
-from harness.suite import ArtifactHashes, _base_row, judge
+from harness.measure.machine import Machine
+from harness.suite import ArtifactHashes
 
 TICK_S = 1.0  # how long one wait for finished cases blocks
 CHECK_NODES_S = 5.0  # how often the driver looks for classes that lost all their nodes
@@ -73,10 +73,8 @@ def failure_row(case: Any, machine_class: str, info: ArtifactInfo, ram_bytes: in
     machine = Machine(machine_id=None, machine_class=machine_class, cpu_model=None, cpu_arch=None, cpu_flags=[],
                       cpu_cores=None, cpu_threads=None, ram_bytes=ram_bytes, os=None, python_version=None,
                       fitbench_version=None)
-    row = {**_base_row(case, info, machine, run_id, datetime.now(timezone.utc), hashes),
-           "status": status, "error": error, "fleet_node_id": node_id}
-    judge([row], case, machine, "none")
-    return row
+    return rows.failure_row(case, machine, run_id, status, error, artifact=info, sha256=hashes.get(info.path),
+                            fleet_node_id=node_id)
 
 
 class FleetDriver:

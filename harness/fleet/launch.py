@@ -1,6 +1,6 @@
 """``fitbench fleet run`` from a checked scenario to a finished dataset: connect, place, resume, drive.
 
-The command line (harness/cli.py) only parses options and prints; this
+The command line (harness/cli/fleet.py) only parses options and prints; this
 module ties the pieces together so the same run is scriptable.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.artifact import ArtifactInfo
-from harness.estimate import EstimateError, estimate
+from harness.estimate import EstimateError, estimate_case
 from harness.fleet import FleetError
 from harness.fleet.dataset import MANIFEST, FleetDataset, latest_dataset
 from harness.fleet.driver import CaseOutcome, FleetDriver, FleetSummary, write_refusals
@@ -37,9 +37,7 @@ def estimate_bytes(artifacts: dict[Path, ArtifactInfo]) -> Callable[[Case], int 
 
     def guess(case: Case) -> int | None:
         try:
-            return estimate(artifacts[case.artifact], case.n_ctx, case.runtime,
-                            str(case.options.get("type_k", "f16")), bool(case.options.get("flash_attn", False)),
-                            fill=case.prompt_tokens / case.n_ctx).total_bytes
+            return estimate_case(case, artifacts[case.artifact]).total_bytes
         except (EstimateError, KeyError, ZeroDivisionError):
             return None
 

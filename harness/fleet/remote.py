@@ -15,7 +15,6 @@ import socket
 import time
 import traceback
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +67,9 @@ def run_case_on_node(case: Any, machine_class: str, run_id: str, force: bool, pr
                      node_id: str) -> dict[str, Any]:
     """Run ``case`` here; returns {rows, timeline, status, error, wall_s, node_id, hostname}."""
     from harness.artifact import ArtifactError, inspect_artifact
-    from harness.machine import fingerprint
-    from harness.suite import (ArtifactHashes, CaseResult, SuiteInterrupted, _base_row, judge, obviously_too_big,
-                               run_case, timeline_columns)
+    from harness.measure.machine import fingerprint
+    from harness.rows import failure_row
+    from harness.suite import ArtifactHashes, CaseResult, SuiteInterrupted, obviously_too_big, run_case
 
     node_environment()
     hostname = socket.gethostname()
@@ -80,15 +79,8 @@ def run_case_on_node(case: Any, machine_class: str, run_id: str, force: bool, pr
     hashes = _hashes(ArtifactHashes)
 
     def failure(status: str, error: str, info: Any | None = None) -> dict[str, Any]:
-        row: dict[str, Any] = {"status": status, "error": error, "case_index": case.index, "case_key": case.key,
-                               "case_label": case.label, "scenario": case.scenario, "run_id": run_id,
-                               "model_label": case.model_label, "runtime": case.runtime, "n_ctx": case.n_ctx,
-                               "fill": case.fill, "prompt_tokens": case.prompt_tokens, "gen_tokens": case.gen_tokens,
-                               "machine_id": machine.machine_id, "machine_class": machine_class,
-                               "started_at": datetime.now(timezone.utc), "artifact_name": case.artifact.name}
-        if info is not None:
-            row = {**_base_row(case, info, machine, run_id, row["started_at"], hashes), **row}
-        judge([row], case, machine, "none")
+        row = failure_row(case, machine, run_id, status, error, artifact=info,
+                          sha256=hashes.get(info.path) if info is not None else None)
         return _result([row], {}, status, error, t0, node_id, hostname)
 
     artifact = resolve_artifact(case.artifact)
@@ -120,7 +112,7 @@ def run_case_on_node(case: Any, machine_class: str, run_id: str, force: bool, pr
     except Exception as exc:  # a bug must cost one case, not the run
         return failure("runtime_error", f"fitbench failed on node {hostname}: {exc!r} "
                        f"[{traceback.format_exc(limit=2).splitlines()[-1]}]", info)
-    return _result(result.rows, timeline_columns(result, run_id), result.status, result.error, t0, node_id, hostname)
+    return _result(result.rows, result.timeline_columns(run_id), result.status, result.error, t0, node_id, hostname)
 
 
 _HASHES: list = []

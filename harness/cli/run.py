@@ -1,0 +1,247 @@
+"""``fitbench run`` and ``fitbench fit``: measure cases and write result files.
+
+This process is the measuring parent, so it imports no runtime, no DuckDB, pandas or
+matplotlib: each case runs in its own worker process, which imports its runtime itself.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import click
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from harness.artifact import inspect_artifact
+from harness.cli.options import (
+    EXIT_INTERRUPTED,
+    FORMAT_RUNTIMES,
+    THRESHOLD_OPTION,
+    UsageError,
+    no_cases,
+    option_values,
+    scenario_overrides,
+    sigterm_as_interrupt,
+    size_option,
+    threshold_options,
+    with_overrides,
+)
+from harness.cli.present import case_line, fit_markup, make_console, mib, summary_table
+from harness.fit import case_verdict
+from harness.fitsearch import search, workflow_at
+from harness.measure import machine as machine_mod
+from harness.preflight import check_output_dir, check_scenario
+from harness.results import ResultWriter
+from harness.resume import RunLock, latest_results, load_for_resume
+from harness.scenario import load_scenario, parse_scenario
+from harness.suite import ArtifactHashes, CaseResult, SuiteInterrupted, new_run_id, record, run_case, run_suite
+from harness.workflow import Workflow, parse_workflow_option
+
+
+def keep_pandas_out() -> None:
+    """pyarrow imports pandas (~40 MiB, a CPU-second on a small box) into this measuring parent the first
+    time it builds an array from Python values, only to ask whether they are pandas objects; they never
+    are. One refused import answers "no" for good; a later ``to_pandas()`` still imports it (pyarrow
+    tries again when it really needs pandas)."""
+    if "pandas" in sys.modules:
+        return
+    import pyarrow as pa
+
+    refuse = _RefusePandas()
+    sys.meta_path.insert(0, refuse)
+    try:
+        pa.array([0])
+    finally:
+        sys.meta_path.remove(refuse)
+
+
+class _RefusePandas:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "pandas":
+            raise ImportError("not in the measuring parent")
+        return None
+
+
+@click.command()
+@click.argument("scenario", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("results"),
+              show_default=True, help="folder for the results files")
+@scenario_overrides
+@click.option("--budget", help="memory the cases may use, e.g. 8GiB; enforced with a cgroup where possible")
+@THRESHOLD_OPTION
+@click.option("--resume", is_flag=True,
+              help="continue the latest run of this scenario in OUTPUT: skip finished cases, rerun the rest")
+@click.option("--force", is_flag=True, help="run cases even when their estimated memory is far above what is free")
+def run(scenario: Path, output_dir: Path, repetitions: int | None, contexts: str | None,
+        gen_tokens: int | None, timeout: float | None, budget: str | None, thresholds: tuple[str, ...],
+        resume: bool, force: bool) -> None:
+    """Run SCENARIO (a YAML file) and write results to OUTPUT."""
+    keep_pandas_out()
+    sc = with_overrides(load_scenario(scenario), repetitions, contexts, gen_tokens, timeout, budget, thresholds)
+    artifacts = check_scenario(sc)
+    out = check_output_dir(output_dir)
+    cases = sc.cases()
+    if not cases:
+        raise no_cases(scenario)
+
+    console = make_console()
+    run_id = new_run_id()
+    previous = latest_results(out, sc.name) if resume else None
+    writer = ResultWriter(previous or out / f"{sc.name}-{run_id}.parquet")
+    with RunLock(writer.results_path):
+        todo = cases
+        if previous is not None:
+            run_id, kept, timeline, done = load_for_resume(previous, cases)
+            writer.keep(kept, timeline)
+            todo = [c for c in cases if c.key not in done]
+            console.print(escape(f"resuming {previous.name}: {len(cases) - len(todo)} of {len(cases)} case(s) "
+                                 "already done"))
+        elif resume:
+            console.print(escape(f"nothing to resume in {out} for scenario {sc.name}; starting a new run"))
+        _run_cases(console, sc, todo, len(cases), artifacts, writer, run_id, force)
+
+
+def _run_cases(console, sc, cases: list, total: int, artifacts: dict, writer: ResultWriter, run_id: str,
+               force: bool) -> None:
+    mach = machine_mod.fingerprint()
+    console.print("[bold]fitbench[/] " + escape(f"{sc.name}: {len(cases)} case(s) to run on {mach.machine_class} "
+                                                 f"({mach.cpu_model}), results -> {writer.results_path}"))
+
+    signal.signal(signal.SIGTERM, sigterm_as_interrupt)
+    results: list[CaseResult] = []
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(),
+                        MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+    task = progress.add_task("starting", total=len(cases))
+
+    def on_progress(case, p) -> None:
+        rep = f" {p.repetition}/{case.repetitions}" if p.phase == "generating" else ""
+        if case.workflow is not None and p.phase == "generating":
+            rep += f" · turn {p.extra.get('turn', 0) % case.workflow.turns + 1}/{case.workflow.turns}"
+        progress.update(task, description=(
+            f"case {case.index + 1}/{total} {case.model_label} {case.label} · {p.phase}{rep} · "
+            f"RSS {mib(p.rss)} MiB (peak {mib(p.peak_rss)})"))
+
+    def on_case_end(result: CaseResult) -> None:
+        results.append(result)
+        progress.advance(task)
+        progress.console.print(case_line(result, total))
+
+    interrupted = False
+    with progress:
+        try:
+            run_suite(cases, artifacts, mach, writer, run_id, on_progress=on_progress, on_case_end=on_case_end,
+                      force=force, on_note=lambda text: progress.console.print(escape(text)))
+        except (SuiteInterrupted, KeyboardInterrupt):
+            interrupted = True
+    summary_table(console, results)
+    console.print(escape(f"results: {writer.results_path}\ntimeline: {writer.timeline_path}"))
+    if interrupted:
+        make_console(stderr=True).print(escape(
+            f"fitbench: interrupted after {len(results)} of {len(cases)} case(s); results so far are saved; "
+            f"continue with: fitbench run {sc.source} -o {writer.results_path.parent} --resume"))
+        sys.exit(EXIT_INTERRUPTED)
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--runtime", help="runner to use (default: the one for the artifact's format, e.g. llama.cpp for GGUF)")
+@click.option("--budget", help="memory budget, e.g. 8GiB (default: this machine's RAM)")
+@click.option("--fill", type=click.FloatRange(0, 0.95), default=0.9, show_default=True,
+              help="fraction of each probed context the prompt fills")
+@click.option("--gen-tokens", "-n", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--repetitions", "-r", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--min-context", type=click.IntRange(min=64), default=512, show_default=True)
+@click.option("--max-context", type=click.IntRange(min=64), help="default: the model's trained context")
+@click.option("--step", type=click.IntRange(min=16), default=256, show_default=True, help="bisection grid in tokens")
+@click.option("--option", "options", multiple=True, metavar="NAME=VALUE",
+              help="runner option, e.g. --option flash_attn=true")
+@click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE", help="override a fit threshold")
+@click.option("--timeout", type=click.FloatRange(min=1), default=600, show_default=True, help="seconds per probe")
+@click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("results"),
+              show_default=True)
+@click.option("--workflow", "workflow_text", metavar="chat:TURNS|document:QUESTIONS|SCENARIO",
+              help="probe with a multi-turn session filling each context (replies of --gen-tokens), or the first "
+                   "workflow of a scenario file; the verdict is the worst turn's")
+def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, gen_tokens: int, repetitions: int,
+        min_context: int, max_context: int | None, step: int, options: tuple[str, ...], thresholds: tuple[str, ...],
+        timeout: float, output_dir: Path, workflow_text: str | None) -> None:
+    """Find the largest context at which ARTIFACT still fits (and where it turns tight, slow, spill, no_fit)."""
+    keep_pandas_out()
+    info = inspect_artifact(artifact)
+    runtime = runtime or FORMAT_RUNTIMES.get(info.format)
+    limit = min(max_context or info.context_length or 8192, info.context_length or max_context or 8192)
+    smallest = min(min_context, limit)
+    base = {
+        "name": f"fit-{artifact.stem}".replace(".", "_"),
+        "models": [{"artifact": str(artifact.resolve()), "runtime": runtime, "label": artifact.stem,
+                    "options": option_values(options)}],
+        "contexts": [smallest], "fill": fill, "gen_tokens": gen_tokens, "repetitions": repetitions,
+        "warmup": 1, "timeout": timeout,
+    }
+    if budget:
+        base["budget"] = size_option("--budget", budget)
+    sc = parse_scenario(base, source="fitbench fit")
+    budget_bytes = sc.budgets[0]
+    if thresholds:
+        sc = replace(sc, thresholds=threshold_options(sc.thresholds, thresholds))
+    wf = _workflow_option(workflow_text, gen_tokens) if workflow_text else None
+    if wf is not None:
+        try:
+            workflow_at(wf, smallest, fill)  # the smallest probe must hold the session
+        except ValueError as exc:
+            raise UsageError(f"--workflow: {exc}") from None
+        sc = replace(sc, name=f"{sc.name}-{wf.kind}{wf.turns}")
+    artifacts = check_scenario(sc)
+    out = check_output_dir(output_dir)
+    console = make_console()
+    run_id = new_run_id()
+    writer = ResultWriter(out / f"{sc.name}-{run_id}.parquet")
+    mach = machine_mod.fingerprint()
+    budget_text = f"{budget_bytes / 2**20:,.0f} MiB budget" if budget_bytes else f"{mib(mach.ram_bytes)} MiB RAM"
+    probe_text = f"a {wf.kind} session of {wf.turns} turns filling {fill:.0%}" if wf else f"filled {fill:.0%}"
+    console.print("[bold]fitbench fit[/] " + escape(
+        f"{artifact.name} in {runtime} on {mach.machine_class}, {budget_text}, contexts {smallest:,}..{limit:,} "
+        f"{probe_text}; results -> {writer.results_path}"))
+    signal.signal(signal.SIGTERM, sigterm_as_interrupt)
+    hashes = ArtifactHashes()
+    count = 0
+
+    def probe(n_ctx: int) -> tuple[str | None, str]:
+        nonlocal count
+        probe_sc = replace(sc, contexts=[n_ctx])
+        if wf is not None:
+            probe_sc = replace(probe_sc, workflows=[workflow_at(wf, n_ctx, fill)])
+        case = replace(probe_sc.cases()[0], index=count)
+        count += 1
+        with console.status(escape(f"probing context {n_ctx:,} ({case.label})")):
+            try:
+                result = run_case(case, artifacts[case.artifact], mach, run_id, hashes)
+            except SuiteInterrupted as stop:
+                record(writer, stop.args[0], run_id)
+                raise
+        record(writer, result, run_id)
+        cls, reason = case_verdict(result.rows)
+        console.print(f"  ctx {n_ctx:>6,}: {fit_markup(cls)} - {escape(reason)}")
+        return cls, reason
+
+    try:
+        found = search(probe, smallest, limit, step)
+    except (SuiteInterrupted, KeyboardInterrupt):
+        make_console(stderr=True).print("fitbench: interrupted; the probes so far are saved")
+        sys.exit(EXIT_INTERRUPTED)
+    console.print(f"[bold]{escape(artifact.name)}[/]: {escape(found.summary())}")
+    console.print(escape(f"results: {writer.results_path}"))
+
+
+def _workflow_option(text: str, reply_tokens: int) -> Workflow:
+    """``chat:10``, ``document:5``, or a scenario file whose (first) workflow gives the shape."""
+    path = Path(text)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        sc = load_scenario(path)
+        if not sc.workflows:
+            raise UsageError(f"--workflow {text}: the scenario has no 'workflow:'; add one or write chat:10")
+        return sc.workflows[0]
+    return parse_workflow_option(text, reply_tokens)  # a WorkflowError says what is wrong

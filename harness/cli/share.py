@@ -1,0 +1,140 @@
+"""``fitbench contribute`` and ``fitbench upstream serve``: send measurements upstream, or be the upstream."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from harness.cli.options import UsageError
+from harness.cli.present import make_console
+
+
+@click.command("contribute")
+@click.argument("results", nargs=-1, required=True)
+@click.option("--to", "url", envvar="FITBENCH_UPSTREAM", metavar="URL",
+              help="upstream to send to, e.g. http://127.0.0.1:8765 (env FITBENCH_UPSTREAM)")
+@click.option("--out", "out", type=click.Path(path_type=Path), help="also write the bundle here (.tar.gz), "
+              "for offline or pull-request submission")
+@click.option("--dry-run", is_flag=True, help="show what would be sent and stop: nothing is written or sent")
+@click.option("--yes", "-y", is_flag=True, help="consent without the prompt (for scripts)")
+@click.option("--token", envvar="FITBENCH_TOKEN", help="submitter token (env FITBENCH_TOKEN; default: the one "
+              "stored for this upstream, or a new one asked from it)")
+@click.option("--retries", type=click.IntRange(1, 20), default=5, show_default=True, help="upload attempts")
+def contribute_cmd(results: tuple[str, ...], url: str | None, out: Path | None, dry_run: bool, yes: bool,
+                   token: str | None, retries: int) -> None:
+    """Send RESULTS (result files, globs, folders or saved bundles) upstream, anonymised.
+
+    Host and user names, paths and serials are stripped; machine class, a re-hashed
+    machine id, runtime versions, artifact sha256 and the raw timelines are kept so the
+    upstream can check and recompute the figures. Shows what will be sent and asks first.
+    """
+    from harness.results import expand_result_files
+    from harness.share import bundle as bundle_mod
+    from harness.share.contribute import ContributeError, Retry, build, parse_token, send, stored_token, summary
+
+    console, err = make_console(), make_console(stderr=True)
+    paths: list[Path] = []
+    for item in results:  # a saved bundle is sent as it is; anything else names result files
+        found = [Path(item)] if item.endswith(".tar.gz") else expand_result_files([item])
+        paths += [p for p in found if p not in paths]
+    built = build(paths)
+    for line in summary(built):
+        console.print(line, markup=False, highlight=False)
+    if dry_run:
+        console.print("dry run: nothing written, nothing sent")
+        return
+    if not url and not out:
+        raise UsageError("say where the bundle goes: --to URL (or set FITBENCH_UPSTREAM) and/or --out bundle.tar.gz")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError("no terminal to ask for consent: read the summary above and pass --yes to send it")
+        if not click.confirm(f"send these {len(built.doc['rows'])} row(s)" + (f" to {url}" if url else "")
+                             + (f" and write {out}" if out else "") + "?", default=False):
+            err.print("fitbench: nothing sent")
+            sys.exit(1)
+
+    def say(msg: str) -> None:
+        err.print(f"fitbench: {msg}", markup=False)
+
+    retry = Retry(attempts=retries)
+    doc = built.doc
+    try:
+        known = token or (stored_token(url) if url else None)
+        if out:
+            if known and not doc.get("signature"):
+                doc = bundle_mod.sign(doc, *parse_token(known))
+            bundle_mod.write_bundle_file(doc, out)
+            console.print(f"bundle written: {out}" + ("" if known else " (unsigned: it is signed when sent)"),
+                          markup=False)
+        if url:
+            answer = send(doc, url, token, retry, say)
+    except ContributeError as exc:
+        saved = out if out and out.exists() else _save_unsent(doc, paths[0], built.content_hash)
+        raise ContributeError(f"{exc}; the bundle is saved as {saved}: send it later with "
+                              f"fitbench contribute {saved} --to URL") from None
+    if url:
+        what = "already there (nothing added)" if answer.get("duplicate") else \
+            f"{answer.get('new_rows')} new row(s), {answer.get('duplicate_rows')} already there"
+        console.print(f"sent to {url}: bundle {built.content_hash[:16]}: {what}", markup=False)
+
+
+def _save_unsent(doc: dict, near: Path, digest: str) -> Path:
+    from harness.share import bundle as bundle_mod
+
+    for folder in (near.parent, Path.cwd()):
+        try:
+            return bundle_mod.write_bundle_file(doc, folder / f"contribute-{digest[:12]}.tar.gz")
+        except OSError:
+            continue
+    return Path("(could not be saved: no writable folder)")
+
+
+@click.group()
+def upstream() -> None:
+    """The reference upstream service that collects contributed measurements."""
+
+
+@upstream.command("serve")
+@click.option("--db", "db", type=click.Path(path_type=Path), default=Path("upstream.sqlite"), show_default=True,
+              help="SQLite database (created if missing)")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
+@click.option("--max-body-mib", type=click.FloatRange(min=0.01), default=16, show_default=True,
+              help="largest request body accepted")
+@click.option("--tokens-per-minute", type=click.FloatRange(min=0.01), default=10, show_default=True,
+              help="tokens one address may be issued")
+@click.option("--bundles-per-minute", type=click.FloatRange(min=0.01), default=120, show_default=True,
+              help="bundles one token may submit")
+@click.option("--requests-per-minute", type=click.FloatRange(min=0.01), default=1200, show_default=True,
+              help="submissions and queries one address may make")
+def upstream_serve(db: Path, host: str, port: int, max_body_mib: float, tokens_per_minute: float,
+                   bundles_per_minute: float, requests_per_minute: float) -> None:
+    """Accept contribution bundles and serve aggregated community fits (GET /v1/fits) as JSON."""
+    import socket
+
+    try:
+        import uvicorn
+
+        from harness.share.upstream.app import Config, create_app
+        from harness.share.upstream.ratelimit import Limit
+    except ImportError as exc:
+        raise UsageError(f"the upstream server needs its extra ({exc.name} is missing): "
+                         "pip install 'fitbench[upstream]'") from None
+    try:
+        app = create_app(Config(db=db, max_body=int(max_body_mib * 2**20),
+                                token_limit=Limit(tokens_per_minute, max(1, int(tokens_per_minute // 2))),
+                                bundle_limit=Limit(bundles_per_minute, max(1, int(bundles_per_minute // 2))),
+                                request_limit=Limit(requests_per_minute, max(1, int(requests_per_minute // 2)))))
+    except Exception as exc:  # sqlite3.Error, OSError: an unusable database file
+        raise UsageError(f"{db}: cannot open the database: {exc}") from None
+    try:  # a taken port is the user's to fix: say so in one line rather than in uvicorn's log
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port or --host") \
+            from None
+    make_console().print(f"fitbench upstream on http://{host}:{port} (database {db}); Ctrl-C stops it", markup=False)
+    uvicorn.run(app, host=host, port=port, log_level="info")
