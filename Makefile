@@ -22,7 +22,7 @@ LLAMA_CFLAGS ?= $(shell grep -qw amx_tile /proc/cpuinfo 2>/dev/null && echo "-mn
 help:
 	@echo "make quick          set up (venv, fitbench[$(EXTRAS)], sample models) and run scenarios/quick.yaml"
 	@echo "make test           set up and run every test (the real sample model in every runtime included)"
-	@echo "make unit           only the tests that need no model (the harness logic, fake runners): no model download"
+	@echo "make unit           only the tests that need no model and no Ray cluster (harness logic, fake runners)"
 	@echo "make lint           ruff over harness/, runners/, tests/ and bench/"
 	@echo "make docs           regenerate docs/results-columns.md, scenario-fields.md, fit-thresholds.md from the code"
 	@echo "make bench          harness vs bare llama-cpp-python vs llama-bench, sampler cost, compare over 1M rows -> results/bench/"
@@ -70,9 +70,9 @@ test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
-# The tests that need no model: seconds to a minute, no sample-models step.
+# The tests that need no model and no Ray cluster: a few minutes, no sample-models step.
 unit: $(STAMP)
-	$(PY) -m pytest tests -m "not model" $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest tests -m "not model and not cluster" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
 lint: $(STAMP)

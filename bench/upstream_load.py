@@ -35,6 +35,7 @@ from upstream_helpers import free_port, wait_healthy  # noqa: E402
 
 from harness.share import bundle as bundle_mod  # noqa: E402
 from harness.share.contribute import build, parse_token  # noqa: E402
+from harness.share.upstream.ingest import SIGNATURE_HEADER, body_signature  # noqa: E402
 
 
 def real_results(folder: Path) -> Path:
@@ -71,17 +72,18 @@ def main() -> None:
         server = subprocess.Popen(
             [sys.executable, "-m", "harness.cli", "upstream", "serve", "--db", str(tmp / "load.sqlite"),
              "--port", str(port), "--tokens-per-minute", "100000", "--bundles-per-minute", "100000",
-             "--requests-per-minute", "1000000"],
+             "--requests-per-minute", "1000000", "--open", "--no-quarantine"],
             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             wait_healthy(url)
             # Bodies are made before the clock starts: this measures the server, not the signing.
-            bodies: list[list[bytes]] = []
+            bodies: list[list[tuple[bytes, str]]] = []  # (body, its request signature header)
             for i in range(args.clients):
                 token = parse_token(httpx.post(f"{url}/v1/tokens").json()["token"])
-                bodies.append([gzip.compress(json.dumps(bundle_mod.sign(
+                signed = [gzip.compress(json.dumps(bundle_mod.sign(
                     variant(base, f"load-{i}-{j}", f"loadmachine{i:04d}"), *token)).encode(), 6)
-                    for j in range(args.bundles)])
+                    for j in range(args.bundles)]
+                bodies.append([(b, f"{token[0]}:{body_signature(token[1], b)}") for b in signed])
             latencies: list[float] = []
             failures: list[str] = []
             answers = {"new": 0, "duplicate": 0}
@@ -89,11 +91,12 @@ def main() -> None:
 
             def client(i: int) -> None:
                 with httpx.Client(base_url=url, timeout=300) as http:
-                    for body in bodies[i]:
+                    for body, signature in bodies[i]:
                         for _ in range(2):  # every bundle twice: the repeat must add nothing
                             t0 = time.perf_counter()
                             resp = http.post("/v1/bundles", content=body, headers={
-                                "content-type": "application/json", "content-encoding": "gzip"})
+                                "content-type": "application/json", "content-encoding": "gzip",
+                                SIGNATURE_HEADER: signature})
                             dt = time.perf_counter() - t0
                             with lock:
                                 latencies.append(dt)
@@ -122,7 +125,7 @@ def main() -> None:
     result = {
         "clients": args.clients, "bundles_per_client": args.bundles, "requests": len(latencies),
         "rows_per_bundle": len(base["rows"]), "timeline_samples_per_bundle": len(base["timeline"].get("t_s", [])),
-        "body_bytes_gzip": len(bodies[0][0]), "wall_s": round(wall, 2),
+        "body_bytes_gzip": len(bodies[0][0][0]), "wall_s": round(wall, 2),
         "requests_per_s": round(len(latencies) / wall, 1), "new_bundles_per_s": round(expected_bundles / wall, 1),
         "rows_per_s": round(expected_rows / wall, 1),
         "latency_p50_s": round(statistics.median(lat), 4), "latency_p95_s": round(lat[int(0.95 * (len(lat) - 1))], 4),

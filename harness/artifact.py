@@ -20,6 +20,10 @@ from harness.errors import FitbenchError
 GGUF_MAGIC = b"GGUF"
 
 
+# The runner each artifact format runs in when none is named (bench, `run MODEL`, estimate).
+FORMAT_RUNTIMES = {"gguf": "llama.cpp", "hf": "torch", "onnx": "onnxruntime", "mlx": "mlx"}
+
+
 class ArtifactError(FitbenchError, ValueError):
     """The artifact is missing, unreadable, of an unknown format, or damaged."""
 

@@ -26,6 +26,9 @@ import yaml
 from harness.fleet.dataset import result_files
 from harness.fleet.resources import agent_resources
 
+# A real local Ray cluster (a head and agents): minutes, so `make unit` leaves these out.
+pytestmark = pytest.mark.cluster
+
 pytest.importorskip("ray", reason="fleet tests need fitbench[fleet]")
 
 ROOT = Path(__file__).resolve().parents[1]

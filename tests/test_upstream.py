@@ -22,6 +22,7 @@ from harness.share.anonymise import Identity, upstream_machine_id
 from harness.share.community import merge_community
 from harness.share.contribute import build, parse_token
 from harness.share.upstream.app import Config, create_app
+from harness.share.upstream.ingest import SIGNATURE_HEADER, body_signature
 from harness.share.upstream.ratelimit import Limit
 from harness.share.upstream.validate import check_bundle, check_row
 from tests.test_cli import assert_usage_error, fitbench
@@ -37,22 +38,33 @@ def make_bundle(tmp_path: Path, **kw) -> dict:
 
 
 def app_client(tmp_path: Path, **cfg) -> TestClient:
+    cfg.setdefault("open_tokens", True)
     return TestClient(create_app(Config(db=tmp_path / "up.sqlite", **cfg)), raise_server_exceptions=False)
 
 
-def new_token(client: TestClient) -> tuple[str, str]:
+def new_token(client: TestClient, approve: bool = True) -> tuple[str, str]:
+    """A self-service token (open mode), approved by the operator unless told otherwise."""
     resp = client.post("/v1/tokens")
     assert resp.status_code == 201, resp.text
-    return parse_token(resp.json()["token"])
+    token = parse_token(resp.json()["token"])
+    if approve:
+        assert client.app.state.store.set_status(token[0], "active")
+    return token
 
 
-def send(client: TestClient, doc: dict, token: tuple[str, str] | None, gz: bool = True):
+def wire_headers(body: bytes, token: tuple[str, str] | None) -> dict:
+    return {SIGNATURE_HEADER: f"{token[0]}:{body_signature(token[1], body)}"} if token else {}
+
+
+def send(client: TestClient, doc: dict, token: tuple[str, str] | None, gz: bool = True,
+         wire: tuple[str, str] | None = None):
+    """POST a bundle signed with ``token``; the request body signed with ``wire`` (default: the same)."""
     signed = bundle_mod.sign(doc, *token) if token else doc
     body = json.dumps(signed).encode()
     headers = {"content-type": "application/json", "idempotency-key": bundle_mod.content_hash(signed)}
     if gz:
         body, headers["content-encoding"] = gzip.compress(body), "gzip"
-    return client.post("/v1/bundles", content=body, headers=headers)
+    return client.post("/v1/bundles", content=body, headers={**headers, **wire_headers(body, wire or token)})
 
 
 # --- anonymising and the bundle ----------------------------------------------------------------------------
@@ -157,7 +169,7 @@ def test_submit_dedupe_tamper_and_aggregate(tmp_path):
     # altered after signing
     signed = bundle_mod.sign(make_bundle(tmp_path, folder="c", run_id="run-c"), *token)
     signed["rows"][0]["decode_tok_s"] = 70.0
-    tampered = send(client, signed, None)
+    tampered = send(client, signed, None, wire=token)
     assert tampered.status_code == 401 and "altered after it was signed" in tampered.json()["detail"]["error"]
     unknown = send(client, make_bundle(tmp_path, folder="d", run_id="run-d"), ("nope", "secret"))
     assert unknown.status_code == 401 and "did not issue" in unknown.json()["detail"]["error"]
@@ -176,9 +188,10 @@ def test_idempotency_key_cannot_be_reused_for_other_content(tmp_path):
     token = new_token(client)
     a, b = make_bundle(tmp_path, folder="a", run_id="ra"), make_bundle(tmp_path, folder="b", run_id="rb")
     assert send(client, a, token).status_code == 201
-    body = json.dumps(bundle_mod.sign(b, *token))
+    body = json.dumps(bundle_mod.sign(b, *token)).encode()
     resp = client.post("/v1/bundles", content=body, headers={"content-type": "application/json",
-                                                               "idempotency-key": bundle_mod.content_hash(a)})
+                                                               "idempotency-key": bundle_mod.content_hash(a),
+                                                               **wire_headers(body, token)})
     assert resp.status_code == 422 and "Idempotency-Key" in resp.json()["detail"]["error"]
 
 
@@ -203,7 +216,9 @@ def test_rate_limits_answer_429_with_retry_after(tmp_path):
 ])
 def test_bad_input_gets_a_4xx_with_a_reason(tmp_path, body, headers, status, words):
     client = app_client(tmp_path, max_body=1 * MiB, max_decoded=4 * MiB)
-    resp = client.post("/v1/bundles", content=body, headers={"content-type": "application/json", **headers})
+    signed = wire_headers(body, new_token(client))  # a real contributor's request: the checks after the token
+    resp = client.post("/v1/bundles", content=body, headers={"content-type": "application/json", **headers,
+                                                               **signed})
     assert resp.status_code == status, resp.text
     assert words in json.dumps(resp.json())
 
@@ -235,7 +250,9 @@ def test_fuzzed_bodies_never_get_a_500(tmp_path):
     @given(raw=st.binary(max_size=200), column=st.sampled_from(columns), value=json_values,
            where=st.sampled_from(["row", "timeline", "top"]), sign=st.booleans())
     def check(raw, column, value, where, sign):
-        assert client.post("/v1/bundles", content=raw, headers={"content-type": "application/json"}).status_code < 500
+        for headers in ({}, wire_headers(raw, token)):
+            assert client.post("/v1/bundles", content=raw,
+                               headers={"content-type": "application/json", **headers}).status_code < 500
         doc = json.loads(json.dumps(valid))
         target = {"row": doc["rows"][0], "timeline": doc["timeline"], "top": doc}[where]
         target[column] = value
@@ -247,19 +264,23 @@ def test_fuzzed_bodies_never_get_a_500(tmp_path):
 
 def test_concurrent_submissions_lose_and_duplicate_nothing(tmp_path):
     """10 clients x 5 bundles (2 rows each) at once, each bundle sent twice: exactly 100 rows stored."""
-    app = create_app(Config(db=tmp_path / "load.sqlite", token_limit=Limit(1e6, 10**6),
+    app = create_app(Config(db=tmp_path / "load.sqlite", open_tokens=True, token_limit=Limit(1e6, 10**6),
                             bundle_limit=Limit(1e6, 10**6), request_limit=Limit(1e6, 10**6)))
     base = make_bundle(tmp_path)
     errors: list[str] = []
     with ThreadServer(app) as server:
         def client(i: int) -> None:
             with httpx.Client(base_url=server.url, timeout=60) as http:
-                token = parse_token(http.post("/v1/tokens").json()["token"])
+                issued = http.post("/v1/tokens")
+                assert issued.status_code == 201, issued.text
+                token = parse_token(issued.json()["token"])
+                app.state.store.set_status(token[0], "active")
                 for j in range(5):
                     doc = _variant(base, f"run-{i}-{j}", f"machine{i:03d}")
-                    signed = json.dumps(bundle_mod.sign(doc, *token))
+                    signed = json.dumps(bundle_mod.sign(doc, *token)).encode()
                     for _ in range(2):
-                        resp = http.post("/v1/bundles", content=signed, headers={"content-type": "application/json"})
+                        resp = http.post("/v1/bundles", content=signed, headers={"content-type": "application/json",
+                                                                                 **wire_headers(signed, token)})
                         if resp.status_code not in (200, 201):
                             errors.append(resp.text)
 
@@ -357,7 +378,7 @@ def test_cli_replaces_a_stored_token_the_server_forgot(tmp_path):
     cfg = tmp_path / "cfg"
     (cfg / "fitbench").mkdir(parents=True)
     path = write_results(tmp_path)
-    with ThreadServer(create_app(Config(db=tmp_path / "u.sqlite"))) as server:
+    with ThreadServer(create_app(Config(db=tmp_path / "u.sqlite", open_tokens=True))) as server:
         (cfg / "fitbench" / "token").write_text(json.dumps({server.url: "fbt1.gone.secret"}))
         proc = fitbench("contribute", str(path), "--yes", "--to", server.url, env={"XDG_CONFIG_HOME": str(cfg)})
         assert proc.returncode == 0, proc.stderr

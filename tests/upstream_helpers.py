@@ -82,7 +82,8 @@ class ThreadServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    limit_concurrency=1000, backlog=2048))
+                                                    limit_concurrency=1000, backlog=2048,
+                                                    proxy_headers=False))  # as `upstream serve` runs it
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "ThreadServer":
@@ -213,7 +214,8 @@ def upstream_subprocess(db: Path):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "upstream", "serve", "--db", str(db),
-                             "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             "--port", str(port), "--open", "--no-quarantine"],  # self-service tokens, active at once
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url)

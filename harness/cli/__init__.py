@@ -16,7 +16,7 @@ import sys
 
 import click
 
-from harness.cli import analyse, catalog, fleet, info, run, share
+from harness.cli import analyse, bench, catalog, fleet, info, run, share
 from harness.cli.options import EXIT_INTERRUPTED, UsageError
 from harness.errors import FitbenchError
 
@@ -38,6 +38,7 @@ for command in (run.run, run.fit, catalog.catalog, catalog.estimate_cmd, analyse
                 share.contribute_cmd, share.upstream, fleet.fleet, info.thresholds, info.runners, info.machine,
                 info.models):
     cli.add_command(command)
+cli.add_command(bench.bench)  # llama-bench's interface (harness/cli/bench.py)
 
 
 def one_line(text: str) -> str:

@@ -11,11 +11,11 @@ from pathlib import Path
 import click
 import yaml
 
+from harness.artifact import FORMAT_RUNTIMES  # noqa: F401  (re-exported for the commands)
 from harness.errors import FitbenchError
 from harness.fit import Thresholds, parse_size
 
 EXIT_INTERRUPTED = 130
-FORMAT_RUNTIMES = {"gguf": "llama.cpp", "hf": "torch", "onnx": "onnxruntime", "mlx": "mlx"}
 
 
 class UsageError(FitbenchError):

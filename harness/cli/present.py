@@ -411,3 +411,61 @@ def print_status(console: Console, snap: dict, status_mod) -> None:
             click.echo("\t".join(str(r[c]) for c in cols))
     for line in status_mod.run_lines(snap):
         click.echo(line)
+
+
+# --- fitbench bench: llama-bench's columns ------------------------------------------------------
+
+class JsonlPrinter(Printer):
+    """One JSON object per line, flushed as each record comes (llama-bench's jsonl)."""
+
+    def row(self, record: dict, style: str | None = None) -> None:
+        click.echo(json.dumps(record, default=str))
+        sys.stdout.flush()
+
+
+def _bench_size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def _bench_params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def _bench_rate(record: dict) -> str:
+    if record.get("avg_ts") is None:
+        return record.get("status") or "-"
+    return f"{record['avg_ts']:.2f} ± {record.get('stddev_ts') or 0:.2f}"
+
+
+# llama-bench's headings for the option columns a sweep may show
+BENCH_OPTION_TITLES = {"n_batch": "n_batch", "n_gpu_layers": "ngl", "flash_attn": "fa", "type_k": "type_k",
+                       "type_v": "type_v"}
+
+
+def bench_columns(shown_options: list[str], fmt_name: str = "md", all_fields: tuple[str, ...] = ()) -> list[Column]:
+    """llama-bench's columns (the option columns only where the sweep varies them) plus fitbench's
+    peak memory, TTFT and fit; csv gets every field of ``all_fields`` raw, as llama-bench's csv does."""
+    if fmt_name == "csv":
+        return [Column(key) for key in all_fields]
+    options = [Column(key, BENCH_OPTION_TITLES.get(key, key), show=lambda v: str(int(v)) if isinstance(v, bool)
+                      else str(v), right=True) for key in shown_options]
+    return [
+        Column("model_type", "model"),
+        Column("model_size", "size", show=_bench_size, right=True),
+        Column("model_n_params", "params", show=_bench_params, right=True),
+        Column("backends", "backend"),
+        Column("n_threads", "threads", right=True),
+        *options,
+        Column("test", "test", right=True),
+        Column("avg_ts", "t/s", label=_bench_rate, right=True),
+        Column("peak_rss_bytes", "peak MiB", show=mib, right=True),
+        Column("ttft_ms", "TTFT ms", show=number("{:,.1f}"), right=True),
+        fit_column(),
+    ]
+
+
+def make_bench_printer(fmt_name: str, console: Console | None = None) -> Printer:
+    """``fitbench bench -o``: md, csv, json, jsonl (llama-bench's names) or table."""
+    if fmt_name == "jsonl":
+        return JsonlPrinter()
+    return make_printer({"md": "markdown"}.get(fmt_name, fmt_name), console)

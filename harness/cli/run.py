@@ -78,9 +78,20 @@ class _RefusePandas:
 def run(scenario: Path, output_dir: Path, repetitions: int | None, contexts: str | None,
         gen_tokens: int | None, timeout: float | None, budget: str | None, thresholds: tuple[str, ...],
         resume: bool, force: bool) -> None:
-    """Run SCENARIO (a YAML file) and write results to OUTPUT."""
+    """Run SCENARIO (a YAML file) and write results to OUTPUT.
+
+    SCENARIO may be an artifact instead (a .gguf file or a model folder): then it runs llama-bench's default
+    test, a 512-token prompt and 128 generated tokens, at the model's trained context capped at 4096, with the
+    runtime its format implies (the options above override these; `fitbench bench` sweeps more).
+    """
     keep_pandas_out()
-    sc = with_overrides(load_scenario(scenario), repetitions, contexts, gen_tokens, timeout, budget, thresholds)
+    if scenario.suffix == ".gguf" or scenario.is_dir():
+        from harness.benchsweep import default_scenario
+
+        base = default_scenario(scenario)
+    else:
+        base = load_scenario(scenario)
+    sc = with_overrides(base, repetitions, contexts, gen_tokens, timeout, budget, thresholds)
     artifacts = check_scenario(sc)
     out = check_output_dir(output_dir)
     cases = sc.cases()

@@ -109,9 +109,21 @@ def upstream() -> None:
               help="bundles one token may submit")
 @click.option("--requests-per-minute", type=click.FloatRange(min=0.01), default=1200, show_default=True,
               help="submissions and queries one address may make")
+@click.option("--open", "open_tokens", is_flag=True, help="issue tokens to anyone who asks (POST /v1/tokens); "
+              "they start quarantined: stored, not counted until `fitbench upstream token approve`")
+@click.option("--no-quarantine", is_flag=True, help="with --open: self-service tokens count at once (a private "
+              "upstream whose every client is trusted)")
+@click.option("--quota-mib", type=click.FloatRange(min=0.01), default=256, show_default=True,
+              help="storage quota of a self-service token")
+@click.option("--trust-proxy", "trust_proxy", multiple=True, metavar="ADDR",
+              help="a reverse proxy whose X-Forwarded-For names the client (repeatable; default: none)")
 def upstream_serve(db: Path, host: str, port: int, max_body_mib: float, tokens_per_minute: float,
-                   bundles_per_minute: float, requests_per_minute: float) -> None:
-    """Accept contribution bundles and serve aggregated community fits (GET /v1/fits) as JSON."""
+                   bundles_per_minute: float, requests_per_minute: float, open_tokens: bool, no_quarantine: bool,
+                   quota_mib: float, trust_proxy: tuple[str, ...]) -> None:
+    """Accept contribution bundles and serve aggregated community fits (GET /v1/fits) as JSON.
+
+    Tokens come from the operator (`fitbench upstream token create`); with --open anyone may
+    ask for one, and its rows count once the operator approves it."""
     import socket
 
     try:
@@ -122,11 +134,15 @@ def upstream_serve(db: Path, host: str, port: int, max_body_mib: float, tokens_p
     except ImportError as exc:
         raise UsageError(f"the upstream server needs its extra ({exc.name} is missing): "
                          "pip install 'fitbench[upstream]'") from None
+    if no_quarantine and not open_tokens:
+        raise UsageError("--no-quarantine is about self-service tokens: it needs --open")
     try:
         app = create_app(Config(db=db, max_body=int(max_body_mib * 2**20),
                                 token_limit=Limit(tokens_per_minute, max(1, int(tokens_per_minute // 2))),
                                 bundle_limit=Limit(bundles_per_minute, max(1, int(bundles_per_minute // 2))),
-                                request_limit=Limit(requests_per_minute, max(1, int(requests_per_minute // 2)))))
+                                request_limit=Limit(requests_per_minute, max(1, int(requests_per_minute // 2))),
+                                open_tokens=open_tokens, quarantine=not no_quarantine, quota_bytes=int(quota_mib * 2**20),
+                                trust_proxy=frozenset(trust_proxy)))
     except Exception as exc:  # sqlite3.Error, OSError: an unusable database file
         raise UsageError(f"{db}: cannot open the database: {exc}") from None
     try:  # a taken port is the user's to fix: say so in one line rather than in uvicorn's log
@@ -137,4 +153,79 @@ def upstream_serve(db: Path, host: str, port: int, max_body_mib: float, tokens_p
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port or --host") \
             from None
     make_console().print(f"fitbench upstream on http://{host}:{port} (database {db}); Ctrl-C stops it", markup=False)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # the app reads X-Forwarded-For itself, only from --trust-proxy peers: uvicorn must not rewrite the client
+    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False)
+
+
+@upstream.group("token")
+def token_group() -> None:
+    """Issue, list, approve and revoke the submitter tokens of an upstream (run on its machine)."""
+
+
+DB_OPTION = click.option("--db", "db", type=click.Path(path_type=Path), default=Path("upstream.sqlite"),
+                         show_default=True, help="the server's SQLite database")
+
+
+def _store(db: Path, must_exist: bool = True):
+    from harness.share.upstream.store import Store
+
+    if must_exist and not db.exists():
+        raise UsageError(f"{db}: no such database; pass the server's --db")
+    try:
+        return Store(db)
+    except Exception as exc:  # sqlite3.Error, OSError: an unusable database file
+        raise UsageError(f"{db}: cannot open the database: {exc}") from None
+
+
+@token_group.command("create")
+@DB_OPTION
+@click.option("--name", help="who the token is for (shown by `token list`)")
+@click.option("--quota-mib", type=click.FloatRange(min=0.01), default=256, show_default=True,
+              help="how much this token may store")
+def token_create(db: Path, name: str | None, quota_mib: float) -> None:
+    """Issue an active token; give the printed token to the contributor (contribute --token)."""
+    from harness.share.contribute import TOKEN_PREFIX
+
+    store = _store(db, must_exist=False)
+    token_id, secret = store.issue_token(name, int(quota_mib * 2**20), "active")
+    store.close()
+    make_console().print(f"token {token_id} ({name or 'unnamed'}), active\n{TOKEN_PREFIX}.{token_id}.{secret}",
+                         markup=False, highlight=False)
+
+
+@token_group.command("list")
+@DB_OPTION
+def token_list(db: Path) -> None:
+    """Every token: status, quota and use, bundles sent."""
+    store = _store(db)
+    console = make_console()
+    for t in store.tokens():
+        console.print(f"{t['token_id']}  {t['status']:<11}  {t['used_bytes'] / 2**20:8.1f} / "
+                      f"{t['quota_bytes'] / 2**20:.0f} MiB  {t['bundles']:5d} bundle(s)  {t['created_at']}  "
+                      f"{t['name'] or ''}", markup=False, highlight=False)
+    store.close()
+
+
+def _set_status(db: Path, token_id: str, status: str, what: str) -> None:
+    store = _store(db)
+    found = store.set_status(token_id, status)
+    store.close()
+    if not found:
+        raise UsageError(f"{db}: no token {token_id!r} (see `fitbench upstream token list`)")
+    make_console().print(f"token {token_id} {what}", markup=False, highlight=False)
+
+
+@token_group.command("approve")
+@click.argument("token_id")
+@DB_OPTION
+def token_approve(token_id: str, db: Path) -> None:
+    """Let a quarantined token's rows count in GET /v1/fits."""
+    _set_status(db, token_id, "active", "approved: its rows now count")
+
+
+@token_group.command("revoke")
+@click.argument("token_id")
+@DB_OPTION
+def token_revoke(token_id: str, db: Path) -> None:
+    """Refuse a token from now on and take its rows out of the aggregates (they stay stored)."""
+    _set_status(db, token_id, "revoked", "revoked: refused from now on, its rows no longer count")

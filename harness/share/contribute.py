@@ -361,8 +361,15 @@ def upload(doc: dict, url: str, token: str, retry: Retry, say: Callable[[str], N
     else:
         signed = bundle_mod.sign(doc, *parse_token(token))
     body = gzip.compress(json.dumps(signed, allow_nan=False).encode(), compresslevel=6)
+    token_id, secret = parse_token(token)
+    if signed.get("token_id") != token_id:
+        raise ContributeError(f"the bundle was signed with token {signed.get('token_id')}, not {token_id}: "
+                              "send it with that token (--token)")
+    # the body's own signature lets the server refuse a stranger before it decompresses anything
+    from harness.share.upstream.ingest import SIGNATURE_HEADER, body_signature
+
     headers = {"content-type": "application/json", "content-encoding": "gzip",
-               "idempotency-key": content_hash(signed)}
+               "idempotency-key": content_hash(signed), SIGNATURE_HEADER: f"{token_id}:{body_signature(secret, body)}"}
     resp = request("POST", f"{base_url(url)}/v1/bundles", retry, on_retry=say, content=body, headers=headers)
     if resp.status_code == 401 and "did not issue" in _reason(resp):
         raise UnknownToken(f"{base_url(url)} does not know the token {signed['token_id']}: {_reason(resp)}")

@@ -1,5 +1,6 @@
 """The reference upstream service: accepts contribution bundles, serves aggregated community fits.
 
-app.py (HTTP, FastAPI), store.py (SQLite), validate.py (plausibility rules), ratelimit.py.
+app.py (HTTP, FastAPI; the trust model), ingest.py (signature, bounded inflate and parse), store.py (SQLite,
+tokens), validate.py (plausibility rules), verdict.py (the server's verdict), ratelimit.py (limits, client keys).
 Imported only by `fitbench upstream serve` and tests; needs the `upstream` extra.
 """

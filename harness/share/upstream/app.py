@@ -1,24 +1,47 @@
 """The upstream HTTP API (FastAPI). Every refusal is a 4xx with a JSON reason; nothing a client sends is a 500.
 
-    POST /v1/tokens    issue a submitter token (rate limited per address)       -> 201 {"token": ...}
+    POST /v1/tokens    a quarantined submitter token, only with ``serve --open``   -> 201 {"token": ...}; else 403
     POST /v1/bundles   a signed bundle, JSON, optionally gzip-encoded           -> 201 new / 200 already had it
     GET  /v1/fits      aggregated community fits (?machine_class=&artifact_sha256=&runtime=)
     GET  /v1/stats     counts of bundles, rows, machines
     GET  /v1/health
 
-Bundles are read with a byte cap (before and after gzip), parsed without
-NaN, checked for structure, signature, then plausibility, and stored whole,
-each row with the server's own verdict (verdict.py: harness.fit with
-``Config.thresholds``, never the client's).
+Trust model. A row counts in ``/v1/fits`` only when it came in a bundle
+signed by a token in good standing: one the operator issued (``fitbench
+upstream token create``) or approved (``token approve``); ``token revoke``
+refuses a token from then on and takes its rows out of the aggregates. With
+``serve --open`` anyone may ask ``POST /v1/tokens`` for a token, but it starts
+quarantined: its bundles are checked and stored, never counted, until the
+operator approves it (there is no automatic track-record rule yet;
+``--open --no-quarantine`` makes them active at once, for a private upstream
+whose every client is trusted, such as a lab network or a test). Whatever
+a token sends is judged by the server (verdict.py recomputes every fit class
+with the server's thresholds; validate.py refuses figures no real run can
+produce), so approval is a statement about who sends, never about what is
+true. Each token has a storage quota and a bundle rate limit, both charged
+only after its signature is verified, so knowing a token id (it is in every
+shared bundle) gives no power over its owner. Addresses are the socket peer
+(IPv6 by its /64); ``X-Forwarded-For`` is read only from the proxies the
+operator names with ``--trust-proxy``.
+
+Order of work for a bundle, cheapest first (ingest.py), everything past the
+header checks in a worker thread: content type, encoding and signature header
+-> body read with a byte cap and a time limit -> the HMAC of the body as sent
+(``X-Fitbench-Signature``) against the token's secret, then its rate limit and
+quota -> gzip inflated up to ``max_decoded`` -> JSON value count and depth
+bounded on the bytes, then parsed (finite numbers only) -> structure,
+the bundle's own signature, plausibility -> stored, columns newer than this
+schema dropped, each row with the server's own verdict.
 """
 
 from __future__ import annotations
 
-import zlib
+import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import anyio
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -29,9 +52,17 @@ from harness.results import SCHEMA_VERSION
 from harness.share import bundle as bundle_mod
 from harness.share.bundle import BundleError, content_hash
 from harness.share.contribute import TOKEN_PREFIX
-from harness.share.upstream.ratelimit import Limit, RateLimiter
-from harness.share.upstream.store import Store
-from harness.share.upstream.validate import check_bundle
+from harness.share.upstream.ingest import (
+    SIGNATURE_HEADER,
+    Refused,
+    inflate,
+    parse_bounded,
+    parse_signature_header,
+    signature_matches,
+)
+from harness.share.upstream.ratelimit import Limit, RateLimiter, client_address, limit_key
+from harness.share.upstream.store import DEFAULT_QUOTA, QuotaExceeded, Store
+from harness.share.upstream.validate import check_bundle, drop_unknown
 
 
 @dataclass
@@ -39,6 +70,13 @@ class Config:
     db: Path | str = "upstream.sqlite"
     max_body: int = 16 * 2**20          # bytes on the wire
     max_decoded: int = 64 * 2**20       # bytes after gzip
+    max_elements: int = 4_000_000       # JSON values in one bundle (bounded before parsing)
+    max_depth: int = 32                 # JSON nesting (a bundle needs 4)
+    body_timeout: float = 60.0          # seconds for the whole body to arrive
+    open_tokens: bool = False           # POST /v1/tokens issues (quarantined) tokens to anyone
+    quarantine: bool = True             # open-mode tokens wait for approval (False: a private upstream)
+    quota_bytes: int = DEFAULT_QUOTA    # decoded bytes a new token may store
+    trust_proxy: frozenset[str] = frozenset()  # peers whose X-Forwarded-For names the client
     token_limit: Limit = field(default_factory=lambda: Limit(per_minute=10, burst=5))      # per address
     bundle_limit: Limit = field(default_factory=lambda: Limit(per_minute=120, burst=60))   # per token
     request_limit: Limit = field(default_factory=lambda: Limit(per_minute=1200, burst=600))  # per address
@@ -65,7 +103,8 @@ def create_app(config: Config | None = None) -> FastAPI:
                          headers={"Retry-After": str(max(1, round(wait)))})
 
     def address(request: Request) -> str:
-        return request.client.host if request.client else "unknown"
+        peer = request.client.host if request.client else None
+        return limit_key(client_address(peer, request.headers.get("x-forwarded-for"), config.trust_proxy))
 
     @app.exception_handler(RequestValidationError)
     async def _bad_query(request: Request, exc: RequestValidationError):
@@ -83,9 +122,13 @@ def create_app(config: Config | None = None) -> FastAPI:
 
     @app.post("/v1/tokens", status_code=201)
     async def tokens(request: Request) -> dict:
+        if not config.open_tokens:
+            raise refuse(403, "this upstream issues tokens only through its operator: ask them to run "
+                              "`fitbench upstream token create --db DB` and send you the token (use --token)")
         limit("token", address(request))
-        token_id, secret = await run_in_threadpool(store.issue_token)
-        return {"token": f"{TOKEN_PREFIX}.{token_id}.{secret}", "token_id": token_id}
+        status = "quarantined" if config.quarantine else "active"
+        token_id, secret = await run_in_threadpool(store.issue_token, None, config.quota_bytes, status)
+        return {"token": f"{TOKEN_PREFIX}.{token_id}.{secret}", "token_id": token_id, "status": status}
 
     @app.post("/v1/bundles")
     async def bundles(request: Request) -> JSONResponse:
@@ -93,32 +136,59 @@ def create_app(config: Config | None = None) -> FastAPI:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise refuse(415, f"send the bundle as application/json (got {ctype[:40] or 'no content type'!r})")
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity", "gzip"):
+            raise refuse(415, f"Content-Encoding {encoding[:20]!r} is not supported; use gzip or none")
+        idem_key = request.headers.get("idempotency-key")
+        if idem_key is not None and len(idem_key) > 128:
+            raise refuse(400, "Idempotency-Key is longer than 128 characters")
+        try:  # a request with no usable signature header is refused before its body is read
+            parse_signature_header(request.headers.get(SIGNATURE_HEADER))
+        except Refused as exc:
+            raise refuse(exc.status, exc.error) from None
         raw = await _read_body(request, config)
-        raw = _decode(raw, request.headers.get("content-encoding", "identity").lower(), config)
-        try:
-            doc = bundle_mod.parse_json(raw)
-        except (ValueError, RecursionError) as exc:
-            raise refuse(400, f"malformed JSON: {str(exc)[:120]}") from None
-        return await run_in_threadpool(_accept, doc, request.headers.get("idempotency-key"))
+        try:  # each step in a worker thread, cheapest first: signature, then inflate, then parse
+            token_id = await run_in_threadpool(_authenticate, raw, request.headers.get(SIGNATURE_HEADER))
+            decoded = await run_in_threadpool(inflate, raw, encoding, config.max_decoded)
+            del raw
+            doc = await run_in_threadpool(parse_bounded, decoded, config.max_elements, config.max_depth)
+        except Refused as exc:
+            raise refuse(exc.status, exc.error) from None
+        return await run_in_threadpool(_accept, doc, token_id, len(decoded), idem_key)
 
-    def _accept(doc, idem_key: str | None) -> JSONResponse:
+    def _authenticate(raw: bytes, header: str | None) -> str:
+        """The token that signed these bytes; charged to its rate limit only once the signature holds,
+        so a token id read from a shared bundle cannot be used to lock its owner out."""
+        token_id, given = parse_signature_header(header)
+        found = store.token(token_id)
+        if found is None or found["status"] == "revoked":
+            raise Refused(401, "signed with a token this server did not issue (or revoked); ask its operator")
+        if not signature_matches(found["secret"], raw, given):
+            raise Refused(401, "the request signature does not match the body: it was altered or signed with "
+                               "another token")
+        limit("bundle", token_id)
+        if found["used_bytes"] + len(raw) > found["quota_bytes"]:
+            raise Refused(413, f"token {token_id} has used {found['used_bytes']:,} of its "
+                               f"{found['quota_bytes']:,} byte quota: ask the operator")
+        return token_id
+
+    def _accept(doc, wire_token: str, size: int, idem_key: str | None) -> JSONResponse:
         try:
             notes = bundle_mod.validate(doc)
         except BundleError as exc:
             raise refuse(422, f"schema: {exc}") from None
         token_id = doc.get("token_id")
-        if not isinstance(token_id, str) or not token_id or len(token_id) > 64:
-            raise refuse(401, "the bundle is not signed with a submitter token; get one from POST /v1/tokens")
-        limit("bundle", token_id)
+        if token_id != wire_token:
+            raise refuse(401, "the bundle is signed with another token than the request")
         secret = store.secret_for(token_id)
-        if secret is None:
-            raise refuse(401, "signed with a token this server did not issue; get one from POST /v1/tokens")
         digest = content_hash(doc)
-        if not bundle_mod.signature_ok(doc, secret, digest):
+        try:
+            signed = secret is not None and bundle_mod.signature_ok(doc, secret, digest)
+        except (TypeError, ValueError):  # a non-ASCII signature: compare_digest refuses str beyond ASCII
+            signed = False
+        if not signed:
             raise refuse(401, "the signature does not match the content: the bundle was altered after it was signed")
         if idem_key is not None:
-            if len(idem_key) > 128:
-                raise refuse(400, "Idempotency-Key is longer than 128 characters")
             earlier = store.bundle_for_key(idem_key)
             if earlier is not None and earlier != digest:
                 raise refuse(422, "Idempotency-Key was already used for a different bundle")
@@ -126,10 +196,19 @@ def create_app(config: Config | None = None) -> FastAPI:
                 return JSONResponse(store.known(digest), status_code=200)
         if idem_key is None and (repeat := store.known(digest)) is not None:
             return JSONResponse(repeat, status_code=200)
-        reasons = check_bundle(doc["rows"], doc["timeline"])
+        doc = drop_unknown(doc)  # verified as signed; what a newer schema adds is not ours to store
+        try:
+            reasons = check_bundle(doc["rows"], doc["timeline"])
+        except (TypeError, ValueError, KeyError) as exc:  # a shape validate let through: the client's
+            raise refuse(422, f"schema: a value of the wrong kind ({type(exc).__name__}: {str(exc)[:80]})") from None
         if reasons:
             raise refuse(422, "implausible measurements: the bundle is refused", reasons)
-        result = store.submit(doc, digest, idem_key)
+        try:
+            result = store.submit(doc, digest, idem_key, size=size)
+        except QuotaExceeded as exc:
+            raise refuse(413, str(exc)) from None
+        except sqlite3.IntegrityError as exc:  # a null the structure check let through: the client's
+            raise refuse(422, f"schema: a required value is missing ({str(exc)[:80]})") from None
         if notes:
             result["notes"] = notes
         return JSONResponse(result, status_code=200 if result["duplicate"] else 201)
@@ -161,31 +240,15 @@ async def _read_body(request: Request, config: Config) -> bytes:
         if int(declared) > config.max_body:
             raise refuse(413, f"body of {int(declared):,} bytes is over the {config.max_body:,} byte limit")
     chunks, size = [], 0
-    async for chunk in request.stream():  # counted as it arrives: a lying Content-Length cannot get past
-        size += len(chunk)
-        if size > config.max_body:
-            raise refuse(413, f"body is over the {config.max_body:,} byte limit")
-        chunks.append(chunk)
+    try:
+        with anyio.fail_after(config.body_timeout):  # a slow body holds a connection, not the server
+            async for chunk in request.stream():  # counted as it arrives: a lying Content-Length cannot get past
+                size += len(chunk)
+                if size > config.max_body:
+                    raise refuse(413, f"body is over the {config.max_body:,} byte limit")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise refuse(408, f"the body did not arrive within {config.body_timeout:g} s") from None
     if not size:
         raise refuse(400, "empty body: send a bundle")
     return b"".join(chunks)
-
-
-def _decode(raw: bytes, encoding: str, config: Config) -> bytes:
-    if encoding in ("", "identity"):
-        if len(raw) > config.max_decoded:
-            raise refuse(413, "bundle too large")
-        return raw
-    if encoding != "gzip":
-        raise refuse(415, f"Content-Encoding {encoding[:20]!r} is not supported; use gzip or none")
-    inflate = zlib.decompressobj(wbits=31)
-    try:
-        out = inflate.decompress(raw, config.max_decoded)
-        if inflate.unconsumed_tail:  # more than the cap would come out: a gzip bomb or just too big
-            raise refuse(413, f"bundle is over {config.max_decoded:,} bytes once decompressed")
-        out += inflate.flush()
-    except zlib.error as exc:
-        raise refuse(400, f"body is not valid gzip: {exc}") from None
-    if not inflate.eof:
-        raise refuse(400, "gzip body is truncated")
-    return out

@@ -7,6 +7,7 @@ Buckets idle long enough to be full again are dropped, so memory stays bounded.
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from dataclasses import dataclass
@@ -43,3 +44,29 @@ class RateLimiter:
         full_after = self.limit.burst / rate if rate > 0 else float("inf")
         for key in [k for k, (_, last) in self._buckets.items() if now - last > full_after]:
             del self._buckets[key]
+
+
+def client_address(peer: str | None, forwarded_for: str | None, trusted: frozenset[str]) -> str:
+    """The client's address: the socket peer, unless that peer is a proxy the operator named
+    (``--trust-proxy``); then the right-most X-Forwarded-For entry not itself a trusted proxy.
+    Nobody else's X-Forwarded-For is read: a client cannot pick its own rate-limit key."""
+    peer = peer or "unknown"
+    if peer not in trusted or not forwarded_for:
+        return peer
+    for hop in reversed([h.strip() for h in forwarded_for.split(",")]):
+        if hop and hop not in trusted:
+            return hop[:64]
+    return peer
+
+
+def limit_key(address: str) -> str:
+    """The rate-limit key of an address: IPv4 as it is, IPv6 by its /64 (one host gets a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:64]
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d is that IPv4 host
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)

@@ -9,6 +9,12 @@ run id (table ``case_timelines``; the ``timelines`` table of earlier versions,
 keyed without the class, is left as it was). One write transaction per bundle under one lock: a bundle is stored whole
 or not at all, and concurrent submissions of the same bundle store it once.
 
+Tokens (``token_state``): ``active`` (issued or approved by the operator: its
+rows vote in the aggregates), ``quarantined`` (self-service in open mode, and
+tokens of databases older than this table: stored, never aggregated) or
+``revoked`` (refused, and its rows leave the aggregates). Each token has a
+storage quota, charged with the decoded bundle size in the write transaction.
+
 The ``fit_class`` column is the server's verdict (verdict.judge), not the
 one the client sent (that stays in ``row_json``, as signed).
 
@@ -40,6 +46,9 @@ from harness.share.upstream.verdict import budget_set, figures, judge
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (token_id TEXT PRIMARY KEY, secret TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS token_state (
+    token_id TEXT PRIMARY KEY, name TEXT, status TEXT NOT NULL, quota_bytes INTEGER NOT NULL,
+    used_bytes INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS bundles (
     content_hash TEXT PRIMARY KEY, token_id TEXT NOT NULL, received_at TEXT NOT NULL,
     n_rows INTEGER NOT NULL, n_new_rows INTEGER NOT NULL);
@@ -58,6 +67,14 @@ CREATE TABLE IF NOT EXISTS case_timelines (
 ARTIFACT_FIELDS = ("artifact_name", "artifact_size_bytes", "artifact_format", "artifact_quant", "artifact_arch",
                    "artifact_n_params", "artifact_n_layers", "artifact_n_heads", "artifact_n_kv_heads",
                    "artifact_head_dim", "artifact_context_length")
+
+
+DEFAULT_QUOTA = 256 * 2**20
+TOKEN_STATUSES = ("active", "quarantined", "revoked")
+
+
+class QuotaExceeded(Exception):
+    """A token's storage quota would be exceeded: nothing of the bundle is stored."""
 
 
 def now() -> str:
@@ -81,22 +98,64 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            # tokens of a database older than token_state: quarantined (self-service then), quota charged
+            self._db.execute("INSERT OR IGNORE INTO token_state (token_id, status, quota_bytes) "
+                             "SELECT token_id, 'quarantined', ? FROM tokens", (DEFAULT_QUOTA,))
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
     # --- tokens ---
-    def issue_token(self) -> tuple[str, str]:
+    def issue_token(self, name: str | None = None, quota_bytes: int = DEFAULT_QUOTA,
+                    status: str = "quarantined") -> tuple[str, str]:
+        """A new token; self-service ones (POST /v1/tokens) start quarantined, the operator's active."""
+        if status not in TOKEN_STATUSES:
+            raise ValueError(f"token status {status!r}")
         token_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
         with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("INSERT INTO tokens VALUES (?, ?, ?)", (token_id, secret, now()))
+            self._db.execute("INSERT INTO token_state VALUES (?, ?, ?, ?, 0)", (token_id, name, status, quota_bytes))
+            self._db.execute("COMMIT")
         return token_id, secret
 
-    def secret_for(self, token_id: str) -> str | None:
+    def token(self, token_id: str) -> dict | None:
+        """secret, status, quota and use of a token; None when this server never issued it."""
         with self._lock:
-            found = self._db.execute("SELECT secret FROM tokens WHERE token_id = ?", (token_id,)).fetchone()
-        return found[0] if found else None
+            found = self._db.execute(
+                "SELECT t.secret, coalesce(s.status, 'quarantined'), coalesce(s.quota_bytes, ?), "
+                "coalesce(s.used_bytes, 0), s.name, t.created_at FROM tokens t "
+                "LEFT JOIN token_state s USING (token_id) WHERE t.token_id = ?", (DEFAULT_QUOTA, token_id)).fetchone()
+        if found is None:
+            return None
+        return dict(zip(("secret", "status", "quota_bytes", "used_bytes", "name", "created_at"), found))
+
+    def secret_for(self, token_id: str) -> str | None:
+        found = self.token(token_id)
+        return None if found is None or found["status"] == "revoked" else found["secret"]
+
+    def tokens(self) -> list[dict]:
+        with self._lock:
+            found = self._db.execute(
+                "SELECT t.token_id, s.name, coalesce(s.status, 'quarantined'), coalesce(s.quota_bytes, ?), "
+                "coalesce(s.used_bytes, 0), t.created_at, (SELECT count(*) FROM bundles b "
+                "WHERE b.token_id = t.token_id) FROM tokens t LEFT JOIN token_state s USING (token_id) "
+                "ORDER BY t.created_at, t.token_id", (DEFAULT_QUOTA,)).fetchall()
+        keys = ("token_id", "name", "status", "quota_bytes", "used_bytes", "created_at", "bundles")
+        return [dict(zip(keys, row)) for row in found]
+
+    def set_status(self, token_id: str, status: str) -> bool:
+        """approve (active), quarantine or revoke a token; False when there is no such token."""
+        if status not in TOKEN_STATUSES:
+            raise ValueError(f"token status {status!r}")
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM tokens WHERE token_id = ?", (token_id,)).fetchone() is None:
+                return False
+            self._db.execute("INSERT INTO token_state (token_id, status, quota_bytes) VALUES (?, ?, ?) "
+                             "ON CONFLICT (token_id) DO UPDATE SET status = excluded.status",
+                             (token_id, status, DEFAULT_QUOTA))
+        return True
 
     # --- bundles ---
     def bundle_for_key(self, key: str) -> str | None:
@@ -111,9 +170,11 @@ class Store:
         return None if found is None else {"bundle": content_hash, "duplicate": True, "rows": found[0],
                                            "new_rows": 0, "duplicate_rows": found[0]}
 
-    def submit(self, doc: dict, content_hash: str | None = None, idem_key: str | None = None) -> dict:
+    def submit(self, doc: dict, content_hash: str | None = None, idem_key: str | None = None,
+               size: int = 0) -> dict:
         """Store a validated bundle (bundle.validate, then validate.check_bundle), each row with the
-        server's verdict; returns what happened. Repeats return the first answer's counts."""
+        server's verdict; returns what happened. Repeats return the first answer's counts. ``size``
+        bytes are charged to the bundle's token (QuotaExceeded, nothing stored, when over its quota)."""
         rows, timeline = doc["rows"], doc["timeline"]
         content_hash = content_hash or bundle_hash(doc)
         verdicts = judge(rows, self.thresholds)
@@ -131,6 +192,15 @@ class Store:
                     db.execute("COMMIT")
                     return {"bundle": content_hash, "duplicate": True, "rows": known[0], "new_rows": 0,
                             "duplicate_rows": known[0]}
+                token_id = doc.get("token_id") or "local"
+                quota = db.execute("SELECT quota_bytes, used_bytes FROM token_state WHERE token_id = ?",
+                                   (token_id,)).fetchone()
+                if quota is not None and size:
+                    if quota[1] + size > quota[0]:
+                        raise QuotaExceeded(f"token {token_id} has used {quota[1]:,} of its {quota[0]:,} byte quota; "
+                                            f"this bundle ({size:,} bytes) does not fit: ask the operator")
+                    db.execute("UPDATE token_state SET used_bytes = used_bytes + ? WHERE token_id = ?",
+                               (size, token_id))
                 new = 0
                 for row, verdict in zip(rows, verdicts):
                     cur = db.execute(
@@ -146,7 +216,7 @@ class Store:
                     db.execute("INSERT OR IGNORE INTO case_timelines VALUES (?,?,?,?,?,?)",
                                (run_id, machine_id or "", machine_class or "", case_key, content_hash, blob))
                 db.execute("INSERT INTO bundles VALUES (?,?,?,?,?)",
-                           (content_hash, doc.get("token_id") or "local", now(), len(rows), new))
+                           (content_hash, token_id, now(), len(rows), new))
                 if idem_key:
                     db.execute("INSERT OR IGNORE INTO idempotency VALUES (?, ?)", (idem_key, content_hash))
                 db.execute("COMMIT")
@@ -169,7 +239,10 @@ class Store:
              runtime: str | None = None) -> list[dict]:
         """Median and spread per artifact x machine class x runtime x context (and, for workflows, session
         shape and turn: a turn's figures are not the session's), over runs without a set budget."""
-        sql = "SELECT row_json, fit_class FROM rows WHERE budget_set = 0"
+        # only rows of tokens in good standing vote (rows stored without a token: function-level use)
+        sql = ("SELECT row_json, fit_class FROM rows WHERE budget_set = 0 AND bundle_hash NOT IN "
+               "(SELECT b.content_hash FROM bundles b JOIN tokens t USING (token_id) LEFT JOIN token_state s "
+               "USING (token_id) WHERE coalesce(s.status, 'quarantined') != 'active')")
         args: list = []
         for name, value in (("machine_class", machine_class), ("artifact_sha256", artifact_sha256),
                             ("runtime", runtime)):

@@ -246,3 +246,14 @@ def check_bundle(rows: list[dict], timeline: dict[str, list], limit: int = 20) -
     reasons += check_sessions(rows)
     reasons += check_timelines(rows, timeline)
     return reasons[:limit] + ([f"... and {len(reasons) - limit} more"] if len(reasons) > limit else [])
+
+
+def drop_unknown(doc: dict) -> dict:
+    """The bundle with only the columns this schema knows: a newer client's extra columns are
+    checked by the signature but never stored (they are nobody's to read here)."""
+    from harness.results import RESULT_COLUMNS, TIMELINE_COLUMNS
+
+    rows_known = {c.name for c in RESULT_COLUMNS}
+    timeline_known = rows_known | {c.name for c in TIMELINE_COLUMNS}
+    return {**doc, "rows": [{k: v for k, v in row.items() if k in rows_known} for row in doc["rows"]],
+            "timeline": {k: v for k, v in doc["timeline"].items() if k in timeline_known}}
