@@ -6,7 +6,9 @@
 - docs/results-columns.md: ``RESULT_COLUMNS`` and ``TIMELINE_COLUMNS`` of harness/results.py;
 - docs/scenario-fields.md: ``SCENARIO_FIELDS`` and ``MODEL_ENTRY_FIELDS`` of harness/scenario.py,
   with the ``quality:`` and ``workflow:`` fields from their own modules;
-- docs/fit-thresholds.md: the ``Thresholds`` defaults and ``THRESHOLD_HELP`` of harness/fit.py.
+- docs/fit-thresholds.md: the ``Thresholds`` defaults and ``THRESHOLD_HELP`` of harness/fit.py;
+- docs/shared-columns.md: the allow-list of harness/share/allowlist.py, what ``fitbench contribute``
+  sends and how each column is treated.
 
 Each page is a pure function of the code (no dates, no paths of this machine), so the
 committed page and a fresh one are byte-identical until the code changes;
@@ -185,10 +187,46 @@ def fit_thresholds() -> str:
     ])
 
 
+# ---- shared columns -------------------------------------------------------------------
+
+def shared_columns() -> str:
+    from harness import results
+    from harness.share import allowlist as al
+
+    unlisted = al.unlisted([c.name for c in results.RESULT_COLUMNS])
+    if unlisted:
+        raise DocsError(f"harness/share/allowlist.py: result column(s) {', '.join(unlisted)} are on neither "
+                        "SHARED_RESULT_COLUMNS nor NOT_SHARED; decide whether they leave the machine")
+    order = [c.name for c in results.RESULT_COLUMNS]
+    sent = [[f"`{s.column}`", s.treatment, s.why] for s in sorted(al.SHARED_RESULT_COLUMNS.values(),
+                                                                   key=lambda s: order.index(s.column))]
+    kept = [[f"`{name}`", why] for name, why in al.NOT_SHARED.items()]
+    timeline = [[f"`{s.column}`", s.treatment, s.why] for s in al.SHARED_TIMELINE_COLUMNS.values()]
+    treatments = (al.__doc__ or "").split("Treatments of text")[1]
+    return "".join([
+        _header("harness/share/allowlist.py"),
+        "# Shared columns: what `fitbench contribute` sends\n\n",
+        "Only the columns below leave your machine, each by its treatment; a column that is not "
+        "listed (a new one included) is never sent. `fitbench contribute --dry-run` prints every "
+        "column a bundle would carry with its value in the first row. How sharing works: "
+        "[sharing.md](sharing.md); every column's meaning: [results-columns.md](results-columns.md).\n\n",
+        "## Treatments\n\nTreatments of text" + treatments.rstrip() + "\n\n",
+        f"## Result columns sent ({len(sent)} of {len(order)})\n\n",
+        _table(["column", "treatment", "why it is sent"], sent),
+        f"\n## Result columns never sent ({len(kept)})\n\n",
+        _table(["column", "why not"], kept),
+        f"\n## Timeline columns sent ({len(timeline)} of {len(results.TIMELINE_COLUMNS) + 1})\n\n",
+        "The timeline also carries `machine_class` per sample, so the samples of two machines of one "
+        "fleet run are told apart.\n\n",
+        _table(["column", "treatment", "why it is sent"], timeline),
+    ])
+
+
 PAGES: dict[str, Callable[[], str]] = {
     "docs/results-columns.md": results_columns,
     "docs/scenario-fields.md": scenario_fields,
     "docs/fit-thresholds.md": fit_thresholds,
+    "docs/shared-columns.md": shared_columns,
 }
 
 

@@ -60,3 +60,17 @@ def write_scenario(tmp_path: Path):
         return path
 
     return _write
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_config_folder(tmp_path_factory):
+    """Tests never read or write the user's ~/.config/fitbench (tokens, the install's salt and machine seed)."""
+    import os
+
+    before = os.environ.get("XDG_CONFIG_HOME")
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
+    yield
+    if before is None:
+        os.environ.pop("XDG_CONFIG_HOME", None)
+    else:
+        os.environ["XDG_CONFIG_HOME"] = before

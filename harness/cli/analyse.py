@@ -14,7 +14,7 @@ import click
 from rich.markup import escape
 
 from harness.cli.options import LazyChoice, UsageError
-from harness.cli.present import Column, make_console, make_printer, mib, print_json
+from harness.cli.present import Column, Markup, make_console, make_printer, mib, print_json
 
 
 def _by_columns():
@@ -162,7 +162,7 @@ def _print_comparison(console, cmp, fmt: str, show_all: bool, threshold: float) 
         p.header(columns)
     else:
         for line in lines:
-            console.print(f"[yellow]{escape(line)}[/]")
+            console.print(Markup(f"[yellow]{escape(line)}[/]"))
         if not rows:
             console.print(escape(f"{header}: {summary}"))
             return

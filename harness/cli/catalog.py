@@ -52,19 +52,23 @@ def catalog_update(results: tuple[str, ...], catalog_path: Path) -> None:
 @CATALOG_OPTION
 @click.option("--machine-class", help="only fits for this machine class (default: every class)")
 @click.option("--retries", type=click.IntRange(1, 20), default=4, show_default=True, help="attempts before giving up")
-def catalog_pull(url: str, catalog_path: Path, machine_class: str | None, retries: int) -> None:
+@click.option("--allow-http", is_flag=True, help="allow a plain http:// URL to another machine (default: https, "
+              "or http to this machine only)")
+def catalog_pull(url: str, catalog_path: Path, machine_class: str | None, retries: int, allow_http: bool) -> None:
     """Merge community fits from an upstream at URL into the catalog, marked as community-measured.
 
     Local measurements are never overwritten: community entries carry options 'community',
-    their sample and machine counts, and are replaced by the next pull.
+    their sample and machine counts, and are replaced by the next pull. The answer is
+    untrusted: it is read up to 32 MiB, and an entry that is malformed (a wrong type, a
+    non-finite number, a machine class that is not one) is skipped and counted.
     """
+    from harness.share.client import Retry, fetch_fits
     from harness.share.community import merge_community
-    from harness.share.contribute import Retry, fetch_fits
 
     cat = load_catalog(catalog_path)
     err = make_console(stderr=True)
-    data = fetch_fits(url, Retry(attempts=retries), lambda msg: err.print(f"fitbench: {msg}", markup=False),
-                      machine_class=machine_class)
+    data = fetch_fits(url, Retry(attempts=retries), lambda msg: err.print(f"fitbench: {msg}"),
+                      allow_http=allow_http, machine_class=machine_class)
     counts = merge_community(cat, data, url)
     save_catalog(cat)
     make_console().print(f"{catalog_path}: community fits from {url}: {counts['added']} added, {counts['updated']} "

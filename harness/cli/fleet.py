@@ -24,7 +24,15 @@ from harness.cli.options import (
     size_option,
     with_overrides,
 )
-from harness.cli.present import fleet_case_line, fleet_summary, make_console, print_json, print_status, status_table
+from harness.cli.present import (
+    Markup,
+    fleet_case_line,
+    fleet_summary,
+    make_console,
+    print_json,
+    print_status,
+    status_table,
+)
 
 NO_ADDRESS = "no Ray cluster given: pass --address ray://HEAD:10001 (or auto inside the cluster), or set RAY_ADDRESS"
 
@@ -89,9 +97,9 @@ def fleet_run(scenario: Path, address: str | None, machines: str | None, output_
             console.print(escape(f"resuming {dataset.root.name}: {len(dataset.done)} case run(s) already done"))
         elif resume:
             console.print(escape(f"nothing to resume in {out} for scenario {sc.name}; starting a new fleet run"))
-        console.print("[bold]fitbench fleet[/] " + escape(
+        console.print(Markup("[bold]fitbench fleet[/] " + escape(
             f"{sc.name}: {len(todo)} case run(s) on {', '.join(p.classes)} ({sum(n.alive for n in p.nodes)} "
-            f"node(s)); {refused} refused; dataset -> {dataset.root}"))
+            f"node(s)); {refused} refused; dataset -> {dataset.root}")))
 
     def on_case_end(o) -> None:
         state["done"] += 1

@@ -3,9 +3,14 @@
 Data rows go through a printer with llama-bench's small interface (``header`` once,
 ``row`` per record as it comes, ``footer`` once) in four formats: ``table`` (rich, for
 people), ``markdown`` (pipes, for issues and READMEs), ``csv`` and ``json`` (raw values,
-for scripts). Text from data (labels, paths, machine classes, errors) never reaches
-rich's markup parser unescaped: a ``[/]`` in an upstream's machine class is shown, not
-interpreted.
+for scripts).
+
+Text from data (labels, paths, machine classes, errors, an upstream's answers) never
+reaches rich's markup parser: the Console every command prints through parses markup
+only in a ``Markup`` string, which the line builders here make after escaping each piece
+of data in it; any other string, and every table cell, title and caption, is shown as
+written. A ``[/]`` or ``[bold red]`` in a community machine class is printed, never
+interpreted, whoever prints it.
 """
 
 from __future__ import annotations
@@ -32,13 +37,31 @@ FIT_STYLES = {"fits": "green", "tight": "yellow", "degraded": "yellow", "slow": 
               "spill": "red", "no_fit": "bold red"}
 
 
+class Markup(str):
+    """Rich markup built by code that escaped every piece of data in it (``markup``, the line builders).
+    Anything made from it by string operations is a plain str again, printed as written."""
+
+
+def markup(template: str, **data: Any) -> Markup:
+    """``template`` (code's own markup) with each ``{name}`` filled by the escaped text of ``data[name]``."""
+    return Markup(template.format(**{k: escape(str(v)) for k, v in data.items()}))
+
+
+class DataConsole(Console):
+    """A Console that parses markup only in ``Markup`` strings: every other string prints as written."""
+
+    def print(self, *objects: Any, markup: bool | None = None, **kw: Any) -> None:
+        texts = [o for o in objects if isinstance(o, str)]
+        super().print(*objects, markup=bool(texts) and all(isinstance(o, Markup) for o in texts), **kw)
+
+
 def make_console(stderr: bool = False) -> Console:
     """The one Console every command prints through (stdout, or stderr for notes and warnings)."""
     stream = sys.stderr if stderr else sys.stdout
     # emoji off: a path or label holding ":smile:" is text, not a picture
     if _isatty(stream):
-        return Console(stderr=stderr, emoji=False)
-    return Console(stderr=stderr, emoji=False, width=PIPE_WIDTH, soft_wrap=True)
+        return DataConsole(stderr=stderr, emoji=False)
+    return DataConsole(stderr=stderr, emoji=False, width=PIPE_WIDTH, soft_wrap=True)
 
 
 def _isatty(stream) -> bool:
@@ -64,7 +87,7 @@ def fit_markup(cls: str | None, missing: str = "no verdict") -> str:
     """A fit class coloured for an inline line (the class itself is escaped like any data)."""
     style = fit_style(cls)
     text = escape(cls or missing)
-    return f"[{style}]{text}[/]" if style else text
+    return Markup(f"[{style}]{text}[/]" if style else text)
 
 
 # --- printers -----------------------------------------------------------------------------------
@@ -245,7 +268,7 @@ def case_line(r, total: int) -> str:
     if note:  # a budget that was asked for but only judged against: say so, with why
         head += f" [yellow](budget not enforced: {escape(note)})[/]"
     if r.status != "ok":
-        return f"{head}: [red]{escape(r.status)}[/] (fit: {fit_markup(fit)}) {escape(str(r.error or ''))}"
+        return Markup(f"{head}: [red]{escape(r.status)}[/] (fit: {fit_markup(fit)}) {escape(str(r.error or ''))}")
     ok_rows = [row for row in r.rows if row["status"] == "ok" and row.get("turn") is None]
     ttft = summarize([row["ttft_s"] for row in ok_rows])
     dec = summarize([row["decode_tok_s"] for row in ok_rows])
@@ -257,8 +280,9 @@ def case_line(r, total: int) -> str:
         gpu = f", allocator peak {mib(first['runtime_peak_bytes'])} MiB"
     if first.get("offload_host_bytes"):
         gpu += f", {mib(first['offload_host_bytes'])} MiB of weights on the host"
-    return (f"{head}: [green]ok[/] {fit_markup(fit)} · TTFT {ttft.median * 1000:,.0f} ms, decode {dec.median:,.1f} "
-            f"tok/s, peak RSS {mib(r.peak_rss)} MiB (VmHWM {mib(r.vmhwm)}){gpu}, {r.wall_s:.1f} s{quality_text(first)}")
+    return Markup(f"{head}: [green]ok[/] {fit_markup(fit)} · TTFT {ttft.median * 1000:,.0f} ms, decode "
+                  f"{dec.median:,.1f} tok/s, peak RSS {mib(r.peak_rss)} MiB (VmHWM {mib(r.vmhwm)}){gpu}, "
+                  f"{r.wall_s:.1f} s{quality_text(first)}")
 
 
 def quality_text(row: dict) -> str:
@@ -272,7 +296,7 @@ def quality_text(row: dict) -> str:
         parts.append(f"tasks {row['task_passed']}/{row['task_count']}")
     if row.get("quality_error"):
         parts.append(f"[yellow]quality: {escape(str(row['quality_error']))}[/]")
-    return (" · " + ", ".join(parts)) if parts else ""
+    return Markup((" · " + ", ".join(parts)) if parts else "")
 
 
 def summary_table(console: Console, results: list) -> None:
@@ -307,7 +331,7 @@ def summary_table(console: Console, results: list) -> None:
     print_rows("table", columns, records, title="fitbench summary (medians over repetitions)", console=console)
     quality_table(console, results)
     if not show_model:
-        console.print(f"model: {escape(results[0].case.model_label)} ({escape(results[0].case.runtime)})")
+        console.print(f"model: {results[0].case.model_label} ({results[0].case.runtime})")
 
 
 def quality_table(console: Console, results: list) -> None:
@@ -341,7 +365,7 @@ def quality_table(console: Console, results: list) -> None:
     print_rows("table", columns, records, title="quality" + (f" (KL and top-1 vs {ref})" if ref else ""),
                console=console)
     text = next(row for _, row in seen.values())
-    console.print(escape(f"evaluation text: {text.get('quality_text_id')} sha256 "
+    console.print((f"evaluation text: {text.get('quality_text_id')} sha256 "
                          f"{str(text.get('quality_text_sha256'))[:12]}…, window {text.get('quality_window')} tokens; "
                          f"KL over the reference's top-{text.get('quality_top_k')} tokens + a tail bucket "
                          "(a lower bound)"))
@@ -357,15 +381,15 @@ def fleet_case_line(o, done: int, total: int) -> str:
     where = f"{p.machine_class}" + (f" @ {o.hostname} ({o.node_id[:12]})" if o.node_id else "")
     head = f"[{done}/{total}] " + escape(f"{where} {p.case.model_label} {p.case.label}")
     if not o.written:
-        return f"{head}: [yellow]duplicate result ignored[/]"
+        return Markup(f"{head}: [yellow]duplicate result ignored[/]")
     if o.status != "ok":
-        return f"{head}: [red]{escape(o.status)}[/] {escape(str(o.error or ''))}"
+        return Markup(f"{head}: [red]{escape(o.status)}[/] {escape(str(o.error or ''))}")
     ok_rows = [r for r in o.rows if r["status"] == "ok"]
     dec = summarize([r["decode_tok_s"] for r in ok_rows])
     peak = max((r.get("peak_rss_bytes") or 0) for r in ok_rows) if ok_rows else None
     fit = case_verdict(o.rows)[0]
-    return (f"{head}: [green]ok[/] {fit_markup(fit)} · decode {dec.median if dec else float('nan'):,.1f} tok/s, "
-            f"peak RSS {mib(peak)} MiB, {o.wall_s or 0:.1f} s")
+    return Markup(f"{head}: [green]ok[/] {fit_markup(fit)} · decode {dec.median if dec else float('nan'):,.1f} "
+                  f"tok/s, peak RSS {mib(peak)} MiB, {o.wall_s or 0:.1f} s")
 
 
 def fleet_summary(console: Console, dataset, summary, classes: list[str]) -> None:
@@ -379,7 +403,7 @@ def fleet_summary(console: Console, dataset, summary, classes: list[str]) -> Non
     columns = [Column("machine_class", "machine class"), Column("ok", right=True), Column("failed", right=True),
                Column("lost", right=True), Column("not_run", "not run", right=True)]
     print_rows("table", columns, records, title=f"fleet run {dataset.root.name}", console=console)
-    console.print(escape(f"dataset: {dataset.root} (partitioned by machine_class)\n"
+    console.print((f"dataset: {dataset.root} (partitioned by machine_class)\n"
                          f"compare the machines: fitbench compare {dataset.root} --by machine_class"))
 
 

@@ -29,7 +29,7 @@ from harness.cli.options import (
     threshold_options,
     with_overrides,
 )
-from harness.cli.present import case_line, fit_markup, make_console, mib, summary_table
+from harness.cli.present import Markup, case_line, fit_markup, make_console, mib, summary_table
 from harness.fit import case_verdict
 from harness.fitsearch import search, workflow_at
 from harness.measure import machine as machine_mod
@@ -118,8 +118,8 @@ def run(scenario: Path, output_dir: Path, repetitions: int | None, contexts: str
 def _run_cases(console, sc, cases: list, total: int, artifacts: dict, writer: ResultWriter, run_id: str,
                force: bool) -> None:
     mach = machine_mod.fingerprint()
-    console.print("[bold]fitbench[/] " + escape(f"{sc.name}: {len(cases)} case(s) to run on {mach.machine_class} "
-                                                 f"({mach.cpu_model}), results -> {writer.results_path}"))
+    console.print(Markup("[bold]fitbench[/] " + escape(f"{sc.name}: {len(cases)} case(s) to run on {mach.machine_class} "
+                                                        f"({mach.cpu_model}), results -> {writer.results_path}")))
 
     signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     results: list[CaseResult] = []
@@ -213,9 +213,9 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
     mach = machine_mod.fingerprint()
     budget_text = f"{budget_bytes / 2**20:,.0f} MiB budget" if budget_bytes else f"{mib(mach.ram_bytes)} MiB RAM"
     probe_text = f"a {wf.kind} session of {wf.turns} turns filling {fill:.0%}" if wf else f"filled {fill:.0%}"
-    console.print("[bold]fitbench fit[/] " + escape(
+    console.print(Markup("[bold]fitbench fit[/] " + escape(
         f"{artifact.name} in {runtime} on {mach.machine_class}, {budget_text}, contexts {smallest:,}..{limit:,} "
-        f"{probe_text}; results -> {writer.results_path}"))
+        f"{probe_text}; results -> {writer.results_path}")))
     signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     hashes = ArtifactHashes()
     count = 0
@@ -235,7 +235,7 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
                 raise
         record(writer, result, run_id)
         cls, reason = case_verdict(result.rows)
-        console.print(f"  ctx {n_ctx:>6,}: {fit_markup(cls)} - {escape(reason)}")
+        console.print(Markup(f"  ctx {n_ctx:>6,}: {fit_markup(cls)} - {escape(reason)}"))
         return cls, reason
 
     try:
@@ -243,7 +243,7 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
     except (SuiteInterrupted, KeyboardInterrupt):
         make_console(stderr=True).print("fitbench: interrupted; the probes so far are saved")
         sys.exit(EXIT_INTERRUPTED)
-    console.print(f"[bold]{escape(artifact.name)}[/]: {escape(found.summary())}")
+    console.print(Markup(f"[bold]{escape(artifact.name)}[/]: {escape(found.summary())}"))
     console.print(escape(f"results: {writer.results_path}"))
 
 

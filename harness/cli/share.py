@@ -22,17 +22,22 @@ from harness.cli.present import make_console
 @click.option("--token", envvar="FITBENCH_TOKEN", help="submitter token (env FITBENCH_TOKEN; default: the one "
               "stored for this upstream, or a new one asked from it)")
 @click.option("--retries", type=click.IntRange(1, 20), default=5, show_default=True, help="upload attempts")
+@click.option("--allow-http", is_flag=True, help="allow a plain http:// URL to another machine (default: https, "
+              "or http to this machine only): the token and the rows would cross the network unencrypted")
 def contribute_cmd(results: tuple[str, ...], url: str | None, out: Path | None, dry_run: bool, yes: bool,
-                   token: str | None, retries: int) -> None:
+                   token: str | None, retries: int, allow_http: bool) -> None:
     """Send RESULTS (result files, globs, folders or saved bundles) upstream, anonymised.
 
-    Host and user names, paths and serials are stripped; machine class, a re-hashed
-    machine id, runtime versions, artifact sha256 and the raw timelines are kept so the
-    upstream can check and recompute the figures. Shows what will be sent and asks first.
+    Only the columns on the published list (docs/shared-columns.md) are sent; their text
+    goes through the scrubber (paths, host, user and real names, e-mails, tokens, serials),
+    and run and machine ids are re-derived with this install's secret salt. Machine class,
+    runtime versions, artifact sha256 and the raw timelines are kept so the upstream can
+    check and recompute the figures. Shows what will be sent and asks first.
     """
     from harness.results import expand_result_files
     from harness.share import bundle as bundle_mod
-    from harness.share.contribute import ContributeError, Retry, build, parse_token, send, stored_token, summary
+    from harness.share.client import UpstreamError, secure_url
+    from harness.share.contribute import Retry, build, column_lines, parse_token, send, stored_token, summary
 
     console, err = make_console(), make_console(stderr=True)
     paths: list[Path] = []
@@ -43,8 +48,13 @@ def contribute_cmd(results: tuple[str, ...], url: str | None, out: Path | None, 
     for line in summary(built):
         console.print(line, markup=False, highlight=False)
     if dry_run:
+        console.print("every column that would be sent, with its treatment and its value in the first row:")
+        for line in column_lines(built):
+            console.print(line)
         console.print("dry run: nothing written, nothing sent")
         return
+    if url:
+        secure_url(url, allow_http)  # before the consent prompt: refused URLs ask nothing
     if not url and not out:
         raise UsageError("say where the bundle goes: --to URL (or set FITBENCH_UPSTREAM) and/or --out bundle.tar.gz")
     if not yes:
@@ -69,11 +79,11 @@ def contribute_cmd(results: tuple[str, ...], url: str | None, out: Path | None, 
             console.print(f"bundle written: {out}" + ("" if known else " (unsigned: it is signed when sent)"),
                           markup=False)
         if url:
-            answer = send(doc, url, token, retry, say)
-    except ContributeError as exc:
+            answer = send(doc, url, token, retry, say, allow_http=allow_http)
+    except UpstreamError as exc:
         saved = out if out and out.exists() else _save_unsent(doc, paths[0], built.content_hash)
-        raise ContributeError(f"{exc}; the bundle is saved as {saved}: send it later with "
-                              f"fitbench contribute {saved} --to URL") from None
+        raise UpstreamError(f"{exc}; the bundle is saved as {saved}: send it later with "
+                            f"fitbench contribute {saved} --to URL") from None
     if url:
         what = "already there (nothing added)" if answer.get("duplicate") else \
             f"{answer.get('new_rows')} new row(s), {answer.get('duplicate_rows')} already there"

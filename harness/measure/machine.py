@@ -114,7 +114,7 @@ def _runtime_versions() -> dict[str, str]:
     return versions
 
 
-def _machine_id(cpu_model: str, ram_bytes: int) -> str:
+def _machine_id() -> str:
     seed = ""
     for candidate in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
         try:
@@ -126,9 +126,22 @@ def _machine_id(cpu_model: str, ram_bytes: int) -> str:
         out = subprocess.run(["ioreg", "-rd1", "-c", "IOPlatformExpertDevice"], capture_output=True, text=True).stdout
         match = re.search(r'"IOPlatformUUID" = "([^"]+)"', out)
         seed = match.group(1) if match else ""
-    if not seed:
-        seed = f"{cpu_model}|{ram_bytes}|{platform.machine()}"
+    if not seed:  # never the CPU, RAM or arch: a row carries them, so anyone could recompute the id
+        seed = _install_seed()
     return hashlib.sha256(f"fitbench-machine-v1|{seed}".encode()).hexdigest()[:16]
+
+
+def _install_seed() -> str:
+    """A random seed made once for this install (no OS machine id, e.g. a container); a process-random one
+    where the config folder is read-only, so the id is at worst unstable, never derivable from a row."""
+    import secrets
+
+    from harness.userconfig import ConfigError, install_secret
+
+    try:
+        return install_secret("machine-seed")
+    except ConfigError:
+        return secrets.token_hex(32)
 
 
 def gib(n_bytes: int) -> int:
@@ -161,7 +174,7 @@ def fingerprint() -> Machine:
     except importlib.metadata.PackageNotFoundError:
         fitbench_version = "0+source"
     return Machine(
-        machine_id=_machine_id(cpu_model, ram),
+        machine_id=_machine_id(),
         machine_class=machine_class(cpu_model, arch, ram, gpus),
         cpu_model=cpu_model,
         cpu_arch=arch,

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,7 +19,6 @@ from typing import Callable
 
 import pyarrow.parquet as pq
 
-from harness.errors import FitbenchError
 from harness.results import (
     RESULT_COLUMNS,
     SCHEMA_VERSION,
@@ -31,16 +28,19 @@ from harness.results import (
     read_results,
     timeline_path_for,
 )
+from harness.share import allowlist
 from harness.share import bundle as bundle_mod
-from harness.share.anonymise import Identity, Report, anonymise_row, environment_identity, leaks, upstream_machine_id
-from harness.share.bundle import BUNDLE_VERSION, BundleError, content_hash, json_value
+from harness.share.anonymise import Identity, Report, anonymise_row, anonymise_timeline, environment_identity, leaks
+from harness.share.bundle import BUNDLE_VERSION, REQUIRED_ROW, BundleError, content_hash, json_value
+from harness.share.client import Retry, UpstreamError, base_url, reason, request, secure_url
+from harness.userconfig import ConfigError, config_dir
 
 TOKEN_ENV = "FITBENCH_TOKEN"
 UPSTREAM_ENV = "FITBENCH_UPSTREAM"
 TOKEN_PREFIX = "fbt1"
 
 
-class ContributeError(FitbenchError):
+class ContributeError(UpstreamError):
     """An expected failure (bad input, refused bundle, server unreachable): one line, exit 2."""
 
 
@@ -55,6 +55,7 @@ class Built:
     report: Report
     leaks: list[str] = field(default_factory=list)
     unmeasured: int = 0  # rows no machine measured (a fleet driver's lost or unplaced cases): not sent
+    unshareable: int = 0  # rows whose required columns are not in their published form: not sent
 
     @property
     def content_hash(self) -> str:
@@ -90,6 +91,10 @@ def build(inputs: list[str | Path], ident: Identity | None = None) -> Built:
     """Read results files (with their timelines) or saved bundles into one anonymised, validated bundle.
     ``inputs`` are resolved by ``resolve_inputs`` (files, globs, folders, bundles)."""
     ident = ident or environment_identity()
+    try:
+        ident.key()  # the install's salt: made (and kept) before anything is read
+    except ConfigError as exc:
+        raise ContributeError(str(exc)) from None
     report = Report()
     inputs = resolve_inputs(inputs)
     if len(inputs) == 1 and inputs[0].name.endswith(".tar.gz"):
@@ -100,13 +105,14 @@ def build(inputs: list[str | Path], ident: Identity | None = None) -> Built:
     timeline: dict[str, list] = {}
     seen_rows: set[tuple] = set()
     seen_cases: set[tuple] = set()
-    sources, unmeasured = [], 0
+    sources, unmeasured, unshareable = [], 0, 0
     for path in inputs:
         if path.name.endswith(".tar.gz"):
             doc = _read_bundle(path)
             file_rows, file_tl = doc["rows"], bundle_mod.with_owners(doc["rows"], doc["timeline"])
         else:
-            file_rows, file_tl = _read_results(path, ident, report)
+            file_rows, file_tl, left_out = _read_results(path, ident, report)
+            unshareable += left_out
         # The same measurements given twice (a file and a bundle of it, or one file twice) are sent once:
         # rows by their identity, samples by their case (run, machine, case), whole cases at a time.
         for row in file_rows:
@@ -127,12 +133,13 @@ def build(inputs: list[str | Path], ident: Identity | None = None) -> Built:
            "created_at": datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0).isoformat(),
            "client": f"fitbench {_version()}"}
     if not rows:
-        raise ContributeError(f"nothing to send: {', '.join(sources[:3])} hold(s) no rows a machine measured")
+        raise ContributeError(f"nothing to send: {', '.join(sources[:3])} hold(s) no rows a machine measured"
+                              + (f" ({unshareable} left out: not in their published form)" if unshareable else ""))
     try:
         bundle_mod.validate(doc)
     except BundleError as exc:
         raise ContributeError(f"the bundle does not pass the schema check: {exc}") from None
-    return Built(doc, sources, report, leaks(rows, ident), unmeasured)
+    return Built(doc, sources, report, leaks(rows, ident), unmeasured, unshareable)
 
 
 def _read_bundle(path: Path) -> dict:
@@ -141,10 +148,26 @@ def _read_bundle(path: Path) -> dict:
         bundle_mod.validate(doc)
     except BundleError as exc:
         raise ContributeError(str(exc)) from None
+    _check_allow_listed(doc, path)
     return doc
 
 
-def _read_results(path: Path, ident: Identity, report: Report) -> tuple[list[dict], dict[str, list]]:
+def _check_allow_listed(doc: dict, path: Path) -> None:
+    """A saved bundle is sent only if it holds nothing the allow-list would not send (one written by an
+    older fitbench may carry more columns, or run ids with their start second)."""
+    extra = sorted({k for row in doc["rows"] for k in row} - set(allowlist.SHARED_RESULT_COLUMNS)
+                   | {f"timeline.{k}" for k in doc["timeline"]} - {f"timeline.{k}" for k in
+                                                                    allowlist.SHARED_TIMELINE_COLUMNS})
+    old_ids = any(not allowlist.RUN_ID_FORM.match(str(r.get("run_id"))) for r in doc["rows"])
+    if extra or old_ids:
+        what = f"columns that are not shared ({', '.join(extra[:5])})" if extra else "run ids that are not re-derived"
+        raise ContributeError(f"{path}: was written before the allow-list of shared columns and holds {what}; "
+                              "build the bundle again from its results file")
+
+
+def _read_results(path: Path, ident: Identity, report: Report) -> tuple[list[dict], dict[str, list], int]:
+    """The file's rows and timeline as they may be sent, and how many rows were left out (a required column
+    not in its published form). Rows and samples go through the same treatments, so their ids still match."""
     try:
         table = read_results(path)
     except ResultsError as exc:
@@ -152,12 +175,16 @@ def _read_results(path: Path, ident: Identity, report: Report) -> tuple[list[dic
     major = (table.schema.metadata or {}).get(b"fitbench.schema_version", b"").decode().split(".")[0]
     if major != SCHEMA_VERSION.split(".")[0]:
         raise ContributeError(f"{path}: schema {major}.x cannot be contributed by this fitbench")
-    rows = []
+    rows, left_out = [], 0
     known = {c.name for c in RESULT_COLUMNS}  # columns of a newer fitbench are not ours to vouch for
     for raw in table.to_pylist():
         raw = {k: json_value(v) for k, v in raw.items() if k in known}
         raw["schema_version"] = SCHEMA_VERSION  # older minor files are read as the current minor
-        rows.append(anonymise_row(raw, ident, report))
+        row = anonymise_row(raw, ident, report)
+        if any(row.get(k) is None for k in REQUIRED_ROW if k != "machine_id" and raw.get(k) is not None):
+            left_out += 1  # e.g. a machine class that names the host: the row cannot be sent without it
+            continue
+        rows.append(row)
     tl_path = timeline_path_for(path)
     timeline: dict[str, list] = {}
     if tl_path.exists():
@@ -167,6 +194,7 @@ def _read_results(path: Path, ident: Identity, report: Report) -> tuple[list[dic
             raise ContributeError(f"{tl_path}: unreadable timeline ({str(exc).splitlines()[0][:120]})") from None
         for name in [c.name for c in TIMELINE_COLUMNS if c.name in tl.column_names]:
             timeline[name] = [json_value(v) for v in tl.column(name).to_pylist()]
+        timeline = anonymise_timeline(timeline, ident, report)
         # samples of a case none of whose rows is in the file describe nothing that is sent
         cases = {(r.get("run_id"), r.get("case_key")) for r in rows}
         keep = [i for i, key in enumerate(zip(timeline.get("run_id", []), timeline.get("case_key", [])))
@@ -177,7 +205,7 @@ def _read_results(path: Path, ident: Identity, report: Report) -> tuple[list[dic
         timeline["schema_version"] = [SCHEMA_VERSION] * n
         # Samples carry their machine (re-hashed like the rows') and class; a file older than the machine_id
         # column holds one machine's samples (a fleet dataset's file is one node): its rows say whose.
-        timeline["machine_id"] = [upstream_machine_id(m) if m else None for m in timeline.get("machine_id", [None] * n)]
+        timeline.setdefault("machine_id", [None] * n)
         timeline = bundle_mod.with_owners(rows, timeline)
         if n and None in timeline["machine_id"]:
             raise ContributeError(f"{tl_path}: some samples name no machine and the rows of {path.name} come from "
@@ -185,7 +213,7 @@ def _read_results(path: Path, ident: Identity, report: Report) -> tuple[list[dic
     elif any(r.get("sampler_samples") for r in rows):
         raise ContributeError(f"{tl_path}: the timeline of {path.name} is missing; the server recomputes the "
                               "figures from it, so results without it cannot be contributed")
-    return rows, timeline
+    return rows, timeline, left_out
 
 
 def _extend_columns(into: dict[str, list], more: dict[str, list], have: int) -> None:
@@ -209,24 +237,47 @@ def summary(built: Built) -> list[str]:
                                                                  for r in rows}, key=str)),
         "artifacts: " + ", ".join(f"{k} x{v}" for k, v in arts.items()),
         "statuses: " + ", ".join(f"{k} {v}" for k, v in count("status").items()),
-        "sent per row: every result column (figures, memory, paging, fit verdicts, CPU/GPU model, OS family)",
-        "stripped: " + "; ".join(built.report.lines()) + "; start times rounded to the hour; OS kept as kernel "
-        "major.minor; artifact paths kept as file names only",
+        f"columns sent ({len(sent_columns(built))}, the published list: docs/shared-columns.md): "
+        + ", ".join(sent_columns(built)),
+        "stripped: " + "; ".join(built.report.lines()) + "; run ids and machine ids re-derived with this install's "
+        "secret salt; start times rounded to the hour; OS kept as kernel major.minor; artifact paths kept as file "
+        "names only",
     ]
+    if built.report.columns_not_sent:
+        lines.append("columns of the results not on the list, not sent: "
+                     + ", ".join(sorted(built.report.columns_not_sent)))
     if built.unmeasured:
         lines.append(f"not sent: {built.unmeasured} row(s) no machine measured (fleet cases lost or never placed)")
+    if built.unshareable:
+        lines.append(f"not sent: {built.unshareable} row(s) whose status, machine class, runtime or artifact is "
+                     "not in its published form (e.g. it names this host)")
     if built.leaks:
         lines.append("WARNING: still present after anonymising: " + ", ".join(built.leaks)
                      + " (set FITBENCH_REDACT or rename, or send anyway)")
     return lines
 
 
+def sent_columns(built: Built) -> list[str]:
+    """The columns the bundle's rows carry, in the schema's order: exactly what leaves the machine."""
+    present = {k for row in built.doc["rows"] for k, v in row.items()}
+    return [name for name in allowlist.SHARED_RESULT_COLUMNS if name in present]
+
+
+def column_lines(built: Built, width: int = 100) -> list[str]:
+    """Every column sent, its treatment and its value in the first row (the dry run's detail)."""
+    first = built.doc["rows"][0]
+    lines = []
+    for name in sent_columns(built):
+        value = json.dumps(first.get(name), ensure_ascii=False, default=str)
+        value = value if len(value) <= width else value[:width - 1] + "…"
+        lines.append(f"  {name} ({allowlist.SHARED_RESULT_COLUMNS[name].treatment}): {value}")
+    timeline = built.doc["timeline"]
+    if timeline:
+        lines.append("  timeline: " + ", ".join(k for k in allowlist.SHARED_TIMELINE_COLUMNS if k in timeline))
+    return lines
+
+
 # --- tokens ---------------------------------------------------------------------------------------------------
-
-def config_dir() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "fitbench"
-
 
 def token_file() -> Path:
     return config_dir() / "token"
@@ -264,78 +315,6 @@ def store_token(url: str, token: str) -> None:
     tmp.replace(path)
 
 
-def base_url(url: str) -> str:
-    url = url.strip().rstrip("/")
-    if not url.startswith(("http://", "https://")):
-        raise ContributeError(f"{url!r} is not an http(s) URL, e.g. http://127.0.0.1:8765")
-    for suffix in ("/v1/fits", "/v1/bundles", "/v1"):
-        url = url.removesuffix(suffix)
-    return url
-
-
-# --- HTTP -----------------------------------------------------------------------------------------------------
-
-@dataclass
-class Retry:
-    attempts: int = 5
-    backoff_s: float = 0.5
-    max_backoff_s: float = 8.0
-    timeout_s: float = 30.0
-
-
-def _client():
-    try:
-        import httpx
-    except ImportError:
-        raise ContributeError("contributing needs httpx: pip install 'fitbench[upstream]'") from None
-    return httpx
-
-
-def request(method: str, url: str, retry: Retry, on_retry: Callable[[str], None] | None = None, **kw):
-    """One HTTP request with retries on network errors, 429 and 5xx; returns the final response."""
-    httpx = _client()
-    last = "no attempt made"
-    for attempt in range(1, retry.attempts + 1):
-        try:
-            resp = httpx.request(method, url, timeout=retry.timeout_s, **kw)
-        except httpx.HTTPError as exc:
-            last = f"{type(exc).__name__}: {str(exc)[:120] or 'no answer'}"
-            wait = None
-        else:
-            if resp.status_code != 429 and resp.status_code < 500:
-                return resp
-            last = f"HTTP {resp.status_code}: {_reason(resp)}"
-            wait = _retry_after(resp)
-        if attempt == retry.attempts:
-            break
-        delay = wait if wait is not None else min(retry.max_backoff_s, retry.backoff_s * 2 ** (attempt - 1))
-        delay = min(retry.max_backoff_s, delay) * (1 + 0.2 * random.random())  # jitter: clients don't retry in step
-        if on_retry:
-            on_retry(f"attempt {attempt} failed ({last}); retrying in {delay:.1f} s")
-        time.sleep(delay)
-    raise ContributeError(f"{url}: no success after {retry.attempts} attempt(s): {last}")
-
-
-def _retry_after(resp) -> float | None:
-    try:
-        return float(resp.headers.get("retry-after"))
-    except (TypeError, ValueError):
-        return None
-
-
-def _reason(resp) -> str:
-    try:
-        body = resp.json()
-        detail = body.get("detail") if isinstance(body, dict) else None
-        if isinstance(detail, dict):
-            reasons = detail.get("reasons") or []
-            text = detail.get("error", "")
-            return text + (": " + "; ".join(str(r) for r in reasons[:5]) if reasons else "")
-        return str(detail or body)[:300]
-    except ValueError:
-        return resp.text[:200] or resp.reason_phrase
-
-
 def get_token(url: str, given: str | None, retry: Retry, say: Callable[[str], None]) -> str:
     """--token, else $FITBENCH_TOKEN, else the one stored for this server, else ask the server for one."""
     token = given or os.environ.get(TOKEN_ENV) or stored_token(url)
@@ -344,9 +323,9 @@ def get_token(url: str, given: str | None, retry: Retry, say: Callable[[str], No
         return token
     resp = request("POST", f"{base_url(url)}/v1/tokens", retry, on_retry=say)
     if resp.status_code != 201:
-        raise ContributeError(f"{base_url(url)} refused to issue a token: HTTP {resp.status_code}: {_reason(resp)}")
-    token = resp.json().get("token", "")
-    parse_token(token)
+        raise ContributeError(f"{base_url(url)} refused to issue a token: HTTP {resp.status_code}: {reason(resp)}")
+    token = _answer_object(resp, url).get("token")
+    parse_token(token if isinstance(token, str) else "")
     store_token(url, token)
     say(f"got a submitter token from {base_url(url)}; stored in {token_file()}")
     return token
@@ -371,15 +350,29 @@ def upload(doc: dict, url: str, token: str, retry: Retry, say: Callable[[str], N
     headers = {"content-type": "application/json", "content-encoding": "gzip",
                "idempotency-key": content_hash(signed), SIGNATURE_HEADER: f"{token_id}:{body_signature(secret, body)}"}
     resp = request("POST", f"{base_url(url)}/v1/bundles", retry, on_retry=say, content=body, headers=headers)
-    if resp.status_code == 401 and "did not issue" in _reason(resp):
-        raise UnknownToken(f"{base_url(url)} does not know the token {signed['token_id']}: {_reason(resp)}")
+    if resp.status_code == 401 and "did not issue" in reason(resp):
+        raise UnknownToken(f"{base_url(url)} does not know the token {signed['token_id']}: {reason(resp)}")
     if resp.status_code not in (200, 201):
-        raise ContributeError(f"{base_url(url)} refused the bundle: HTTP {resp.status_code}: {_reason(resp)}")
-    return resp.json()
+        raise ContributeError(f"{base_url(url)} refused the bundle: HTTP {resp.status_code}: {reason(resp)}")
+    return _answer_object(resp, url)
 
 
-def send(doc: dict, url: str, given: str | None, retry: Retry, say: Callable[[str], None]) -> dict:
-    """Upload with the token at hand; a stored token the server no longer knows is replaced once."""
+def _answer_object(resp, url: str) -> dict:
+    try:
+        data = resp.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise ContributeError(f"{base_url(url)} answered HTTP {resp.status_code} without a JSON object; "
+                              "is it a fitbench upstream?")
+    return data
+
+
+def send(doc: dict, url: str, given: str | None, retry: Retry, say: Callable[[str], None],
+         allow_http: bool = False) -> dict:
+    """Upload with the token at hand; a stored token the server no longer knows is replaced once.
+    Plain http goes only to this machine unless ``allow_http`` (client.secure_url)."""
+    secure_url(url, allow_http)
     token = get_token(url, given, retry, say)
     try:
         return upload(doc, url, token, retry, say)
@@ -399,17 +392,3 @@ def forget_token(url: str) -> None:
         return
     if isinstance(data, dict) and data.pop(base_url(url), None) is not None:
         path.write_text(json.dumps(data, indent=1))
-
-
-def fetch_fits(url: str, retry: Retry, say: Callable[[str], None], **params) -> dict:
-    resp = request("GET", f"{base_url(url)}/v1/fits", retry, on_retry=say,
-                   params={k: v for k, v in params.items() if v})
-    if resp.status_code != 200:
-        raise ContributeError(f"{base_url(url)}/v1/fits: HTTP {resp.status_code}: {_reason(resp)}")
-    try:
-        data = resp.json()
-    except ValueError:
-        raise ContributeError(f"{base_url(url)}/v1/fits did not answer JSON; is it a fitbench upstream?") from None
-    if not isinstance(data, dict) or not isinstance(data.get("fits"), list):
-        raise ContributeError(f"{base_url(url)}/v1/fits: answer has no 'fits' list; is it a fitbench upstream?")
-    return data
