@@ -31,7 +31,8 @@ def install_secret(name: str) -> str:
     except FileNotFoundError:
         pass
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read this install's {name}: {exc.strerror or exc}") from None
+        raise ConfigError(f"{path}: cannot read this install's {name} ({exc.strerror or exc}); set XDG_CONFIG_HOME "
+                          "to a folder of your own") from None
     else:
         if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
             return text

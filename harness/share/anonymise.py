@@ -38,7 +38,7 @@ _LAST = r"([^\s/\\'\"<>|:;,()\[\]{}]*)"
 # /a/b c/d.gguf, ~/a/d.gguf, ~alice/a/d.gguf -> d.gguf
 _POSIX_PATH = re.compile(rf"(?:(?<![\w.])~[\w.-]*|(?<![\w.~/\\]))/(?:{_SEG}/)+{_LAST}")
 # C:\a\b c\d.gguf, C:/a/d.gguf, \\server\share\d.gguf -> d.gguf
-_WIN_PATH = re.compile(rf"(?:\b[A-Za-z]:|\\\\(?={_SEG}\\))[\\/](?:{_SEG}[\\/])+{_LAST}")
+_WIN_PATH = re.compile(rf"(?:\b[A-Za-z]:[\\/]+|\\{{2,}})(?:{_SEG}[\\/]+)+{_LAST}")  # doubled \\ too: JSON text
 _URL = re.compile(r"\b[a-z][a-z0-9+.-]{1,15}://[^\s'\"<>]+", re.I)
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])")

@@ -60,7 +60,7 @@ def parse_answer(raw: bytes) -> Any:
 
 
 def has_nonfinite(value: Any, depth: int = 0) -> bool:
-    if value is NONFINITE or depth > 20:
+    if value is NONFINITE or depth > 20 or (isinstance(value, float) and not math.isfinite(value)):
         return True
     if isinstance(value, dict):
         return any(has_nonfinite(v, depth + 1) for v in value.values())
