@@ -45,7 +45,15 @@ def _num(value: Any) -> float | None:
 
 
 def _median(spread: Any) -> float | None:
-    return _num(spread.get("median")) if isinstance(spread, dict) else None
+    """A figure's median; None where the figure or its median is absent. A figure of the wrong kind is Malformed."""
+    if spread is None:
+        return None
+    if not isinstance(spread, dict):
+        raise Malformed("a figure must be an object")
+    value = spread.get("median")
+    if value is not None and _num(value) is None:
+        raise Malformed("a median must be a finite number")
+    return _num(value)
 
 
 def _band(spread: Any) -> list[float] | None:
@@ -106,6 +114,8 @@ def _entry(f: dict, source: str) -> dict:
     band = _band(f.get("decode_tok_s"))
     samples, machines = _count(f.get("samples")), _count(f.get("machines"))
     runs = _count(f.get("runs")) if f.get("runs") is not None else samples
+    if f.get("artifact") is not None and not isinstance(f["artifact"], dict):
+        raise Malformed("artifact must be an object")
     versions = f.get("runtime_versions") or []
     if not isinstance(versions, list):
         raise Malformed("runtime_versions must be a list")
