@@ -62,16 +62,16 @@ def test_a_status_line_is_one_line_in_a_pipe_whatever_the_path_and_columns(tmp_p
 
 
 def test_catalog_pull_status_line_is_one_line(tmp_path, monkeypatch):
-    from harness.share import contribute
+    from harness.share import client
 
     fit = {"artifact_sha256": "a" * 64, "machine_class": "cpu-x86_64-24GiB", "runtime": "llama.cpp", "n_ctx": 512,
-           "fit_class": "fits", "samples": 3, "machines": 1, "decode_tok_s": [50.0]}
-    monkeypatch.setattr(contribute, "fetch_fits", lambda url, retry, say, **kw: {"fits": [fit]})
+           "fit_class": "fits", "samples": 3, "machines": 1, "decode_tok_s": {"median": 50.0}}
+    monkeypatch.setattr(client, "fetch_fits", lambda url, retry, say, **kw: {"fits": [fit]})
     catalog = tmp_path / ("c" * 200) / ("d" * 100) / "catalog.yaml"
-    result = invoke("catalog", "pull", "http://upstream.example", "--catalog", str(catalog), env={"COLUMNS": "40"})
+    result = invoke("catalog", "pull", "https://upstream.example", "--catalog", str(catalog), env={"COLUMNS": "40"})
     assert result.exit_code == 0, result.output
     [line] = result.output.splitlines()
-    assert line.startswith(f"{catalog}: community fits from http://upstream.example: 1 added, 0 updated")
+    assert line.startswith(f"{catalog}: community fits from https://upstream.example: 1 added, 0 updated")
 
 
 def test_result_globs_take_timeline_companions_as_their_result_files(tmp_path):
