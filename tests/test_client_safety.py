@@ -237,3 +237,18 @@ def test_merge_skips_non_finite_values_given_directly():
     cat = Catalog(Path("unused.yaml"))
     counts = merge_community(cat, {"fits": [fit(peak_rss_bytes={"median": float("inf")}), fit(n_ctx=1024)]}, "x")
     assert counts["skipped"] == 1 and counts["added"] == 1
+
+
+def test_the_paged_robust_shape_and_unknown_fields_are_read():
+    """/v1/fits as the robust aggregates serve it: votes, tokens, MAD, outliers apart, a key without a verdict."""
+    robust = fit(votes=3, tokens=4, outlier_votes=1, fit_classes={"fits": 3}, rows_url="/v1/rows?x=1",
+                 workflow_kind=None, turn=None, something_new={"nested": [1, 2]},
+                 decode_tok_s={"median": 80.0, "mad": 1.5, "n": 3, "outliers": [1e6], "min": 78.0, "max": 82.0},
+                 ttft_s={"median": None, "mad": None, "n": 0, "outliers": [0.001], "min": None, "max": None})
+    cat = Catalog(Path("unused.yaml"))
+    counts = merge_community(cat, {"fits": [robust, fit(n_ctx=1024, fit_class=None)], "total": 2,
+                                   "next_offset": None}, "https://up.example")
+    assert counts["added"] == 1 and counts["skipped"] == 0
+    [entry] = cat.fits
+    assert entry["decode_tok_s"] == 80.0 and entry["ttft_s"] is None
+    assert entry["spread"]["decode_tok_s"] == [78.5, 81.5]  # median ± MAD where no quartiles are given

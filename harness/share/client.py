@@ -25,6 +25,7 @@ from harness.errors import FitbenchError
 
 MAX_ANSWER = 32 * 2**20  # bytes of one answer, decompressed
 MAX_PAGES = 50  # pages of /v1/fits followed before stopping
+PAGE_SIZE = 1000  # fits asked for per page (a server that pages may send fewer)
 MAX_FITS = 200_000  # aggregates taken from one pull
 
 
@@ -202,7 +203,7 @@ def reason(resp: Answer) -> str:
 def fetch_fits(url: str, retry: Retry, say: Callable[[str], None], allow_http: bool = False, **params) -> dict:
     """Every page of GET /v1/fits (following ``next_offset`` up to MAX_PAGES), as one {"fits": [...]}."""
     root = secure_url(url, allow_http)
-    query = {k: v for k, v in params.items() if v}
+    query = {"limit": PAGE_SIZE, **{k: v for k, v in params.items() if v}}
     fits: list = []
     offset = None
     for _ in range(MAX_PAGES):

@@ -151,6 +151,8 @@ def merge_community(cat: Catalog, data: dict, url: str) -> dict[str, int]:
              if f.get("origin") == COMMUNITY}
     fits = data.get("fits") if isinstance(data, dict) else None
     for f in fits if isinstance(fits, list) else []:
+        if isinstance(f, dict) and "fit_class" in f and f["fit_class"] is None:
+            continue  # a key whose every vote was set apart: nothing to merge, nothing wrong
         if not _entry_ok(f):
             counts["skipped"] += 1
             continue
