@@ -1,10 +1,12 @@
 """Build, sign and send contribution bundles (the client side of `fitbench contribute`).
 
-Nothing leaves the machine before the rows are anonymised (harness/anonymise.py),
-validated against the schema (harness/bundle.py) and, unless --yes, shown and
-consented to. Uploads retry on network errors, 5xx and 429 with backoff; the
-bundle's content hash is sent as the Idempotency-Key, so a repeated or resumed
-upload is recognised by the server and never adds rows twice.
+Nothing leaves the machine but the columns on the published list
+(harness/share/allowlist.py), each treated as the list says (harness/share/anonymise.py),
+validated against the schema (harness/share/bundle.py) and, unless --yes, shown and
+consented to. Uploads go through harness/share/client.py (https, capped answers,
+retries on network errors, 5xx and 429 with backoff); the bundle's content hash is
+sent as the Idempotency-Key, so a repeated or resumed upload is recognised by the
+server and never adds rows twice.
 """
 
 from __future__ import annotations
