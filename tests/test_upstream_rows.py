@@ -181,8 +181,8 @@ def test_two_nodes_of_one_fleet_run_are_accepted_with_both_timelines(tmp_path, l
     assert len(doc["rows"]) == 4 and len(set(zip(tl["machine_id"], tl["machine_class"]))) == 2
     assert built.unmeasured == 1 and any("not sent: 1 row(s) no machine measured" in line for line in summary(built))
     nodes = sorted(set(zip(tl["machine_id"], tl["machine_class"])))
-    a, b = (sorted(t for t, *o in zip(tl["t_s"], tl["machine_id"], tl["machine_class"]) if tuple(o) == n)
-            for n in nodes)
+    a, b = sorted((sorted(t for t, *o in zip(tl["t_s"], tl["machine_id"], tl["machine_class"]) if tuple(o) == n)
+                   for n in nodes), key=len)  # upstream ids are keyed by the install's salt: order them by length
     # the same sample times on both nodes (b runs longer: it decodes slower), and neither node's samples dropped
     assert len(a) > 50 and b[:len(a)] == a and len(a) + len(b) == len(tl["t_s"])
     assert check_bundle(doc["rows"], tl) == []
