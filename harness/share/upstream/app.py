@@ -52,6 +52,7 @@ from harness.results import SCHEMA_VERSION
 from harness.share import bundle as bundle_mod
 from harness.share.bundle import BundleError, content_hash
 from harness.share.contribute import TOKEN_PREFIX
+from harness.share.upstream import page
 from harness.share.upstream.ingest import (
     SIGNATURE_HEADER,
     Refused,
@@ -229,6 +230,24 @@ def create_app(config: Config | None = None) -> FastAPI:
     async def stats() -> dict:
         return await run_in_threadpool(store.stats)
 
+    def fits_answer(artifact_sha256=None, machine_class=None, runtime=None, limit=None, offset=0) -> dict:
+        found = store.fits(machine_class, artifact_sha256, runtime)
+        return {"fits": found, "total": len(found), "next_offset": None}
+
+    def artifacts_answer(q: str, limit_n: int) -> list[dict]:
+        groups: dict[str, dict] = {}
+        for f in store.fits():
+            if q.lower() in str(f["artifact"]["name"]).lower() or f["artifact_sha256"].startswith(q.lower()):
+                g = groups.setdefault(f["artifact_sha256"], {"artifact_sha256": f["artifact_sha256"],
+                                                             "artifact_name": f["artifact"]["name"],
+                                                             "machine_classes": set(), "runtimes": set(), "keys": 0})
+                g["machine_classes"].add(f["machine_class"])
+                g["runtimes"].add(f["runtime"])
+                g["keys"] += 1
+        return [{**g, "machine_classes": sorted(g["machine_classes"]), "runtimes": sorted(g["runtimes"])}
+                for g in list(groups.values())[:limit_n]]
+
+    page.mount(app, lambda request: limit("request", address(request)), artifacts_answer, fits_answer)
     return app
 
 
