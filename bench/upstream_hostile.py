@@ -4,7 +4,7 @@ One real server on loopback (its default limits; ``--trust-proxy 127.0.0.1`` so 
 simulated client is its own address through X-Forwarded-For, as behind a reverse proxy).
 Measured in two phases of the same length, in one run:
 
-  quiet    /v1/health probed every 50 ms, and an honest contributor sending a new real
+  quiet    /v1/health probed every 50 ms (open loop), and an honest contributor sending a new real
            bundle (a tiny run of the sample model, re-keyed per bundle) every 0.5 s;
   hostile  the same, while two hostile addresses each send at the per-address request
            rate the server allows: one with its own operator-issued token (signed gzip bombs,
@@ -103,15 +103,27 @@ def run_phase(url: str, duration: float, honest: list[tuple[bytes, dict]], hosti
     lock = threading.Lock()
 
     def prober() -> None:
-        with httpx.Client(base_url=url, timeout=60) as http:
-            while time.monotonic() < stop:
-                t0 = time.perf_counter()
+        """A probe every 50 ms whether or not the last one answered (open loop: a stalled server
+        shows as many slow probes, not as a few missing ones)."""
+
+        def one() -> None:
+            t0 = time.perf_counter()
+            try:
                 ok = http.get("/v1/health").status_code == 200
-                dt = time.perf_counter() - t0
-                with lock:
-                    health.append(dt if ok else float("inf"))
-                    peak_rss.append(server.memory_info().rss)
-                time.sleep(max(0.0, 0.05 - dt))
+            except httpx.HTTPError:
+                ok = False
+            dt = time.perf_counter() - t0
+            with lock:
+                health.append(dt if ok else float("inf"))
+                peak_rss.append(server.memory_info().rss)
+
+        with httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=32)) as http, \
+                ThreadPoolExecutor(32) as pool:
+            i, start = 0, time.monotonic()
+            while time.monotonic() < stop:
+                pool.submit(one)
+                i += 1
+                time.sleep(max(0.0, start + i * 0.05 - time.monotonic()))
 
     def contributor() -> None:
         with httpx.Client(base_url=url, timeout=120) as http:
