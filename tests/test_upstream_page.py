@@ -104,8 +104,11 @@ def test_page_formats_figures_and_their_spread():
     assert page_mod.spread_parts("peak_rss_bytes", spread) == {
         "median": "190.0 MiB", "mad": "± 2.0 MiB", "range": "180.0 MiB – 200.0 MiB", "n": "n=3",
         "outliers": "1 outlier(s) left out"}
-    assert page_mod.spread_parts("ttft_s", {"median": 0.0525, "n": 1, "min": 0.0525, "max": 0.0525})["median"] == \
-        "52.5 ms"
+    # one vote: no spread to show; seconds past one, whole tok/s past a hundred
+    assert page_mod.spread_parts("ttft_s", {"median": 0.0525, "mad": 0.0, "n": 1, "min": 0.0525, "max": 0.0525}) \
+        == {"median": "52.5 ms", "n": "n=1"}
+    assert page_mod.fmt("ttft_s", 18.9252) == "18.93 s" and page_mod.fmt("prefill_tok_s", 4123.4) == "4,123 tok/s"
+    assert page_mod.fmt("decode_tok_s", 1.06) == "1.1 tok/s"
     assert page_mod.spread_parts("decode_tok_s", None) == {"median": "–"}
     # a rows_url that is not this server's rows path is not linked as it came
     assert page_mod.rows_link({"rows_url": "javascript:alert(1)", "artifact_sha256": "ab", "machine_class": "c",

@@ -31,12 +31,20 @@ SECURITY_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "n
 ASSETS = {"page.js": "text/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
 MAX_FITS = 500  # fits of one artifact x class x runtime on one page; the API pages through the rest
 
+def _rate(v: float) -> str:
+    return f"{v:,.1f} tok/s" if abs(v) < 100 else f"{v:,.0f} tok/s"
+
+
+def _seconds(v: float) -> str:
+    return f"{v * 1000:,.1f} ms" if abs(v) < 1 else f"{v:,.2f} s"
+
+
 # (metric key in /v1/fits, column title, formatter of one value)
 METRICS = (
     ("peak_rss_bytes", "Peak memory", lambda v: f"{v / 2**20:,.1f} MiB"),
-    ("prefill_tok_s", "Prefill", lambda v: f"{v:,.0f} tok/s"),
-    ("decode_tok_s", "Decode", lambda v: f"{v:,.1f} tok/s"),
-    ("ttft_s", "TTFT", lambda v: f"{v * 1000:,.1f} ms"),
+    ("prefill_tok_s", "Prefill", _rate),
+    ("decode_tok_s", "Decode", _rate),
+    ("ttft_s", "TTFT", _seconds),
 )
 FORMAT = {key: f for key, _, f in METRICS}
 
@@ -53,9 +61,9 @@ def spread_parts(metric: str, spread: dict | None) -> dict[str, str]:
     if not spread or spread.get("median") is None:
         return {"median": "–"}
     parts = {"median": fmt(metric, spread["median"])}
-    if spread.get("mad") is not None:
+    if spread.get("mad") is not None and (spread.get("n") or 0) > 1:  # one vote has no spread to show
         parts["mad"] = "± " + fmt(metric, spread["mad"])
-    if spread.get("min") is not None and spread.get("max") is not None:
+    if spread.get("min") is not None and spread.get("max") is not None and spread["min"] != spread["max"]:
         parts["range"] = f"{fmt(metric, spread['min'])} – {fmt(metric, spread['max'])}"
     parts["n"] = f"n={spread.get('n', 0)}"
     if spread.get("outliers"):
@@ -84,7 +92,7 @@ def _page(title: str, body: str) -> str:
             "<script src=\"/assets/page.js\" defer></script></head><body>"
             "<header><h1><a href=\"/\">fitbench community fits</a></h1>"
             "<p>Measured memory and speed per model, runtime, context and machine class, as contributed to this "
-            "upstream and judged by it: medians over one vote per token and machine, outliers shown apart.</p>"
+            "upstream and judged by it: medians over one vote per contributor token, outliers set apart.</p>"
             f"</header><main>{body}</main><footer><p>Data: <a href=\"/v1/fits\">/v1/fits</a> · "
             "<a href=\"/v1/artifacts\">/v1/artifacts</a> · <a href=\"/v1/stats\">/v1/stats</a></p></footer>"
             "</body></html>")
@@ -180,8 +188,9 @@ def _artifact_view(art: dict, classes: list[str], runtimes: list[str], machine_c
         if (answer or {}).get("next_offset") is not None:
             table += (f"<p class=\"more\">Showing {len(fits)} of {_e(answer.get('total'))} fits: the rest are in "
                       "<a href=\"/v1/fits\">/v1/fits</a> (limit and offset).</p>")
-    note = ("<p class=\"legend\">Each figure: median, ± median absolute deviation, min – max, and how many votes "
-            "it is over (n). Votes: one per token and machine; rows: every stored row of the fit.</p>")
+    note = ("<p class=\"legend\">Each figure: the median, ± the median absolute deviation and min – max when "
+            "there is more than one vote, and how many votes it is over (n). A vote is one contributor token's "
+            "median; machines and rows are counted, not voted. Rows: every stored row of the fit.</p>")
     return f"<section id=\"fit\">{header}{pick}{table}{note}</section>"
 
 
