@@ -99,31 +99,31 @@ def run_phase(url: str, duration: float, honest: list[tuple[bytes, dict]], hosti
               server: psutil.Process) -> dict:
     stop = time.monotonic() + duration
     health, ingest, honest_status, hostile_status = [], [], Counter(), Counter()
-    peak_rss = [server.memory_info().rss]
+    peak_rss, failed = [server.memory_info().rss], [0]
     lock = threading.Lock()
 
     def prober() -> None:
-        """A probe every 50 ms whether or not the last one answered (open loop: a stalled server
-        shows as many slow probes, not as a few missing ones)."""
+        """A probe every 50 ms whether or not the last one answered (open loop), each timed from when it
+        was due, so a stalled server shows as slow probes, not as missing ones; no answer in 10 s counts 10 s."""
 
-        def one() -> None:
-            t0 = time.perf_counter()
+        def one(due: float) -> None:
             try:
                 ok = http.get("/v1/health").status_code == 200
             except httpx.HTTPError:
                 ok = False
-            dt = time.perf_counter() - t0
+            dt = time.perf_counter() - due
             with lock:
-                health.append(dt if ok else float("inf"))
+                health.append(dt if ok else max(dt, 10.0))
+                failed[0] += not ok
                 peak_rss.append(server.memory_info().rss)
 
-        with httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=32)) as http, \
+        with httpx.Client(base_url=url, timeout=10, limits=httpx.Limits(max_connections=32)) as http, \
                 ThreadPoolExecutor(32) as pool:
-            i, start = 0, time.monotonic()
+            i, start = 0, time.perf_counter()
             while time.monotonic() < stop:
-                pool.submit(one)
+                pool.submit(one, start + i * 0.05)
                 i += 1
-                time.sleep(max(0.0, start + i * 0.05 - time.monotonic()))
+                time.sleep(max(0.0, start + i * 0.05 - time.perf_counter()))
 
     def contributor() -> None:
         with httpx.Client(base_url=url, timeout=120) as http:
@@ -144,6 +144,10 @@ def run_phase(url: str, duration: float, honest: list[tuple[bytes, dict]], hosti
         payloads = hostile[stream]
 
         def one(i: int) -> None:
+            if time.monotonic() >= stop:  # queued behind slow answers past the phase: not sent
+                with lock:
+                    hostile_status[f"{stream} not sent (client behind)"] += 1
+                return
             body, headers = payloads[i % len(payloads)]
             try:
                 status = http.post("/v1/bundles", content=body, headers={**headers, "x-forwarded-for": address}
@@ -153,8 +157,8 @@ def run_phase(url: str, duration: float, honest: list[tuple[bytes, dict]], hosti
             with lock:
                 hostile_status[f"{stream} {status}"] += 1
 
-        with httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=8)) as http, \
-                ThreadPoolExecutor(8) as pool:
+        with httpx.Client(base_url=url, timeout=60, limits=httpx.Limits(max_connections=16)) as http, \
+                ThreadPoolExecutor(16) as pool:
             i, start = 0, time.monotonic()
             while time.monotonic() < stop:
                 pool.submit(one, i)
@@ -169,7 +173,7 @@ def run_phase(url: str, duration: float, honest: list[tuple[bytes, dict]], hosti
         t.start()
     for t in threads:
         t.join()
-    return {"health": summary(health), "honest_ingest": summary(ingest),
+    return {"health": {**summary(health), "failed_or_timed_out": failed[0]}, "honest_ingest": summary(ingest),
             "honest_answers": {str(k): v for k, v in sorted(honest_status.items())},
             "hostile_answers": dict(sorted(hostile_status.items())) if hostile else {},
             "server_peak_rss_mib": round(max(peak_rss) / MiB, 1)}
