@@ -275,10 +275,8 @@ class Store:
                 for key in sorted(touched):
                     self._refresh_vote(c, key, token_id)
                     self._refresh_fit(c, key)
-        except Exception as exc:  # a null the structure check let through: the client's
-            if type(exc).__name__ in ("IntegrityError", "NotNullViolation"):
-                raise BadRow(str(exc)[:120]) from None
-            raise
+        except self.db.client_errors as exc:  # a null, a NUL or a huge number the structure check let through
+            raise BadRow(str(exc).strip()[:120]) from None
         return {"bundle": content_hash, "duplicate": False, "rows": len(rows), "new_rows": new,
                 "duplicate_rows": len(rows) - new}
 
