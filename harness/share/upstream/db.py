@@ -98,6 +98,14 @@ class Conn:
             sql = sql.replace("?", "%s")
         return self.raw.execute(sql, tuple(args))
 
+    def many(self, sql: str, rows) -> None:
+        """One statement over many parameter rows (psycopg pipelines them: one round trip, not one each)."""
+        if self.postgres:
+            with self.raw.cursor() as cur:
+                cur.executemany(sql.replace("?", "%s"), rows)
+        else:
+            self.raw.executemany(sql, rows)
+
     def one(self, sql: str, args=()):
         return self.q(sql, args).fetchone()
 
