@@ -135,8 +135,12 @@ def run_one(kind: str, args, template: dict, work: Path, pg_base: str | None) ->
     print(f"{kind}: filling {args.rows:,} rows", file=sys.stderr, flush=True)
     store = Store(db)
     filled = fill(store, template, args.rows, args.tokens, args.per_bundle)
+    if kind == "sqlite":
+        size = sum(p.stat().st_size for p in work.glob("scale.sqlite*"))
+    else:
+        with store.db.read() as c:
+            size = c.one("SELECT pg_database_size(current_database())")[0]
     store.close()
-    size = (sum(p.stat().st_size for p in work.glob("scale.sqlite*")) if kind == "sqlite" else None)
     result = {"store": kind, **filled, "db_bytes": size, **measure(db, args.queries)}
     print(json.dumps(result), file=sys.stderr, flush=True)
     return result

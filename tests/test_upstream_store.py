@@ -268,3 +268,55 @@ def test_two_ingest_processes_on_one_postgresql_store_once_and_lose_nothing(tmp_
     fits = store.fits()
     assert fits == rebuilt(store) and fits[0]["tokens"] == 4 and fits[0]["machines"] == 14
     store.close()
+
+
+@pytest.mark.parametrize("mutate", [lambda r: r.update(machine_class="cpu\x00x"), lambda r: r.update(prompt_tokens=2**70),
+                                    lambda r: r.update(runtime_version="v\x00")], ids=["nul", "huge", "nul-optional"])
+def test_values_a_database_cannot_hold_are_a_4xx_on_both_stores(tmp_path, store_target, mutate):
+    client = TestClient(create_app(Config(db=store_target, open_tokens=True)), raise_server_exceptions=False)
+    doc = doc_of(tmp_path, "x")
+    for row in doc["rows"]:
+        mutate(row)
+    resp = send(client, doc, new_token(client))
+    assert 400 <= resp.status_code < 500, resp.text
+    assert client.get("/v1/stats").json()["rows"] == 0
+    client.app.state.store.close()
+
+
+def test_open_mode_promotes_a_token_when_its_bundle_completes_its_track_record(tmp_path):
+    client = app_client(tmp_path, promote_bundles=2, promote_hours=0)
+    for i in range(2):
+        assert send(client, doc_of(tmp_path, f"h{i}", machine_id=f"h{i}", run_id=f"h{i}"),
+                    new_token(client)).status_code == 201
+    newcomer = new_token(client, approve=False)
+    first = send(client, doc_of(tmp_path, "n0", machine_id="n", run_id="n0"), newcomer).json()
+    assert "token_status" not in first and client.get("/v1/fits").json()["fits"][0]["votes"] == 2
+    second = send(client, doc_of(tmp_path, "n1", machine_id="n", run_id="n1"), newcomer).json()
+    assert second["token_status"] == "active" and client.get("/v1/fits").json()["fits"][0]["votes"] == 3
+    never = app_client(tmp_path / "off", promote_bundles=1, promote_hours=0, auto_promote=False)
+    token = new_token(never, approve=False)
+    assert "token_status" not in send(never, doc_of(tmp_path, "o", run_id="o"), token).json()
+
+
+def test_serve_and_token_commands_take_a_postgresql_url(tmp_path, pg_url):
+    import httpx
+
+    from tests.upstream_helpers import free_port, wait_healthy
+
+    made = fitbench("upstream", "token", "create", "--db", pg_url, "--name", "pg")
+    assert made.returncode == 0 and "active" in made.stdout, made.stderr
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "upstream", "serve", "--db", pg_url, "--port",
+                             str(port)], env={**os.environ, "PYTHONPATH": os.getcwd()}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}")
+        answer = httpx.get(f"http://127.0.0.1:{port}/v1/fits").json()
+        assert answer["fits"] == [] and answer["total"] == 0 and answer["next_offset"] is None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    listed = fitbench("upstream", "token", "list", "--db", pg_url)
+    assert listed.returncode == 0 and "pg" in listed.stdout
+    down = pg_url.rsplit(":", 1)[0] + ":1/nothing"
+    assert_usage_error(fitbench("upstream", "token", "list", "--db", down), "cannot")

@@ -242,8 +242,8 @@ def create_app(config: Config | None = None) -> FastAPI:
             result = store.submit(doc, digest, idem_key, size=size)
         except QuotaExceeded as exc:
             raise refuse(413, str(exc)) from None
-        except BadRow as exc:  # a null the structure check let through: the client's
-            raise refuse(422, f"schema: a required value is missing ({str(exc)[:80]})") from None
+        except BadRow as exc:  # a value the structure check let through that the database refuses: the client's
+            raise refuse(422, f"schema: a value the store cannot hold ({str(exc)[:100]})") from None
         if config.open_tokens and config.auto_promote and not result["duplicate"]:
             if store.promote_if_earned(token_id, config.promote_bundles, config.promote_hours):
                 result["token_status"] = "active"

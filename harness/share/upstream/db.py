@@ -98,6 +98,14 @@ class Conn:
             sql = sql.replace("?", "%s")
         return self.raw.execute(sql, tuple(args))
 
+    def many(self, sql: str, rows) -> None:
+        """One statement over many parameter rows (psycopg pipelines them: one round trip, not one each)."""
+        if self.postgres:
+            with self.raw.cursor() as cur:
+                cur.executemany(sql.replace("?", "%s"), rows)
+        else:
+            self.raw.executemany(sql, rows)
+
     def one(self, sql: str, args=()):
         return self.q(sql, args).fetchone()
 
@@ -112,6 +120,8 @@ def _lock_id(key: str) -> int:
 
 class SQLiteDB:
     kind = "sqlite"
+    # what a value the structure check let through can make the database refuse: the client's fault
+    client_errors: tuple = (sqlite3.IntegrityError, OverflowError)
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
@@ -184,6 +194,8 @@ class PostgresDB:
         except ImportError:
             raise DatabaseError("a postgresql:// store needs psycopg: pip install 'fitbench[upstream]'") from None
         self._psycopg = psycopg
+        # NUL in a text (ValueError, refused by psycopg), a number beyond BIGINT, a missing required value
+        self.client_errors = (psycopg.IntegrityError, psycopg.DataError, ValueError, OverflowError)
         self.url = url
         self._local = threading.local()
         self._all: list = []

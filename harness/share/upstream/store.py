@@ -258,27 +258,24 @@ class Store:
                                             f"this bundle ({size:,} bytes) does not fit: ask the operator")
                 keys = {v[ROW_COLUMNS.index("key_id")] for v in stored} - {None}
                 self.db.lock_keys(c, keys)
-                new, touched = 0, set()
-                for values in stored:
-                    if c.q(f"INSERT INTO rows ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join('?' * len(values))}) "
-                           "ON CONFLICT (row_key) DO NOTHING", values).rowcount:
-                        new += 1
-                        if values[ROW_COLUMNS.index("key_id")] is not None:
-                            touched.add(values[ROW_COLUMNS.index("key_id")])
-                for (run_id, machine_id, machine_class, case_key), case_samples in samples.items():
-                    blob = zlib.compress(json.dumps(case_samples).encode(), 1)
-                    c.q("INSERT INTO case_timelines VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-                        (run_id, machine_id or "", machine_class or "", case_key, content_hash, blob))
+                c.many(f"INSERT INTO rows ({', '.join(ROW_COLUMNS)}) VALUES ({', '.join('?' * len(ROW_COLUMNS))}) "
+                       "ON CONFLICT (row_key) DO NOTHING", stored)
+                # the rows this bundle added carry its hash; a row stored before keeps its first bundle's
+                new = c.one("SELECT count(*) FROM rows WHERE bundle_hash = ?", (content_hash,))[0]
+                touched = {k for (k,) in c.all("SELECT DISTINCT key_id FROM rows WHERE bundle_hash = ? "
+                                               "AND key_id IS NOT NULL", (content_hash,))}
+                c.many("INSERT INTO case_timelines VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                       [(run_id, machine_id or "", machine_class or "", case_key, content_hash,
+                         zlib.compress(json.dumps(case_samples).encode(), 1))
+                        for (run_id, machine_id, machine_class, case_key), case_samples in samples.items()])
                 c.q("UPDATE bundles SET n_new_rows = ? WHERE content_hash = ?", (new, content_hash))
                 if idem_key:
                     c.q("INSERT INTO idempotency VALUES (?, ?) ON CONFLICT (key) DO NOTHING", (idem_key, content_hash))
                 for key in sorted(touched):
                     self._refresh_vote(c, key, token_id)
                     self._refresh_fit(c, key)
-        except Exception as exc:  # a null the structure check let through: the client's
-            if type(exc).__name__ in ("IntegrityError", "NotNullViolation"):
-                raise BadRow(str(exc)[:120]) from None
-            raise
+        except self.db.client_errors as exc:  # a null, a NUL or a huge number the structure check let through
+            raise BadRow(str(exc).strip()[:120]) from None
         return {"bundle": content_hash, "duplicate": False, "rows": len(rows), "new_rows": new,
                 "duplicate_rows": len(rows) - new}
 

@@ -247,6 +247,11 @@ def check_timelines(rows: list[dict], timeline: dict[str, list]) -> list[str]:
 def check_bundle(rows: list[dict], timeline: dict[str, list], limit: int = 20) -> list[str]:
     """Every reason to refuse a (structurally valid) bundle's rows and timeline; empty when plausible."""
     reasons = []
+    for i, row in enumerate(rows):  # a NUL is no text a run writes, and PostgreSQL cannot store one
+        if nul := [k for k, v in row.items() if isinstance(v, str) and "\x00" in v]:
+            reasons.append(f"rows[{i}]: a NUL character in {', '.join(nul[:5])}")
+    if nul := [k for k, col in timeline.items() if any(isinstance(v, str) and "\x00" in v for v in col)]:
+        reasons.append(f"timeline: a NUL character in {', '.join(nul[:5])}")
     for i, row in enumerate(rows):
         turn = f", turn {row['turn']}" if row.get("turn") is not None else ""
         reasons += [f"rows[{i}] ({row.get('artifact_name')}, ctx {row.get('n_ctx')}, rep {row.get('repetition')}"
