@@ -316,14 +316,14 @@ class Store:
             c.q("DELETE FROM fits WHERE key_id = ?", (key,))
             return
         votes = [json.loads(v) for (v,) in found]
-        artifacts = {}
-        for row_id in {v["latest_row"] for v in votes if v.get("latest_row")}:
+
+        def artifact_of(row_id: str) -> dict | None:
             got = c.one("SELECT row_json FROM rows WHERE row_key = ?", (row_id,))
-            if got:
-                row = json.loads(got[0])
-                artifacts[row_id] = {k.removeprefix("artifact_"): row.get(k) for k in ARTIFACT_FIELDS}
+            row = json.loads(got[0]) if got else None
+            return {k.removeprefix("artifact_"): row.get(k) for k in ARTIFACT_FIELDS} if row else None
+
         fit_k = votes[0]["key"]
-        entry = aggregate.fit_entry(fit_k, votes, artifacts)
+        entry = aggregate.fit_entry(fit_k, votes, artifact_of)
         sha, machine_class, runtime, n_ctx, workflow, turn = fit_k
         c.q("INSERT INTO fits VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (key_id) DO UPDATE SET "
             "artifact_name = excluded.artifact_name, tokens = excluded.tokens, fit_json = excluded.fit_json",
