@@ -320,3 +320,27 @@ def test_serve_and_token_commands_take_a_postgresql_url(tmp_path, pg_url):
     assert listed.returncode == 0 and "pg" in listed.stdout
     down = pg_url.rsplit(":", 1)[0] + ":1/nothing"
     assert_usage_error(fitbench("upstream", "token", "list", "--db", down), "cannot")
+
+
+def test_catalog_pull_follows_the_pages_of_v1_fits():
+    from fastapi import FastAPI
+
+    from harness.share.contribute import Retry, fetch_fits
+    from tests.upstream_helpers import ThreadServer
+
+    app, asked = FastAPI(), []
+
+    @app.get("/v1/health")
+    async def health() -> dict:
+        return {"ok": True}
+
+    @app.get("/v1/fits")
+    async def fits(limit: int = 100, offset: int = 0) -> dict:
+        asked.append((limit, offset))
+        total = 2500
+        page = [{"n": i} for i in range(offset, min(offset + limit, total))]
+        return {"fits": page, "total": total, "next_offset": offset + len(page) if offset + len(page) < total else None}
+
+    with ThreadServer(app) as server:
+        data = fetch_fits(server.url, Retry(attempts=1), lambda msg: None)
+    assert [f["n"] for f in data["fits"]] == list(range(2500)) and asked == [(1000, 0), (1000, 1000), (1000, 2000)]
