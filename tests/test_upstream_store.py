@@ -228,7 +228,7 @@ def test_delete_command_removes_a_bundle_or_a_token_and_recomputes(tmp_path):
     first = store.submit(doc_of(tmp_path, "a", tid, machine_id="a"))["bundle"]
     store.submit(doc_of(tmp_path, "b", tid, machine_id="b", n_ctx=1024))
     store.close()
-    done = fitbench("upstream", "delete", "--db", str(db), "--bundle", first)
+    done = fitbench("upstream", "delete", "--db", str(db), "--bundle", first[:16])  # as contribute prints it
     assert done.returncode == 0 and "deleted 1 bundle(s), 2 row(s); 1 fit(s) recomputed" in done.stdout, done.stderr
     assert [f["n_ctx"] for f in Store(db).fits()] == [1024]
     assert fitbench("upstream", "delete", "--db", str(db), "--token", tid).returncode == 0
@@ -320,3 +320,27 @@ def test_serve_and_token_commands_take_a_postgresql_url(tmp_path, pg_url):
     assert listed.returncode == 0 and "pg" in listed.stdout
     down = pg_url.rsplit(":", 1)[0] + ":1/nothing"
     assert_usage_error(fitbench("upstream", "token", "list", "--db", down), "cannot")
+
+
+def test_catalog_pull_follows_the_pages_of_v1_fits():
+    from fastapi import FastAPI
+
+    from harness.share.contribute import Retry, fetch_fits
+    from tests.upstream_helpers import ThreadServer
+
+    app, asked = FastAPI(), []
+
+    @app.get("/v1/health")
+    async def health() -> dict:
+        return {"ok": True}
+
+    @app.get("/v1/fits")
+    async def fits(limit: int = 100, offset: int = 0) -> dict:
+        asked.append((limit, offset))
+        total = 2500
+        page = [{"n": i} for i in range(offset, min(offset + limit, total))]
+        return {"fits": page, "total": total, "next_offset": offset + len(page) if offset + len(page) < total else None}
+
+    with ThreadServer(app) as server:
+        data = fetch_fits(server.url, Retry(attempts=1), lambda msg: None)
+    assert [f["n"] for f in data["fits"]] == list(range(2500)) and asked == [(1000, 0), (1000, 1000), (1000, 2000)]

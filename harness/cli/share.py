@@ -108,7 +108,8 @@ DB_HELP = ("the store: a SQLite file (created if missing) or a PostgreSQL URL, "
 
 
 @upstream.command("serve")
-@click.option("--db", "db", default="upstream.sqlite", show_default=True, callback=_db_target, help=DB_HELP)
+@click.option("--db", "db", default="upstream.sqlite", show_default=True, callback=_db_target, metavar="FILE|URL",
+              help=DB_HELP)
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
 @click.option("--max-body-mib", type=click.FloatRange(min=0.01), default=16, show_default=True,
@@ -182,7 +183,7 @@ def token_group() -> None:
     """Issue, list, approve and revoke the submitter tokens of an upstream (run on its machine)."""
 
 
-DB_OPTION = click.option("--db", "db", default="upstream.sqlite", show_default=True, callback=_db_target,
+DB_OPTION = click.option("--db", "db", default="upstream.sqlite", show_default=True, callback=_db_target, metavar="FILE|URL",
                          help="the server's store: " + DB_HELP.removeprefix("the store: "))
 
 
@@ -259,8 +260,8 @@ def token_revoke(token_id: str, db: Path | str) -> None:
 
 @upstream.command("delete")
 @DB_OPTION
-@click.option("--bundle", "bundle", metavar="HASH", help="remove one bundle: its content hash (the `bundle` "
-              "its upload answered, or `fitbench upstream token list` to find the token)")
+@click.option("--bundle", "bundle", metavar="HASH", help="remove one bundle: its content hash, or its first 12+ "
+              "hex digits (`contribute` prints the first 16)")
 @click.option("--token", "token_id", metavar="ID", help="remove every bundle this token sent (the token stays; "
               "`fitbench upstream token revoke ID` refuses it from now on)")
 def upstream_delete(db: Path | str, bundle: str | None, token_id: str | None) -> None:
@@ -275,7 +276,7 @@ def upstream_delete(db: Path | str, bundle: str | None, token_id: str | None) ->
     finally:
         store.close()
     if done is None:
-        what = f"no bundle {bundle!r}" if bundle else f"no token {token_id!r}"
+        what = f"no bundle (or more than one) whose hash starts {bundle!r}" if bundle else f"no token {token_id!r}"
         raise UsageError(f"{redact(str(db))}: {what} (see `fitbench upstream token list`)")
     make_console().print(f"deleted {done['bundles']} bundle(s), {done['rows']} row(s); {done['keys']} fit(s) "
                          "recomputed", markup=False, highlight=False)

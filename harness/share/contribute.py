@@ -401,7 +401,23 @@ def forget_token(url: str) -> None:
         path.write_text(json.dumps(data, indent=1))
 
 
+MAX_FIT_PAGES = 100  # of 1,000 fits each: an upstream that pages forever is cut off
+
+
 def fetch_fits(url: str, retry: Retry, say: Callable[[str], None], **params) -> dict:
+    """Every fit the upstream serves for ``params``, following its pages (``next_offset``)."""
+    data = _fits_page(url, retry, say, {**params, "limit": 1000})
+    for _ in range(MAX_FIT_PAGES - 1):
+        offset = data.get("next_offset")
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset <= data.get("_offset", 0):
+            break
+        page = _fits_page(url, retry, say, {**params, "limit": 1000, "offset": offset})
+        data = {**page, "fits": data["fits"] + page["fits"], "_offset": offset}
+    data.pop("_offset", None)
+    return data
+
+
+def _fits_page(url: str, retry: Retry, say: Callable[[str], None], params: dict) -> dict:
     resp = request("GET", f"{base_url(url)}/v1/fits", retry, on_retry=say,
                    params={k: v for k, v in params.items() if v})
     if resp.status_code != 200:

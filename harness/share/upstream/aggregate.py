@@ -147,9 +147,9 @@ def rows_url(sha: str, machine_class: str, runtime: str, n_ctx: int) -> str:
                                     "n_ctx": n_ctx})
 
 
-def fit_entry(key: list, votes: list[dict], artifacts: dict[str, dict]) -> dict:
-    """The served fit of one key from the votes of the tokens in good standing; ``artifacts``: the
-    artifact columns of each vote's latest row (by ``latest_row``), for the name the most tokens used."""
+def fit_entry(key: list, votes: list[dict], artifact_of) -> dict:
+    """The served fit of one key from the votes of the tokens in good standing; ``artifact_of(row_key)``:
+    the artifact columns of a stored row (asked once: for the newest vote naming the winning name)."""
     sha, machine_class, runtime, n_ctx, workflow, turn = key
     judged = outliers_by_metric(votes)
     apart = set().union(*judged.values())
@@ -157,9 +157,9 @@ def fit_entry(key: list, votes: list[dict], artifacts: dict[str, dict]) -> dict:
     verdicts = Counter(v["fit_class"] for v in counted if v["fit_class"])
     names = Counter(v["name"] for v in votes if v["name"])
     name = min(names, key=lambda n: (-names[n], n)) if names else None
-    named = [v for v in votes if v["name"] == name and v.get("latest_row") in artifacts]
-    newest = max(named, key=lambda v: v["last_measured"]) if named else None
-    artifact = dict(artifacts[newest["latest_row"]]) if newest else {"name": name}
+    named = [v for v in votes if v["name"] == name and v.get("latest_row")]
+    newest = max(named, key=lambda v: (v["last_measured"], v["latest_row"])) if named else None
+    artifact = (artifact_of(newest["latest_row"]) if newest else None) or {"name": name}
     times = [v["last_measured"] for v in counted if v["last_measured"]]
     entry = {
         "artifact_sha256": sha, "machine_class": machine_class, "runtime": runtime, "n_ctx": n_ctx,

@@ -316,14 +316,14 @@ class Store:
             c.q("DELETE FROM fits WHERE key_id = ?", (key,))
             return
         votes = [json.loads(v) for (v,) in found]
-        artifacts = {}
-        for row_id in {v["latest_row"] for v in votes if v.get("latest_row")}:
+
+        def artifact_of(row_id: str) -> dict | None:
             got = c.one("SELECT row_json FROM rows WHERE row_key = ?", (row_id,))
-            if got:
-                row = json.loads(got[0])
-                artifacts[row_id] = {k.removeprefix("artifact_"): row.get(k) for k in ARTIFACT_FIELDS}
+            row = json.loads(got[0]) if got else None
+            return {k.removeprefix("artifact_"): row.get(k) for k in ARTIFACT_FIELDS} if row else None
+
         fit_k = votes[0]["key"]
-        entry = aggregate.fit_entry(fit_k, votes, artifacts)
+        entry = aggregate.fit_entry(fit_k, votes, artifact_of)
         sha, machine_class, runtime, n_ctx, workflow, turn = fit_k
         c.q("INSERT INTO fits VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (key_id) DO UPDATE SET "
             "artifact_name = excluded.artifact_name, tokens = excluded.tokens, fit_json = excluded.fit_json",
@@ -353,13 +353,17 @@ class Store:
 
     # --- removing contributions ---
     def delete_bundle(self, content_hash: str) -> dict | None:
-        """Remove a bundle's rows and timelines (a row it shares with a later bundle goes too: rows are
-        stored once), refund its size to the token's quota, recompute the keys it touched."""
+        """Remove a bundle (its hash, or a prefix of at least 12 of its hex digits naming one bundle: what
+        ``contribute`` prints) with its rows and timelines (a row it shares with a later bundle goes too: rows
+        are stored once), refund its size to the token's quota, recompute the keys it touched."""
+        if len(content_hash) < 12 or not all(ch in "0123456789abcdef" for ch in content_hash):
+            return None
         with self.db.write() as c:
-            found = c.one("SELECT token_id, size_bytes FROM bundles WHERE content_hash = ?", (content_hash,))
-            if found is None:
+            found = c.all("SELECT content_hash, token_id, size_bytes FROM bundles WHERE content_hash LIKE ? "
+                          "ORDER BY content_hash LIMIT 2", (content_hash + "%",))
+            if len(found) != 1:
                 return None
-            return self._delete(c, [(content_hash, *found)])
+            return self._delete(c, found)
 
     def delete_token(self, token_id: str) -> dict | None:
         """Remove every bundle a token sent (the token itself stays: revoke it with set_status)."""
