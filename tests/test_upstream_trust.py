@@ -87,8 +87,8 @@ def test_unknown_columns_of_a_newer_schema_are_dropped_not_stored(tmp_path):
     doc["rows"][0]["from_the_future"] = {"nested": ["x" * 1000] * 100}
     resp = send(client, doc, token)
     assert resp.status_code == 201 and "from_the_future" in resp.json()["notes"][0], resp.text
-    db = client.app.state.store._db
-    assert all("from_the_future" not in r[0] for r in db.execute("SELECT row_json FROM rows"))
+    with client.app.state.store.db.read() as db:
+        assert all("from_the_future" not in r[0] for r in db.all("SELECT row_json FROM rows"))
 
 
 def test_health_answers_while_a_big_bundle_is_ingested(tmp_path, capsys):

@@ -106,9 +106,20 @@ def upstream() -> None:
     """The reference upstream service that collects contributed measurements."""
 
 
+def _db_target(ctx, param, value: str):
+    """A postgresql:// URL stays a string (a Path would fold its //); anything else is a SQLite file."""
+    from harness.share.upstream.db import is_postgres
+
+    return value if is_postgres(value) else Path(value)
+
+
+DB_HELP = ("the store: a SQLite file (created if missing) or a PostgreSQL URL, "
+           "postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE (needs psycopg, in the upstream extra)")
+
+
 @upstream.command("serve")
-@click.option("--db", "db", type=click.Path(path_type=Path), default=Path("upstream.sqlite"), show_default=True,
-              help="SQLite database (created if missing)")
+@click.option("--db", "db", default="upstream.sqlite", show_default=True, callback=_db_target, metavar="FILE|URL",
+              help=DB_HELP)
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True)
 @click.option("--max-body-mib", type=click.FloatRange(min=0.01), default=16, show_default=True,
@@ -127,9 +138,17 @@ def upstream() -> None:
               help="storage quota of a self-service token")
 @click.option("--trust-proxy", "trust_proxy", multiple=True, metavar="ADDR",
               help="a reverse proxy whose X-Forwarded-For names the client (repeatable; default: none)")
-def upstream_serve(db: Path, host: str, port: int, max_body_mib: float, tokens_per_minute: float,
+@click.option("--promote-after", type=click.IntRange(min=1), default=3, show_default=True, metavar="N",
+              help="with --open: a quarantined token becomes active on its own after N accepted bundles (and "
+              "--promote-hours, none refused, agreeing with active tokens where they overlap)")
+@click.option("--promote-hours", type=click.FloatRange(min=0), default=24, show_default=True, metavar="H",
+              help="with --open: ... spread over at least H hours since its first bundle")
+@click.option("--no-promote", is_flag=True, help="with --open: never promote on a track record; only "
+              "`fitbench upstream token approve` does")
+def upstream_serve(db: Path | str, host: str, port: int, max_body_mib: float, tokens_per_minute: float,
                    bundles_per_minute: float, requests_per_minute: float, open_tokens: bool, no_quarantine: bool,
-                   quota_mib: float, trust_proxy: tuple[str, ...]) -> None:
+                   quota_mib: float, trust_proxy: tuple[str, ...], promote_after: int, promote_hours: float,
+                   no_promote: bool) -> None:
     """Accept contribution bundles and serve aggregated community fits (GET /v1/fits) as JSON.
 
     Tokens come from the operator (`fitbench upstream token create`); with --open anyone may
@@ -152,9 +171,10 @@ def upstream_serve(db: Path, host: str, port: int, max_body_mib: float, tokens_p
                                 bundle_limit=Limit(bundles_per_minute, max(1, int(bundles_per_minute // 2))),
                                 request_limit=Limit(requests_per_minute, max(1, int(requests_per_minute // 2))),
                                 open_tokens=open_tokens, quarantine=not no_quarantine, quota_bytes=int(quota_mib * 2**20),
-                                trust_proxy=frozenset(trust_proxy)))
-    except Exception as exc:  # sqlite3.Error, OSError: an unusable database file
-        raise UsageError(f"{db}: cannot open the database: {exc}") from None
+                                trust_proxy=frozenset(trust_proxy), promote_bundles=promote_after,
+                                promote_hours=promote_hours, auto_promote=not no_promote))
+    except Exception as exc:  # sqlite3.Error, OSError, a PostgreSQL server that is down or refuses us
+        raise UsageError(f"{redact(str(db))}: cannot open the database: {str(exc).strip()[:300]}") from None
     try:  # a taken port is the user's to fix: say so in one line rather than in uvicorn's log
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -162,7 +182,8 @@ def upstream_serve(db: Path, host: str, port: int, max_body_mib: float, tokens_p
     except OSError as exc:
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; pick another --port or --host") \
             from None
-    make_console().print(f"fitbench upstream on http://{host}:{port} (database {db}); Ctrl-C stops it", markup=False)
+    make_console().print(f"fitbench upstream on http://{host}:{port} (database {redact(str(db))}); Ctrl-C stops it",
+                         markup=False)
     # the app reads X-Forwarded-For itself, only from --trust-proxy peers: uvicorn must not rewrite the client
     uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=False)
 
@@ -172,19 +193,25 @@ def token_group() -> None:
     """Issue, list, approve and revoke the submitter tokens of an upstream (run on its machine)."""
 
 
-DB_OPTION = click.option("--db", "db", type=click.Path(path_type=Path), default=Path("upstream.sqlite"),
-                         show_default=True, help="the server's SQLite database")
+DB_OPTION = click.option("--db", "db", default="upstream.sqlite", show_default=True, callback=_db_target, metavar="FILE|URL",
+                         help="the server's store: " + DB_HELP.removeprefix("the store: "))
 
 
-def _store(db: Path, must_exist: bool = True):
+def redact(db: str) -> str:
+    from harness.share.upstream.db import redact as redact_url
+
+    return redact_url(db)
+
+
+def _store(db: Path | str, must_exist: bool = True):
     from harness.share.upstream.store import Store
 
-    if must_exist and not db.exists():
+    if must_exist and isinstance(db, Path) and not db.exists():
         raise UsageError(f"{db}: no such database; pass the server's --db")
     try:
         return Store(db)
-    except Exception as exc:  # sqlite3.Error, OSError: an unusable database file
-        raise UsageError(f"{db}: cannot open the database: {exc}") from None
+    except Exception as exc:  # sqlite3.Error, OSError, a PostgreSQL server that is down or refuses us
+        raise UsageError(f"{redact(str(db))}: cannot open the database: {str(exc).strip()[:300]}") from None
 
 
 @token_group.command("create")
@@ -192,7 +219,7 @@ def _store(db: Path, must_exist: bool = True):
 @click.option("--name", help="who the token is for (shown by `token list`)")
 @click.option("--quota-mib", type=click.FloatRange(min=0.01), default=256, show_default=True,
               help="how much this token may store")
-def token_create(db: Path, name: str | None, quota_mib: float) -> None:
+def token_create(db: Path | str, name: str | None, quota_mib: float) -> None:
     """Issue an active token; give the printed token to the contributor (contribute --token)."""
     from harness.share.contribute import TOKEN_PREFIX
 
@@ -205,7 +232,7 @@ def token_create(db: Path, name: str | None, quota_mib: float) -> None:
 
 @token_group.command("list")
 @DB_OPTION
-def token_list(db: Path) -> None:
+def token_list(db: Path | str) -> None:
     """Every token: status, quota and use, bundles sent."""
     store = _store(db)
     console = make_console()
@@ -216,7 +243,7 @@ def token_list(db: Path) -> None:
     store.close()
 
 
-def _set_status(db: Path, token_id: str, status: str, what: str) -> None:
+def _set_status(db: Path | str, token_id: str, status: str, what: str) -> None:
     store = _store(db)
     found = store.set_status(token_id, status)
     store.close()
@@ -228,7 +255,7 @@ def _set_status(db: Path, token_id: str, status: str, what: str) -> None:
 @token_group.command("approve")
 @click.argument("token_id")
 @DB_OPTION
-def token_approve(token_id: str, db: Path) -> None:
+def token_approve(token_id: str, db: Path | str) -> None:
     """Let a quarantined token's rows count in GET /v1/fits."""
     _set_status(db, token_id, "active", "approved: its rows now count")
 
@@ -236,6 +263,30 @@ def token_approve(token_id: str, db: Path) -> None:
 @token_group.command("revoke")
 @click.argument("token_id")
 @DB_OPTION
-def token_revoke(token_id: str, db: Path) -> None:
+def token_revoke(token_id: str, db: Path | str) -> None:
     """Refuse a token from now on and take its rows out of the aggregates (they stay stored)."""
     _set_status(db, token_id, "revoked", "revoked: refused from now on, its rows no longer count")
+
+
+@upstream.command("delete")
+@DB_OPTION
+@click.option("--bundle", "bundle", metavar="HASH", help="remove one bundle: its content hash, or its first 12+ "
+              "hex digits (`contribute` prints the first 16)")
+@click.option("--token", "token_id", metavar="ID", help="remove every bundle this token sent (the token stays; "
+              "`fitbench upstream token revoke ID` refuses it from now on)")
+def upstream_delete(db: Path | str, bundle: str | None, token_id: str | None) -> None:
+    """Remove a contribution: its rows and timelines leave the store and the aggregates they were in
+    are recomputed (only those). A row stored by the bundle goes even when a later bundle repeated it:
+    rows are stored once. The bytes are given back to the token's quota."""
+    if (bundle is None) == (token_id is None):
+        raise UsageError("say what to delete: --bundle HASH or --token ID (one of them)")
+    store = _store(db)
+    try:
+        done = store.delete_bundle(bundle) if bundle else store.delete_token(token_id)
+    finally:
+        store.close()
+    if done is None:
+        what = f"no bundle (or more than one) whose hash starts {bundle!r}" if bundle else f"no token {token_id!r}"
+        raise UsageError(f"{redact(str(db))}: {what} (see `fitbench upstream token list`)")
+    make_console().print(f"deleted {done['bundles']} bundle(s), {done['rows']} row(s); {done['keys']} fit(s) "
+                         "recomputed", markup=False, highlight=False)

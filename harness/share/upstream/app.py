@@ -2,27 +2,58 @@
 
     POST /v1/tokens    a quarantined submitter token, only with ``serve --open``   -> 201 {"token": ...}; else 403
     POST /v1/bundles   a signed bundle, JSON, optionally gzip-encoded           -> 201 new / 200 already had it
-    GET  /v1/fits      aggregated community fits (?machine_class=&artifact_sha256=&runtime=)
+    GET  /v1/fits      aggregated community fits, paged:
+                       ?artifact_sha256=&artifact=<name substring or sha256 prefix>&machine_class=&runtime=
+                       &limit=(default 100, at most 1000)&offset=
+                       -> {"generated_at", "schema_version", "fits": [...], "total": N, "next_offset": int|null}
+    GET  /v1/rows      the stored rows of one key, paged (each fit's ``rows_url``):
+                       ?artifact_sha256=&machine_class=&runtime=&n_ctx=&limit=&offset=
+                       -> {"rows": [...], "total": N, "next_offset": int|null}
+    GET  /v1/artifacts ?q=<name substring or sha256 prefix>&limit= -> [{"artifact_sha256", "artifact_name",
+                       "machine_classes", "runtimes", "keys"}] (a search box)
     GET  /v1/stats     counts of bundles, rows, machines
-    GET  /v1/health
+    GET  /             the fit explorer page for people (page.py: the answers of /v1/artifacts and /v1/fits)
+    GET  /v1/health    answered on the event loop: it never touches the store, so an ingest cannot hold it up
+
+A fit entry (aggregate.py has the arithmetic) is one key: artifact x machine
+class x runtime x context (x workflow and turn). It holds ``fit_class`` and
+``fit_classes`` (verdicts by counted votes), ``votes``, ``tokens``,
+``outlier_votes``, ``machines``, ``rows``, ``samples``, ``runs``,
+``cases``, ``artifact`` {name, size_bytes, ...}, ``last_measured``,
+``runtime_versions``, ``rows_url``, and for each of ``decode_tok_s``,
+``ttft_s``, ``prefill_tok_s``, ``peak_rss_bytes`` (and ``prompt_tokens``)
+{"median", "mad", "n", "outliers", "min", "max", "p25", "p75"} over the
+counted votes (``outliers``: the values set apart).
 
 Trust model. A row counts in ``/v1/fits`` only when it came in a bundle
 signed by a token in good standing: one the operator issued (``fitbench
 upstream token create``) or approved (``token approve``); ``token revoke``
-refuses a token from then on and takes its rows out of the aggregates. With
-``serve --open`` anyone may ask ``POST /v1/tokens`` for a token, but it starts
-quarantined: its bundles are checked and stored, never counted, until the
-operator approves it (there is no automatic track-record rule yet;
-``--open --no-quarantine`` makes them active at once, for a private upstream
-whose every client is trusted, such as a lab network or a test). Whatever
+refuses a token from then on and takes its rows out of the aggregates, and
+``fitbench upstream delete`` removes a bundle or everything a token sent.
+With ``serve --open`` anyone may ask ``POST /v1/tokens`` for a token, but it
+starts quarantined: its bundles are checked and stored, never counted, until
+the operator approves it or it earns a track record: at least 3 bundles
+accepted over at least 24 hours (``--promote-after N``, ``--promote-hours
+H``; ``--no-promote`` leaves approval to the operator), none refused as
+implausible, and, on the keys where at least two active tokens have votes
+(there must be one), agreement with them: none of its figures an outlier
+among theirs and the same verdict. ``--open --no-quarantine`` makes tokens
+active at once, for a private upstream whose every client is trusted. Whatever
 a token sends is judged by the server (verdict.py recomputes every fit class
 with the server's thresholds; validate.py refuses figures no real run can
-produce), so approval is a statement about who sends, never about what is
-true. Each token has a storage quota and a bundle rate limit, both charged
-only after its signature is verified, so knowing a token id (it is in every
-shared bundle) gives no power over its owner. Addresses are the socket peer
-(IPv6 by its /64); ``X-Forwarded-For`` is read only from the proxies the
-operator names with ``--trust-proxy``.
+produce; an ``ok`` row needs its timeline, a failed one its reason), and
+counted as one vote per token per key: a token's machines and runs collapse
+into one median value and one verdict (machine ids are the client's words:
+they are counted, never votes), the served figures are medians over votes
+with outliers (modified z-score over 3.5 and more than 10 % from the
+median) set apart, and the verdict is the most common among the counted
+votes, ties to the worse. So approval is a statement about who sends, never
+about what is true, and one token, however many rows or machine ids it
+invents, moves the table by one vote. Each token has a storage quota and a
+bundle rate limit, both charged only after its signature is verified, so
+knowing a token id (it is in every shared bundle) gives no power over its
+owner. Addresses are the socket peer (IPv6 by its /64); ``X-Forwarded-For``
+is read only from the proxies the operator names with ``--trust-proxy``.
 
 Order of work for a bundle, cheapest first (ingest.py), everything past the
 header checks in a worker thread: content type, encoding and signature header
@@ -36,13 +67,12 @@ schema dropped, each row with the server's own verdict.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import anyio
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -52,6 +82,7 @@ from harness.results import SCHEMA_VERSION
 from harness.share import bundle as bundle_mod
 from harness.share.bundle import BundleError, content_hash
 from harness.share.contribute import TOKEN_PREFIX
+from harness.share.upstream import page as explorer
 from harness.share.upstream.ingest import (
     SIGNATURE_HEADER,
     Refused,
@@ -61,7 +92,7 @@ from harness.share.upstream.ingest import (
     signature_matches,
 )
 from harness.share.upstream.ratelimit import Limit, RateLimiter, client_address, limit_key
-from harness.share.upstream.store import DEFAULT_QUOTA, QuotaExceeded, Store
+from harness.share.upstream.store import DEFAULT_QUOTA, MAX_PAGE, BadRow, QuotaExceeded, Store
 from harness.share.upstream.validate import check_bundle, drop_unknown
 
 
@@ -76,6 +107,9 @@ class Config:
     open_tokens: bool = False           # POST /v1/tokens issues (quarantined) tokens to anyone
     quarantine: bool = True             # open-mode tokens wait for approval (False: a private upstream)
     quota_bytes: int = DEFAULT_QUOTA    # decoded bytes a new token may store
+    promote_bundles: int = 3            # open mode: accepted bundles before a quarantined token may vote
+    promote_hours: float = 24.0         # ... spread over at least this long
+    auto_promote: bool = True           # False: only the operator approves
     trust_proxy: frozenset[str] = frozenset()  # peers whose X-Forwarded-For names the client
     token_limit: Limit = field(default_factory=lambda: Limit(per_minute=10, burst=5))      # per address
     bundle_limit: Limit = field(default_factory=lambda: Limit(per_minute=120, burst=60))   # per token
@@ -96,7 +130,7 @@ def create_app(config: Config | None = None) -> FastAPI:
     app = FastAPI(title="fitbench upstream", version="1", docs_url=None, redoc_url=None)
     app.state.store, app.state.config = store, config
 
-    def limit(kind: str, key: str) -> None:
+    def charge(kind: str, key: str) -> None:
         wait = limits[kind].take(key)
         if wait:
             raise refuse(429, f"rate limit: too many {kind} requests; retry in {wait:.0f} s",
@@ -117,7 +151,7 @@ def create_app(config: Config | None = None) -> FastAPI:
         return JSONResponse({"detail": {"error": f"internal error: {type(exc).__name__}"}}, status_code=500)
 
     @app.get("/v1/health")
-    def health() -> dict:
+    async def health() -> dict:  # on the event loop: never queued behind ingest threads, never the store
         return {"ok": True, "schema_version": SCHEMA_VERSION, "bundle_version": bundle_mod.BUNDLE_VERSION}
 
     @app.post("/v1/tokens", status_code=201)
@@ -125,14 +159,14 @@ def create_app(config: Config | None = None) -> FastAPI:
         if not config.open_tokens:
             raise refuse(403, "this upstream issues tokens only through its operator: ask them to run "
                               "`fitbench upstream token create --db DB` and send you the token (use --token)")
-        limit("token", address(request))
+        charge("token", address(request))
         status = "quarantined" if config.quarantine else "active"
         token_id, secret = await run_in_threadpool(store.issue_token, None, config.quota_bytes, status)
         return {"token": f"{TOKEN_PREFIX}.{token_id}.{secret}", "token_id": token_id, "status": status}
 
     @app.post("/v1/bundles")
     async def bundles(request: Request) -> JSONResponse:
-        limit("request", address(request))
+        charge("request", address(request))
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/json":
             raise refuse(415, f"send the bundle as application/json (got {ctype[:40] or 'no content type'!r})")
@@ -166,7 +200,7 @@ def create_app(config: Config | None = None) -> FastAPI:
         if not signature_matches(found["secret"], raw, given):
             raise Refused(401, "the request signature does not match the body: it was altered or signed with "
                                "another token")
-        limit("bundle", token_id)
+        charge("bundle", token_id)
         if found["used_bytes"] + len(raw) > found["quota_bytes"]:
             raise Refused(413, f"token {token_id} has used {found['used_bytes']:,} of its "
                                f"{found['quota_bytes']:,} byte quota: ask the operator")
@@ -202,33 +236,67 @@ def create_app(config: Config | None = None) -> FastAPI:
         except (TypeError, ValueError, KeyError) as exc:  # a shape validate let through: the client's
             raise refuse(422, f"schema: a value of the wrong kind ({type(exc).__name__}: {str(exc)[:80]})") from None
         if reasons:
+            store.record_refusal(token_id)  # signed by its owner: it counts against the track record
             raise refuse(422, "implausible measurements: the bundle is refused", reasons)
         try:
             result = store.submit(doc, digest, idem_key, size=size)
         except QuotaExceeded as exc:
             raise refuse(413, str(exc)) from None
-        except sqlite3.IntegrityError as exc:  # a null the structure check let through: the client's
-            raise refuse(422, f"schema: a required value is missing ({str(exc)[:80]})") from None
+        except BadRow as exc:  # a value the structure check let through that the database refuses: the client's
+            raise refuse(422, f"schema: a value the store cannot hold ({str(exc)[:100]})") from None
+        if config.open_tokens and config.auto_promote and not result["duplicate"]:
+            if store.promote_if_earned(token_id, config.promote_bundles, config.promote_hours):
+                result["token_status"] = "active"
         if notes:
             result["notes"] = notes
         return JSONResponse(result, status_code=200 if result["duplicate"] else 201)
 
+    def text_arg(name: str, value: str | None) -> str | None:
+        if value is not None and len(value) > 80:
+            raise refuse(400, f"{name} is longer than 80 characters")
+        return value or None
+
+    def page(total: int, offset: int, count: int) -> int | None:
+        return offset + count if offset + count < total else None
+
     @app.get("/v1/fits")
     async def fits(request: Request, machine_class: str | None = None, artifact_sha256: str | None = None,
-                   runtime: str | None = None) -> dict:
-        limit("request", address(request))
-        for name, value in (("machine_class", machine_class), ("artifact_sha256", artifact_sha256),
-                            ("runtime", runtime)):
-            if value is not None and len(value) > 80:
-                raise refuse(400, f"{name} is longer than 80 characters")
-        found = await run_in_threadpool(store.fits, machine_class, artifact_sha256, runtime)
+                   runtime: str | None = None, artifact: str | None = None,
+                   limit: int = Query(100, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0)) -> dict:
+        charge("request", address(request))
+        args = [text_arg(n, v) for n, v in (("machine_class", machine_class), ("artifact_sha256", artifact_sha256),
+                                           ("runtime", runtime), ("artifact", artifact))]
+        found, total = await run_in_threadpool(store.fits_page, *args, limit, offset)
         return {"generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "schema_version": SCHEMA_VERSION, "fits": found}
+                "schema_version": SCHEMA_VERSION, "fits": found, "total": total,
+                "next_offset": page(total, offset, len(found))}
+
+    @app.get("/v1/rows")
+    async def rows(request: Request, artifact_sha256: str, machine_class: str, runtime: str,
+                   n_ctx: int = Query(..., ge=1), limit: int = Query(100, ge=1, le=MAX_PAGE),
+                   offset: int = Query(0, ge=0)) -> dict:
+        charge("request", address(request))
+        for n, v in (("artifact_sha256", artifact_sha256), ("machine_class", machine_class), ("runtime", runtime)):
+            text_arg(n, v)
+        found, total = await run_in_threadpool(store.rows_page, artifact_sha256, machine_class, runtime, n_ctx,
+                                               limit, offset)
+        return {"rows": found, "total": total, "next_offset": page(total, offset, len(found))}
+
+    @app.get("/v1/artifacts")
+    async def artifacts(request: Request, q: str | None = None, limit: int = Query(20, ge=1, le=MAX_PAGE)) -> list:
+        charge("request", address(request))
+        return await run_in_threadpool(store.artifacts, text_arg("q", q), limit)
 
     @app.get("/v1/stats")
     async def stats() -> dict:
         return await run_in_threadpool(store.stats)
 
+    def fits_answer(artifact_sha256: str, machine_class: str, runtime: str, limit: int, offset: int) -> dict:
+        found, total = store.fits_page(machine_class, artifact_sha256, runtime, None, limit, offset)
+        return {"fits": found, "total": total, "next_offset": page(total, offset, len(found))}
+
+    # the fit explorer at /: the same store calls as /v1/artifacts and /v1/fits, so it shows their answers
+    explorer.mount(app, lambda request: charge("request", address(request)), store.artifacts, fits_answer)
     return app
 
 

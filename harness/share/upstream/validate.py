@@ -17,6 +17,9 @@ unit mistakes and made-up figures. Rules (docs/sharing.md has the numbers):
    (only the new tokens when the KV cache was reused), not its whole context.
 5. sessions: a workflow's case-level row holds its worst turn's figures, so
    it travels with its turns and must follow from them.
+0. every ``ok`` row comes with its timeline (``sampler_samples`` at least 1,
+   and rule 6 checks the samples are there); every failed row says why
+   (``error``): it counts as a verdict, never as a figure.
 6. timelines: the raw samples of each case (per run, machine and case: the
    machines of a fleet run share run id and case keys) must reproduce the
    summary: sample count, peak RSS (which stops where a quality probe
@@ -67,8 +70,13 @@ def is_session(row: dict) -> bool:
 def check_row(row: dict) -> list[str]:
     """Reasons this row is implausible (empty when plausible)."""
     reasons = []
-    if row.get("status") != "ok":
+    if row.get("status") != "ok":  # a failure is a verdict (no_fit for an OOM): it must say what failed
+        if not isinstance(row.get("error"), str) or not row["error"].strip():
+            reasons.append(f"status {row.get('status')!r} with no error: a failed row says why it failed")
         return reasons
+    if not isinstance(row.get("sampler_samples"), int) or row["sampler_samples"] < 1:
+        # the timeline is what the figures are checked against: a measurement without one is a claim
+        reasons.append(f"an ok row needs its timeline: sampler_samples is {row.get('sampler_samples')!r}")
     mc, size = row["machine_class"], row["artifact_size_bytes"]
     decode, ttft, e2e = row.get("decode_tok_s"), row.get("ttft_s"), row.get("e2e_s")
     if size <= 0:
@@ -239,6 +247,11 @@ def check_timelines(rows: list[dict], timeline: dict[str, list]) -> list[str]:
 def check_bundle(rows: list[dict], timeline: dict[str, list], limit: int = 20) -> list[str]:
     """Every reason to refuse a (structurally valid) bundle's rows and timeline; empty when plausible."""
     reasons = []
+    for i, row in enumerate(rows):  # a NUL is no text a run writes, and PostgreSQL cannot store one
+        if nul := [k for k, v in row.items() if isinstance(v, str) and "\x00" in v]:
+            reasons.append(f"rows[{i}]: a NUL character in {', '.join(nul[:5])}")
+    if nul := [k for k, col in timeline.items() if any(isinstance(v, str) and "\x00" in v for v in col)]:
+        reasons.append(f"timeline: a NUL character in {', '.join(nul[:5])}")
     for i, row in enumerate(rows):
         turn = f", turn {row['turn']}" if row.get("turn") is not None else ""
         reasons += [f"rows[{i}] ({row.get('artifact_name')}, ctx {row.get('n_ctx')}, rep {row.get('repetition')}"

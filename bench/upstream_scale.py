@@ -1,0 +1,180 @@
+"""GET /v1/fits at scale: time and server memory with ROWS rows stored for one artifact, on SQLite and PostgreSQL.
+
+The store is filled through its ingest path, ``Store.submit`` (the call the
+HTTP handler makes once a bundle has passed its checks: rows stored, each
+judged by the server, and the per-(key, token) votes and per-key fits
+updated in the same transaction), so the aggregate state is exactly what
+that many real uploads leave; only the HTTP transport and the plausibility
+checks are skipped. Rows are variants of one anonymised row of the sample
+model (a crafted, consistent results file): TOKENS contributors, each
+sending bundles of --per-bundle rows across CLASSES machine classes x
+CONTEXTS contexts (one artifact, one runtime), decode and peak spread around
+a centre. Then ``fitbench upstream serve`` runs in its own process and
+answers GET /v1/fits?artifact_sha256=... QUERIES times; the JSON has the
+latencies, the answer's size and the server's RSS (current and high-water).
+
+PostgreSQL: a throwaway server (tests/postgres_server.py) unless --pg URL.
+
+Usage: python bench/upstream_scale.py [--rows 1000000] [--stores sqlite,postgresql] [--out results/bench]
+       (a quick smoke run: --rows 10000)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import psutil  # noqa: E402
+
+from harness.share.anonymise import Identity  # noqa: E402
+from harness.share.contribute import build  # noqa: E402
+from harness.share.upstream.store import Store  # noqa: E402
+from tests.postgres_server import create_database, throwaway_postgres  # noqa: E402
+from tests.upstream_helpers import SHA, free_port, wait_healthy, write_results  # noqa: E402
+
+CLASSES = ["cpu-x86_64-16GiB", "cpu-x86_64-32GiB", "cpu-arm64-16GiB", "apple-m2-16GiB"]
+CONTEXTS = [512, 1024, 2048, 4096, 8192]
+
+
+def template_row(folder: Path) -> dict:
+    return build([write_results(folder)], Identity(["bench-host"])).doc["rows"][0]
+
+
+def fill(store: Store, template: dict, rows: int, tokens: int, per_bundle: int, seed: int = 7) -> dict:
+    rng = random.Random(seed)
+    ids = [store.issue_token(f"bench{i}", quota_bytes=2**40, status="active")[0] for i in range(tokens)]
+    t0, done, bundle, shown = time.perf_counter(), 0, 0, 0
+    while done < rows:
+        n = min(per_bundle, rows - done)
+        token = ids[bundle % tokens]
+        machine = f"{bundle % tokens:06d}-{(bundle // tokens) % 3}"  # each contributor: up to 3 machines
+        batch = []
+        for i in range(n):
+            decode = rng.gauss(80.0, 4.0) if rng.random() > 0.01 else rng.uniform(1000, 5000)  # 1 % wild
+            batch.append({**template, "run_id": f"b{bundle:07d}", "repetition": i, "machine_id": machine,
+                          "machine_class": CLASSES[(bundle + i) % len(CLASSES)],
+                          "n_ctx": CONTEXTS[(i // len(CLASSES)) % len(CONTEXTS)], "decode_tok_s": decode,
+                          "peak_rss_bytes": int(rng.gauss(190, 5) * 2**20)})
+        store.submit({"bundle_version": 1, "rows": batch, "timeline": {}, "token_id": token})
+        done, bundle = done + n, bundle + 1
+        if done * 10 // rows > shown:
+            shown = done * 10 // rows
+            rate = done / (time.perf_counter() - t0)
+            print(f"  {done:,} rows stored ({rate:,.0f} rows/s)", file=sys.stderr, flush=True)
+    return {"rows": rows, "bundles": bundle, "tokens": tokens, "fill_s": round(time.perf_counter() - t0, 1)}
+
+
+@contextlib.contextmanager
+def serve(db: str):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "upstream", "serve", "--db", db, "--port",
+                             str(port), "--requests-per-minute", "1000000"], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url)
+        yield url, psutil.Process(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def high_water(proc: psutil.Process) -> int | None:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def measure(db: str, queries: int) -> dict:
+    with serve(db) as (url, proc), httpx.Client(base_url=url, timeout=300) as http:
+        rss_idle = proc.memory_info().rss
+        times, size, answer = [], 0, {}
+        for _ in range(queries):
+            t = time.perf_counter()
+            resp = http.get("/v1/fits", params={"artifact_sha256": SHA, "limit": 1000})
+            times.append(time.perf_counter() - t)
+            resp.raise_for_status()
+            size, answer = len(resp.content), resp.json()
+        t = time.perf_counter()
+        rows = http.get(answer["fits"][0]["rows_url"] + "&limit=100")
+        rows_s = time.perf_counter() - t
+        times.sort()
+        return {"fits_entries": len(answer["fits"]), "fits_total": answer["total"], "answer_bytes": size,
+                "votes_in_first": answer["fits"][0]["votes"], "rows_in_first": answer["fits"][0]["rows"],
+                "get_fits_p50_ms": round(statistics.median(times) * 1e3, 2),
+                "get_fits_p95_ms": round(times[int(0.95 * (len(times) - 1))] * 1e3, 2),
+                "get_fits_max_ms": round(times[-1] * 1e3, 2), "get_rows_page_ms": round(rows_s * 1e3, 2),
+                "rows_page_status": rows.status_code,
+                "server_rss_idle_mib": round(rss_idle / 2**20, 1),
+                "server_rss_after_mib": round(proc.memory_info().rss / 2**20, 1),
+                "server_rss_high_water_mib": round((high_water(proc) or 0) / 2**20, 1)}
+
+
+def run_one(kind: str, args, template: dict, work: Path, pg_base: str | None) -> dict:
+    if kind == "sqlite":
+        db = str(work / "scale.sqlite")
+    else:
+        db = create_database(pg_base, f"scale_{os.getpid()}")
+    print(f"{kind}: filling {args.rows:,} rows", file=sys.stderr, flush=True)
+    store = Store(db)
+    filled = fill(store, template, args.rows, args.tokens, args.per_bundle)
+    if kind == "sqlite":
+        size = sum(p.stat().st_size for p in work.glob("scale.sqlite*"))
+    else:
+        with store.db.read() as c:
+            size = c.one("SELECT pg_database_size(current_database())")[0]
+    store.close()
+    result = {"store": kind, **filled, "db_bytes": size, **measure(db, args.queries)}
+    print(json.dumps(result), file=sys.stderr, flush=True)
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1_000_000, help="rows stored for the one artifact")
+    ap.add_argument("--tokens", type=int, default=200, help="contributors (one vote each per key)")
+    ap.add_argument("--per-bundle", type=int, default=500, help="rows per bundle")
+    ap.add_argument("--queries", type=int, default=50, help="GET /v1/fits requests timed")
+    ap.add_argument("--stores", default="sqlite,postgresql", help="comma list: sqlite, postgresql")
+    ap.add_argument("--pg", help="an existing PostgreSQL server's base URL (default: start a throwaway one)")
+    ap.add_argument("--out", type=Path, default=ROOT / "results/bench")
+    args = ap.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="upscale-") as tmp:
+        work = Path(tmp)
+        template = template_row(work)
+        for kind in args.stores.split(","):
+            if kind == "postgresql":
+                with (contextlib.nullcontext(args.pg) if args.pg else throwaway_postgres(fsync=True)) as base:
+                    results.append(run_one(kind, args, template, work, base))
+            else:
+                results.append(run_one(kind, args, template, work, None))
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / "upstream_scale.json"
+    load = os.getloadavg()
+    out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(),
+                               "load_avg_1m_at_end": round(load[0], 2), "rows": args.rows,
+                               "fill_path": "Store.submit (the ingest path, minus HTTP and plausibility)",
+                               "results": results}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
