@@ -192,7 +192,7 @@ def test_evidence_names_the_file_and_rows(tmp_path):
     result = CliRunner().invoke(cli, ["recommend", "--results", str(path), "--catalog", str(tmp_path / "n.yaml"),
                                       "-f", "json"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data["pick"]["artifact"] == "a.gguf"
     assert f"peak, tok/s, TTFT measured here: {path} rows 0, 2 @ctx 4,096" in data["pick"]["evidence"]
     b = next(x for x in data["candidates"] if x["artifact"] == "b.gguf")
@@ -238,7 +238,7 @@ def test_community_fits_carry_their_sample_and_machine_counts(tmp_path):
     out = CliRunner().invoke(cli, ["recommend", "--catalog", str(cat), "--machine-class", "apple-m3-16GiB",
                                    "--budget", "1GiB", "-f", "json"], catch_exceptions=False)
     assert out.exit_code == 0, out.output
-    pick_ = json.loads(out.output)["pick"]
+    pick_ = json.loads(out.stdout)["pick"]
     assert pick_["artifact"] == "q4.gguf"
     assert "community: community (community:up.example): 9 sample(s) from 4 machine(s)" in pick_["evidence"]
 
@@ -250,7 +250,7 @@ def test_machine_classes_side_by_side_with_counts_and_one_sample_said(tmp_path):
                                    "--machine-class", "all", "--budget", "1GiB", "-f", "json"],
                              catch_exceptions=False)
     assert out.exit_code == 0, out.output
-    by_class = {r["machine_class"].split(" ")[0]: r for r in json.loads(out.output)["machine_classes"]}
+    by_class = {r["machine_class"].split(" ")[0]: r for r in json.loads(out.stdout)["machine_classes"]}
     assert set(by_class) == {"apple-m3-16GiB", "nvidia-h200-141GiB", MC}
     assert by_class["apple-m3-16GiB"]["samples"] == 9 and by_class["apple-m3-16GiB"]["machines"] == 4
     assert by_class["nvidia-h200-141GiB"]["note"] == "from one sample only"

@@ -21,12 +21,13 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.model
 
 MODELS = ROOT / "models"
-BUDGET = "240MiB"  # the Q4_1 GGUF fits at 512 (about 180 MiB); ONNX (about 280) and torch (about 690) do not
+BUDGET = "240MiB"  # the Q4_1 GGUF fits at 512 (about 180 MiB); ONNX int4 (about 300) does not
+# Memory decides here, not speed: on a shared box llama.cpp's decode can fall to 1 tok/s under load.
+NO_SPEED_LIMIT = ("--min-tok-s", "0.001", "--max-ttft", "3600s")
 
 
 def candidates() -> list[Path]:
-    paths = [MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf", MODELS / "SmolLM2-135M-Instruct-onnx-int4",
-             MODELS / "SmolLM2-135M-Instruct-hf"]
+    paths = [MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf", MODELS / "SmolLM2-135M-Instruct-onnx-int4"]
     missing = [p for p in paths if not p.exists()]
     if missing:
         pytest.fail(f"sample model missing: {missing[0]}: run `make sample-models`")
@@ -34,9 +35,9 @@ def candidates() -> list[Path]:
 
 
 def recommend(*args: str) -> dict:
-    out = CliRunner(mix_stderr=False).invoke(cli, ["recommend", *args, "-f", "json"], catch_exceptions=False)
-    assert out.exit_code == 0, out.output + out.stderr
-    return json.loads(out.output)
+    out = CliRunner().invoke(cli, ["recommend", *args, "-f", "json"], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    return json.loads(out.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -46,23 +47,21 @@ def sweep(tmp_path_factory) -> Path:
     scenario = tmp / "sweep.yaml"
     scenario.write_text(yaml.safe_dump({
         "name": "sweep", "contexts": [256, 512], "fill": 0.5, "gen_tokens": 4, "repetitions": 1, "warmup": 1,
-        "models": [{"artifact": str(p), "runtime": rt} for p, rt in zip(candidates(), ("llama.cpp", "onnxruntime",
-                                                                                         "torch"))]}))
+        "models": [{"artifact": str(p), "runtime": rt} for p, rt in zip(candidates(), ("llama.cpp", "onnxruntime"))]}))
     result = CliRunner().invoke(cli, ["run", str(scenario), "-o", str(tmp / "out")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return tmp / "out"
 
 
 def test_measure_from_an_empty_catalog_reaches_the_sweeps_pick_with_fewer_cases(sweep, tmp_path):
-    common = ["--budget", BUDGET, "--context", "512", "--min-tok-s", "1", "--catalog", str(tmp_path / "empty.yaml")]
+    common = ["--budget", BUDGET, "--context", "512", *NO_SPEED_LIMIT, "--catalog", str(tmp_path / "empty.yaml")]
     exhaustive = recommend("--results", str(sweep), *common)
     measured = recommend(*map(str, candidates()), "--measure", "-o", str(tmp_path / "m"), "--gen-tokens", "4",
                          *common)
     assert exhaustive["pick"]["artifact"] == measured["pick"]["artifact"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     report = measured["measure"]
-    assert report["exhaustive_at_context"] == 3 and report["exhaustive_sweep"] == 6
-    assert 1 <= report["cases_run"] < report["exhaustive_sweep"]
-    assert any("predicted peak" in s and "torch" in s for s in report["steps"])  # not run: far over the budget
+    assert report["exhaustive_at_context"] == 2 and report["exhaustive_sweep"] == 4  # 2 candidates x (256, 512)
+    assert 1 <= report["cases_run"] <= report["exhaustive_at_context"] < report["exhaustive_sweep"]
     onnx = next(c for c in measured["candidates"] if c["runtime"] == "onnxruntime")
     assert onnx["check_memory"] is False and onnx["peak_source"] == "measured"
 
@@ -75,7 +74,7 @@ def free_port() -> int:
 
 def test_the_picks_command_serves_a_completion_on_loopback(sweep, tmp_path):
     port = free_port()
-    answer = recommend("--results", str(sweep), "--budget", BUDGET, "--context", "512", "--min-tok-s", "1",
+    answer = recommend("--results", str(sweep), "--budget", BUDGET, "--context", "512", *NO_SPEED_LIMIT,
                        "--catalog", str(tmp_path / "empty.yaml"), "--port", str(port))
     run = answer["run"][0]
     assert run["kind"] in ("llama-server", "llama_cpp.server")

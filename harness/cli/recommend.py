@@ -12,7 +12,7 @@ from harness.cli.present import Column, make_console, mib, number, print_json, p
 from harness.recommend.constraints import RecommendError
 
 MARK = {True: "ok", False: "MISS", None: "?"}
-CHECK_TITLES = (("memory", "mem"), ("context", "ctx"), ("decode", "tok/s?"), ("ttft", "TTFT?"), ("quality", "quality?"))
+CHECK_TITLES = (("memory", "mem"), ("context", "ctx"), ("decode", "speed"), ("ttft", "ttft"), ("quality", "qual"))
 
 
 @click.command("recommend")
@@ -204,6 +204,13 @@ def _headline(a) -> str:
     return ", ".join(parts)
 
 
+def _faster_miss(order: list, chosen):
+    """The fastest candidate that beats the pick's speed but misses a constraint: what the pick costs."""
+    speed = chosen.value("decode_tok_s") or 0
+    faster = [a for a in order if a.verdict == "fail" and (a.value("decode_tok_s") or 0) > speed]
+    return max(faster, key=lambda a: a.value("decode_tok_s"), default=None)
+
+
 def _print(fmt: str, c, mc: str, order: list, chosen, near, answers: list, report) -> None:
     records = [record(a) for a in order]
     front = [a.candidate.label for a in order if a.front]
@@ -211,6 +218,7 @@ def _print(fmt: str, c, mc: str, order: list, chosen, near, answers: list, repor
         print_json({
             "constraints": c.describe(), "machine_class": mc, "budget_bytes": c.budget_bytes, "context": c.context,
             "pick": record(chosen) if chosen else None,
+            "faster_but_missing": (record(f) if chosen and (f := _faster_miss(order, chosen)) else None),
             "closest": ({**record(near), "misses": [{"constraint": k.name, "text": k.text} for k in near.failed()]}
                         if near else None),
             "candidates": records, "pareto_front": front,
@@ -230,9 +238,14 @@ def _print(fmt: str, c, mc: str, order: list, chosen, near, answers: list, repor
     line("")
     if chosen is not None:
         line(f"pick: {chosen.candidate.label}: {_headline(chosen)} ({evidence(chosen)})")
+        faster = _faster_miss(order, chosen)
+        if faster is not None:
+            misses = "; ".join(f"{k.name} ({k.text})" for k in faster.failed())
+            line(f"faster but not picked: {faster.candidate.label}: {_headline(faster)}; it misses {misses}")
     elif near is not None:
         misses = "; ".join(f"{k.name} ({k.text})" for k in near.failed())
-        line(f"nothing meets every constraint. Closest: {near.candidate.label}: {_headline(near)}; it misses {misses}")
+        line(f"nothing meets every constraint. Closest: {near.candidate.label}: {_headline(near)}; it misses {misses}"
+             + (" (a prediction: --measure measures it)" if near.predicted_fail else ""))
     else:
         line("no candidate is decided by a measurement yet; add --measure to run the few cases that decide them")
     if report is not None and report.max_context:

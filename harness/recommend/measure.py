@@ -96,7 +96,7 @@ class Measurer:
         self.count = 0
         self.wall = 0.0
 
-    def run(self, cand: Candidate, n_ctx: int) -> Assessment | None:
+    def run(self, cand: Candidate, n_ctx: int) -> None:
         """One case of ``cand`` at ``n_ctx``; its observation is added to the candidate."""
         from harness.preflight import check_scenario
         from harness.scenario import parse_scenario
@@ -129,7 +129,6 @@ class Measurer:
         obs = _observation(str(self.writer.results_path), numbered) if numbered else None
         if obs is not None:
             cand.observations.append(obs)
-        return None
 
 
 def measure(candidates: list[Candidate], c: Constraints, s: MeasureSettings, machine_class: str, budget: int,
