@@ -78,6 +78,8 @@ def test_times_and_sizes_in_the_users_units():
     (["--context", "0"], "--context 0: a context is"),
     (["--users", "0"], "--users 0: at least 1 user"),
     (["--runtime", "vllm"], "--runtime vllm: unknown runtime"),
+    (["--measure", "--machine-class", "all"], "--measure measures this machine"),
+    (["--reference", "/no/such/f16.gguf"], "--reference /no/such/f16.gguf: not found"),
 ])
 def test_bad_constraints_are_one_line_errors_with_exit_2(args, words, capsys, tmp_path):
     results = write(tmp_path / "r.parquet", rows("a.gguf"))
