@@ -247,8 +247,10 @@ def test_community_fits_carry_their_sample_and_machine_counts(tmp_path):
 
 def test_machine_classes_side_by_side_with_counts_and_one_sample_said(tmp_path):
     cat = community_catalog(tmp_path)
-    results = write(tmp_path / "r.parquet", rows("q4.gguf", decode=30, machine_class=MC))
-    out = CliRunner().invoke(cli, ["recommend", "--catalog", str(cat), "--results", str(results),
+    dataset = tmp_path / "fleet-run"  # a fleet dataset: one folder per machine class, one file per node
+    write(dataset / f"machine_class={MC}" / "node-a.parquet", rows("q4.gguf", decode=30, machine_class=MC))
+    (dataset / "fleet.json").write_text("{}")
+    out = CliRunner().invoke(cli, ["recommend", "--catalog", str(cat), "--results", str(dataset),
                                    "--machine-class", "all", "--budget", "1GiB", "-f", "json"],
                              catch_exceptions=False)
     assert out.exit_code == 0, out.output
