@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.markup import escape
 
-from harness.cli.options import format_option, read_result_files
+from harness.cli.options import format_option, option_values, read_result_files
 from harness.cli.present import Column, make_console, mib, number, print_json, print_rows
 from harness.recommend.constraints import RecommendError
 
@@ -39,6 +39,9 @@ CHECK_TITLES = (("memory", "mem"), ("context", "ctx"), ("decode", "speed"), ("tt
 @click.option("--results", "result_files", multiple=True, help="result files, globs or folders (fleet datasets too)")
 @click.option("--catalog", "catalog_path", type=click.Path(path_type=Path),
               help="catalog with local and pulled community fits (default: $FITBENCH_CATALOG or ./catalog.yaml)")
+@click.option("--option", "options", multiple=True, metavar="NAME=VALUE",
+              help="runner option for the artifacts given, in the runtimes that have it, e.g. --option n_threads=1 "
+                   "(used by --measure and in the command to run)")
 @click.option("--measure", is_flag=True, help="run the fewest cases that decide the candidates no measurement decides")
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), default=Path("results"),
               show_default=True, help="where --measure writes its results (its earlier rows there are reused)")
@@ -54,7 +57,7 @@ CHECK_TITLES = (("memory", "mem"), ("context", "ctx"), ("decode", "speed"), ("tt
 @format_option()
 def recommend(artifacts: tuple[Path, ...], budget, context, min_tok_s, max_ttft, max_kl, max_ppl_ratio, tasks,
               min_pass_rate, reference, reference_runtime, users, runtime, machine_class, result_files, catalog_path,
-              measure, output_dir, fill, gen_tokens, repetitions, timeout, port, fmt) -> None:
+              options, measure, output_dir, fill, gen_tokens, repetitions, timeout, port, fmt) -> None:
     """Pick what to run for your constraints, from measurements: the pick, every candidate's verdict
     against each constraint with the measurement behind it, and the Pareto front.
 
@@ -83,7 +86,7 @@ def recommend(artifacts: tuple[Path, ...], budget, context, min_tok_s, max_ttft,
     results = read_result_files(patterns) if patterns else []
     cat_path = catalog_path or default_catalog_path()
     catalog = load_catalog(cat_path) if cat_path.exists() else None
-    candidates = gather(list(artifacts), results, catalog, c.runtime)
+    candidates = gather(list(artifacts), results, catalog, c.runtime, option_values(options))
     if not candidates:
         what = f" for runtime {c.runtime}" if c.runtime else ""
         raise RecommendError(f"no candidates{what}: give artifacts (a GGUF, a model folder or a folder of them), "
@@ -134,8 +137,8 @@ def _serve(chosen, c, port: int) -> list:
         return []
     from harness.recommend.serve import serve_answers
 
-    return serve_answers(chosen.candidate.path, chosen.candidate.runtime, chosen.candidate.options, c.context,
-                         port=port)
+    cand = chosen.candidate
+    return serve_answers(cand.path, cand.runtime, {**cand.options, **cand.run_options}, c.context, port=port)
 
 
 def evidence(a) -> str:

@@ -65,6 +65,7 @@ class Candidate:
     context_length: int | None = None
     sources: set[str] = field(default_factory=set)
     observations: list[Observation] = field(default_factory=list)
+    run_options: dict[str, Any] = field(default_factory=dict)  # --option values it runs with (threads included)
 
     @property
     def key(self) -> tuple:
@@ -134,8 +135,9 @@ def plain_options(runtime: str, options: Any) -> dict[str, Any]:
 class Pool:
     """Candidates by key, merged across sources."""
 
-    def __init__(self, runtime: str | None) -> None:
+    def __init__(self, runtime: str | None, options: dict[str, Any] | None = None) -> None:
         self.runtime = runtime
+        self.options = dict(options or {})
         self.by_key: dict[tuple, Candidate] = {}
 
     def get(self, name: str, runtime: str, options: dict, size: int | None) -> Candidate | None:
@@ -151,9 +153,11 @@ class Pool:
 
     def add_artifact(self, info: ArtifactInfo) -> None:
         for runtime in runtimes_for(info.format, self.runtime):
-            cand = self.get(info.name, runtime, {}, info.size_bytes)
+            given = runner_options(runtime, self.options)
+            cand = self.get(info.name, runtime, plain_options(runtime, given), info.size_bytes)
             if cand is None:
                 continue
+            cand.run_options = given
             cand.path, cand.info, cand.format, cand.quant = info.path, info, info.format, info.quant
             cand.size_bytes, cand.context_length = info.size_bytes, info.context_length
             cand.sources.add("artifact")
@@ -271,9 +275,24 @@ def _catalog_observation(cat: Catalog, entry: dict, community: bool) -> Observat
     )
 
 
+def runner_options(runtime: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The --option values this runtime's runner knows (others are for other runtimes), checked."""
+    if not options:
+        return {}
+    try:
+        cls = get_runner_class(runtime)
+        known = {k: v for k, v in options.items() if k in cls.options}
+        cls.validate_options(known)
+    except (UnknownRunner, OptionError) as exc:
+        raise RecommendError(f"--option: {exc}") from None
+    return known
+
+
 def gather(artifacts: list[Path], results: list[tuple[str, list[dict]]], catalog: Catalog | None,
-           runtime: str | None) -> list[Candidate]:
-    pool = Pool(runtime)
+           runtime: str | None, options: dict[str, Any] | None = None) -> list[Candidate]:
+    """``options``: runner options (``--option``) for the artifacts on the command line, each given
+    to the runtimes that know it."""
+    pool = Pool(runtime, options)
     for info in expand_artifacts(artifacts):
         pool.add_artifact(info)
     for source, rows in results:

@@ -106,7 +106,7 @@ class Measurer:
         data = {"name": "recommend", "contexts": [n_ctx], "fill": c.fill, "gen_tokens": s.gen_tokens,
                 "repetitions": s.repetitions, "warmup": 1, "timeout": s.timeout,
                 "models": [{"artifact": str(cand.path), "runtime": cand.runtime, "label": cand.path.name,
-                            "options": cand.options}]}
+                            "options": {**cand.options, **cand.run_options}}]}
         wants_quality = bool(c.quality_targets) and not any(o.quality for o in cand.observations)
         if wants_quality and (s.reference is not None or c.tasks is not None):
             quality: dict = {"tokens": s.quality_tokens if s.reference is not None else 0,
