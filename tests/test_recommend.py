@@ -298,3 +298,12 @@ def test_serve_answers_carry_the_measured_settings(tmp_path):
     assert mlx.argv[0] == "mlx_lm.server"
     [onnx] = serve_answers(tmp_path / "onnx", "onnxruntime", {}, 2048)
     assert json.loads(onnx.files["genai_config.json (merge)"]) == {"search": {"max_length": 2048}}
+
+
+def test_options_for_the_artifacts_go_to_the_runtimes_that_know_them(tmp_path):
+    gguf = write_tiny_gguf(tmp_path / "m.gguf", block_count=2, embedding_length=64, attention__head_count=4)
+    [cand] = gather([gguf], [], None, None, {"n_threads": 1, "flash_attn": True, "dtype": "float32"})
+    assert cand.options == {"flash_attn": True}  # threads do not make another candidate; dtype is torch's
+    assert cand.run_options == {"n_threads": 1, "flash_attn": True}
+    with pytest.raises(cons.RecommendError, match="--option"):
+        gather([gguf], [], None, None, {"n_threads": "many"})
