@@ -307,3 +307,12 @@ def test_options_for_the_artifacts_go_to_the_runtimes_that_know_them(tmp_path):
     assert cand.run_options == {"n_threads": 1, "flash_attn": True}
     with pytest.raises(cons.RecommendError, match="--option"):
         gather([gguf], [], None, None, {"n_threads": "many"})
+
+
+def test_the_closest_is_not_the_one_with_the_most_unknowns(tmp_path):
+    here_rows = (rows("near.gguf", decode=15, peak=260 * MiB, run="a")
+                 + rows("far.gguf", decode=None, peak=600 * MiB, run="b", status="timeout", fit="slow", reps=1))
+    cands = candidates_from(tmp_path, here_rows)
+    c = constraints()
+    near = closest([assess(x, c, MC, c.budget_bytes) for x in cands])
+    assert near.candidate.name == "near.gguf"  # far misses two and leaves TTFT undecided

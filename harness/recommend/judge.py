@@ -74,8 +74,11 @@ class Assessment:
         return [c for c in self.checks if c.passed is False]
 
     def miss_size(self) -> tuple[int, float]:
+        """Constraints not shown to pass (missed or undecided), then how far the misses are, each capped
+        at one constraint's worth (a TTFT 5x over the limit is not five misses)."""
         fails = self.failed()
-        return len(fails), sum(c.shortfall for c in fails)
+        undecided = [c for c in self.checks if c.passed is None]
+        return len(fails) + len(undecided), sum(min(c.shortfall, 1.0) for c in fails)
 
 
 def class_budget(c: Constraints, machine_class: str, this_class: str, observations: list[Observation]) -> int:
@@ -202,7 +205,7 @@ def pick(assessments: list[Assessment]) -> Assessment | None:
 
 
 def closest(assessments: list[Assessment]) -> Assessment | None:
-    """When nothing passes: the candidate that misses the fewest constraints by the least."""
+    """When nothing passes: the candidate that misses (or leaves undecided) the fewest constraints, by the least."""
     missing = [a for a in assessments if a.verdict == "fail"]
     return min(missing, key=lambda a: (a.predicted_fail, *a.miss_size(), a.candidate.label), default=None)
 
