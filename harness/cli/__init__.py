@@ -1,7 +1,7 @@
 """The ``fitbench`` command line: the click group, and ``main`` with the one error boundary.
 
 Commands live by group: ``run`` (run, fit), ``catalog`` (catalog, estimate), ``analyse``
-(compare, report), ``share`` (contribute, upstream), ``fleet``, ``info`` (runners,
+(compare, report), ``recommend``, ``share`` (contribute, upstream), ``fleet``, ``info`` (runners,
 machine, thresholds, models); ``present`` does all the printing.
 
 Expected failures (bad scenario, missing artifact, runtime not installed, unwritable
@@ -16,7 +16,7 @@ import sys
 
 import click
 
-from harness.cli import analyse, bench, catalog, fleet, info, run, share
+from harness.cli import analyse, bench, catalog, fleet, info, recommend, run, share
 from harness.cli.options import EXIT_INTERRUPTED, UsageError
 from harness.errors import FitbenchError
 
@@ -39,6 +39,7 @@ for command in (run.run, run.fit, catalog.catalog, catalog.estimate_cmd, analyse
                 info.models):
     cli.add_command(command)
 cli.add_command(bench.bench)  # llama-bench's interface (harness/cli/bench.py)
+cli.add_command(recommend.recommend)  # the pick from measurements (harness/recommend/)
 
 
 def one_line(text: str) -> str:
