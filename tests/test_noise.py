@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -173,25 +174,38 @@ class V1Cpu(CgroupFiles):
         for name, text in (("cpu.cfs_quota_us", "-1\n"), ("cpu.cfs_period_us", "100000\n"), ("cgroup.procs", "")):
             (path / name).write_text(text)
 
+    def __init__(self, mount: Path) -> None:
+        self.mount = mount
+
     def write(self, path: Path, text: str) -> None:
         if not path.exists():
             raise OSError(errno.ENOENT, "no such file", str(path))
         if path.name == "cpu.cfs_quota_us" and int(text) < 1000:
             raise OSError(errno.EINVAL, "invalid", str(path))
+        if path.name == "cgroup.procs":  # a process is in one cgroup: moving it takes it out of the others
+            for procs in self.mount.rglob("cgroup.procs"):
+                procs.write_text("".join(f"{p}\n" for p in procs.read_text().split() if p != text.strip()))
+            text = path.read_text() + text.strip() + "\n"
         path.write_text(text)
+
+    def rmdir(self, path: Path) -> None:
+        if (path / "cgroup.procs").read_text().split():
+            raise OSError(errno.EBUSY, "busy", str(path))
+        shutil.rmtree(path)
 
 
 def test_v1_quota_is_a_child_of_our_cpu_cgroup(tmp_path):
-    files = V1Cpu()
+    files = V1Cpu(tmp_path / "cpu")
     home = tmp_path / "cpu" / "jobs"
-    home.mkdir(parents=True)
+    home.parent.mkdir()
     files.mkdir(home)
     quota = open_cpu_quota(0.25, tmp_path, proc_cgroup="2:cpu,cpuacct:/jobs\n0::/\n", files=files, cpus=2)
     assert quota.method == "cgroup-v1" and quota.cpus == pytest.approx(0.5)
     assert (quota.path / "cpu.cfs_quota_us").read_text() == "50000"
     quota.add(ME)
+    assert (quota.path / "cgroup.procs").read_text().split() == ["4242"]
     quota.close()
-    assert not quota.path.exists() and "4242" in (home / "cgroup.procs").read_text()
+    assert not quota.path.exists() and (home / "cgroup.procs").read_text().split() == ["4242"]
 
 
 def test_v2_quota_in_the_true_root_enables_the_cpu_controller(tmp_path):
@@ -224,3 +238,39 @@ def test_v2_quota_beside_a_budget_that_moved_fitbench_into_its_leaf(tmp_path, mo
 def test_a_quota_is_a_fraction_of_the_machine():
     with pytest.raises(ValueError, match="between 0 and 1"):
         open_cpu_quota(1.5)
+
+
+# -- the bandwidth probe -------------------------------------------------------------------------------
+
+def test_the_bandwidth_probe_streams_a_buffer_in_a_subprocess():
+    from harness.measure.bandwidth import measure
+
+    got = measure(copy=True, size=32 << 20, threads=2, passes=1)
+    assert got["read_bytes_s"] > 0 and got["copy_bytes_s"] > 0
+    assert got["buffer_bytes"] == 32 << 20 and got["source"].startswith("numpy-read-")
+
+
+def test_the_bandwidth_is_cached_per_machine_and_a_failure_is_cached_too(tmp_path, monkeypatch):
+    from harness.measure import bandwidth
+
+    monkeypatch.setenv("FITBENCH_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def fake_measure(**_):
+        calls.append(1)
+        return {"read_bytes_s": 5e9, "source": "numpy-read-2threads-256MiB"}
+
+    monkeypatch.setattr(bandwidth, "measure", fake_measure)
+    assert bandwidth.machine_bandwidth("m1")["read_bytes_s"] == 5e9
+    assert bandwidth.machine_bandwidth("m1")["read_bytes_s"] == 5e9 and len(calls) == 1  # from the cache
+    assert (tmp_path / "bandwidth-m1.json").exists()
+
+    def failing(**_):
+        calls.append(1)
+        raise RuntimeError("bandwidth probe failed: No module named 'numpy'")
+
+    monkeypatch.setattr(bandwidth, "measure", failing)
+    assert bandwidth.machine_bandwidth("m2") is None and bandwidth.machine_bandwidth("m2") is None
+    assert len(calls) == 2  # the failure was cached: not retried every case
+    monkeypatch.setenv("FITBENCH_BANDWIDTH", "0")
+    assert bandwidth.machine_bandwidth("m1") is None
