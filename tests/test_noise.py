@@ -274,3 +274,17 @@ def test_the_bandwidth_is_cached_per_machine_and_a_failure_is_cached_too(tmp_pat
     assert len(calls) == 2  # the failure was cached: not retried every case
     monkeypatch.setenv("FITBENCH_BANDWIDTH", "0")
     assert bandwidth.machine_bandwidth("m1") is None
+
+
+def test_the_run_summary_warns_about_drifting_and_noisy_cases():
+    from types import SimpleNamespace
+
+    from harness.cli.present import measurement_warnings
+
+    case = SimpleNamespace(index=1, label="pp32+tg48 @ ctx256")
+    drifting = SimpleNamespace(case=case, rows=[
+        {"drift_flag": True, "noise_flag": False, "measurement_note": "decode drifted -78% from the first to the last "
+                                                                      "repetition (max_drift 50%)"}] * 3)
+    quiet = SimpleNamespace(case=case, rows=[{"drift_flag": False, "noise_flag": False}])
+    [line] = measurement_warnings([drifting, quiet])
+    assert "case 2" in line and "drift:" in line and "-78%" in line and line.count("decode drifted") == 1
