@@ -288,3 +288,20 @@ def test_the_run_summary_warns_about_drifting_and_noisy_cases():
     quiet = SimpleNamespace(case=case, rows=[{"drift_flag": False, "noise_flag": False}])
     [line] = measurement_warnings([drifting, quiet])
     assert "case 2" in line and "drift:" in line and "-78%" in line and line.count("decode drifted") == 1
+
+
+def test_a_figure_cached_on_a_busy_machine_is_measured_again_when_it_is_quieter(tmp_path, monkeypatch):
+    import json
+
+    from harness.measure import bandwidth
+
+    monkeypatch.setenv("FITBENCH_CACHE_DIR", str(tmp_path))
+    cpus = os.cpu_count() or 1
+    (tmp_path / "bandwidth-m.json").write_text(json.dumps(
+        {"version": bandwidth.CACHE_VERSION, "read_bytes_s": 1e9, "source": "x", "load_avg": cpus * 10.0}))
+    monkeypatch.setattr(bandwidth, "_load", lambda: cpus * 1.0)
+    monkeypatch.setattr(bandwidth, "measure", lambda **_: {"read_bytes_s": 8e9, "source": "numpy-read-1threads-256MiB"})
+    assert bandwidth.machine_bandwidth("m")["read_bytes_s"] == 8e9
+    assert json.loads((tmp_path / "bandwidth-m.json").read_text())["load_avg"] == cpus * 1.0
+    monkeypatch.setattr(bandwidth, "measure", lambda **_: pytest.fail("measured again"))
+    assert bandwidth.machine_bandwidth("m")["read_bytes_s"] == 8e9  # the quieter figure stays
