@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 # LLAMA_CFLAGS= (empty) to keep AMX on bare metal.
 LLAMA_CFLAGS ?= $(shell grep -qw amx_tile /proc/cpuinfo 2>/dev/null && echo "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
 
-.PHONY: help setup sample-models quick test unit lint docs bench bench-upstream bench-upstream-scale bench-fleet llama-bench llama-quantize quality-models quality clean
+.PHONY: help setup sample-models quick test unit lint docs bench bench-sampler bench-upstream bench-upstream-scale bench-fleet llama-bench llama-quantize quality-models quality clean
 
 help:
 	@echo "make quick          set up (venv, fitbench[$(EXTRAS)], sample models) and run scenarios/quick.yaml"
@@ -26,6 +26,7 @@ help:
 	@echo "make lint           ruff over harness/, runners/, tests/ and bench/"
 	@echo "make docs           regenerate docs/results-columns.md, scenario-fields.md, fit-thresholds.md from the code"
 	@echo "make bench          harness vs bare llama-cpp-python vs llama-bench, sampler cost, compare over 1M rows -> results/bench/"
+	@echo "make bench-sampler  the sampler's effect on decode: default vs sparsest, ratio and 95% CI -> results/bench/sampler_effect.json"
 	@echo "make bench-upstream-scale GET /v1/fits with 1,000,000 rows stored, SQLite and PostgreSQL -> results/bench/upstream_scale.json"
 	@echo "make bench-upstream load test of fitbench upstream serve: 50 clients x 20 bundles -> results/bench/upstream.json;"
 	@echo "                    then health and honest-ingest p95 with and without a hostile client -> results/bench/upstream_hostile.json"
@@ -86,6 +87,10 @@ docs: $(STAMP)
 bench: setup llama-bench
 	$(PY) bench/harness_vs_bare.py --out results/bench --llama-bench $(LLAMA_BENCH) --quick
 	$(PY) bench/compare_speed.py --out results/bench
+	$(PY) bench/sampler_effect.py --out results/bench
+
+bench-sampler: setup
+	$(PY) bench/sampler_effect.py --out results/bench
 
 bench-upstream: setup
 	$(PY) bench/upstream_load.py --clients 50 --bundles 20 --out results/bench

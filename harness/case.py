@@ -21,7 +21,8 @@ from typing import Any, Callable
 import psutil
 
 from harness.artifact import ArtifactInfo, sha256_file
-from harness.estimate import EstimateError, estimate_case
+from harness.estimate import EstimateError, estimate, estimate_case
+from harness.measure.bandwidth import gpu_bandwidth, machine_bandwidth
 from harness.measure.budget import NoBudget, drop_cached_pages, open_budget
 from harness.measure.machine import Machine
 from harness.measure.sampler import Sampler, Timeline
@@ -39,7 +40,7 @@ from harness.protocol import (
     WorkerSpec,
     WorkflowPlan,
 )
-from harness.rows import base_row, case_rows, failure_row, judge_rows, timeline_columns
+from harness.rows import Roofline, base_row, case_rows, failure_row, judge_rows, timeline_columns
 from harness.scenario import Case
 from harness.spawn import EXIT_GRACE_S, WorkerProcess
 from runners.base import get_runner_class
@@ -128,6 +129,7 @@ def run_case(
         row = failure_row(case, machine, run_id, "unavailable", error, artifact=artifact, sha256=sha)
         return CaseResult(case, "unavailable", error, [row])
     base = base_row(case, machine, run_id, datetime.now(timezone.utc), artifact, sha)
+    roofline = roofline_inputs(case, artifact, machine)  # before the worker: the probe must not compete with it
 
     log_fd, log_path = tempfile.mkstemp(prefix="fitbench-case-", suffix=".log")
     os.close(log_fd)
@@ -177,15 +179,18 @@ def run_case(
             if message is None:
                 continue
             ev.add(message)
+            sampler.mark()  # a phase boundary: the kernel's counters at its edge
             if isinstance(message, Loaded):
                 progress.phase = "warm-up" if case.warmup else "generating"
                 watch.loaded(sampler.timeline)
+                sampler.timed(True)
             elif isinstance(message, Warmup):
                 progress.phase = "generating"
             elif isinstance(message, Rep):
                 progress.repetition = len(ev.reps)
             elif isinstance(message, QualityStart):
                 progress.phase = "quality"
+                sampler.timed(False)
                 deadline = time.perf_counter() + case.timeout  # the probe gets its own allowance
                 sampler.read_vmhwm()  # the case's peak, before the probe's own arrays
             elif isinstance(message, Turn):
@@ -213,7 +218,7 @@ def run_case(
 
     wall_s = time.perf_counter() - t_spawn
     error = _with_log_tail(status, error, log_path)
-    rows = case_rows(case, base, ev, timeline, status, error, worker.exitcode, wall_s, t_spawn)
+    rows = case_rows(case, base, ev, timeline, status, error, worker.exitcode, wall_s, t_spawn, roofline)
     for row in rows:
         row.update(reused_quality or {}, ru_maxrss_bytes=worker.ru_maxrss, budget_peak_bytes=budget_peak,
                    budget_note=budget.note if budget is not None else None)
@@ -224,6 +229,23 @@ def run_case(
     if interrupted:
         raise SuiteInterrupted(result)
     return result
+
+
+def roofline_inputs(case: Case, artifact: ArtifactInfo, machine: Machine) -> Roofline | None:
+    """Bytes a decoded token reads (weights, KV per position) and the machine's bandwidth, measured once
+    per machine and cached (harness/measure/bandwidth.py); None when the artifact cannot be estimated."""
+    try:
+        est = estimate(artifact, 1, case.runtime, options=case.options)
+    except (EstimateError, KeyError, ValueError):
+        return None
+    if machine.mem_bandwidth_gbs is None:
+        found = machine_bandwidth(machine.machine_id)
+        if found:
+            machine.mem_bandwidth_gbs, machine.mem_bandwidth_source = found["read_bytes_s"] / 1e9, found["source"]
+    gpu = gpu_bandwidth() if machine.gpus else None
+    return Roofline(est.weights_bytes, est.kv_bytes,
+                    machine.mem_bandwidth_gbs * 1e9 if machine.mem_bandwidth_gbs else None,
+                    machine.mem_bandwidth_source, gpu["read_bytes_s"] if gpu else None)
 
 
 def _death_status(worker: WorkerProcess, timeline: Timeline, machine: Machine,

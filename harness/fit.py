@@ -52,6 +52,11 @@ THRESHOLD_HELP = {
     "max_kl": "degraded when the mean KL divergence from the quality reference is above this (nats/token; off by default)",
     "max_ppl_ratio": "degraded when perplexity / the reference's perplexity is above this, e.g. 1.05 (off by default)",
     "min_pass_rate": "degraded when the task-check pass rate is below this fraction, e.g. 0.8 (off by default)",
+    "max_drift": "drift_flag when decode tok/s changed by more than this fraction from the first to the last "
+                 "repetition, or from the first to the last quarter of one (throttling, a change of load)",
+    "max_steal": "noise_flag when CPU steal took more than this fraction of the case's CPU time",
+    "max_outside_load": "noise_flag when other processes kept more than this fraction of the logical CPUs busy",
+    "max_ci": "noise_flag when the 95% confidence interval of mean decode tok/s is wider than +/- this fraction",
 }
 QUALITY_TARGETS = ("max_kl", "max_ppl_ratio", "min_pass_rate")
 
@@ -71,6 +76,11 @@ class Thresholds:
     max_kl: float | None = None
     max_ppl_ratio: float | None = None
     min_pass_rate: float | None = None
+    # measurement flags (not fit classes): the figure may not say what it seems to
+    max_drift: float = 0.20
+    max_steal: float = 0.05
+    max_outside_load: float = 0.25
+    max_ci: float = 0.05
 
     def merged(self, overrides: dict) -> Thresholds:
         known = {f.name for f in fields(self)}
@@ -266,6 +276,55 @@ def classify(row: dict, budget_bytes: int, t: Thresholds = Thresholds()) -> Verd
     else:
         reason = "; ".join(reasons[c] for c in sorted(reasons, key=ORDER.index, reverse=True))
     return Verdict(fit_class, reason, memory, headroom, speed, offload)
+
+
+@dataclass
+class MeasurementFlags:
+    """Is a row's figure trustworthy? Not a fit class: a drifting or noisy case may still fit."""
+
+    drift_flag: bool | None
+    noise_flag: bool | None
+    measurement_note: str | None
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
+def measurement_flags(row: dict, t: Thresholds = Thresholds()) -> MeasurementFlags:
+    """Drift: decode changed beyond ``max_drift`` across the repetitions or within this one. Noise:
+    steal or other processes' load beyond their thresholds, or a confidence interval wider than
+    ``max_ci``. A figure that was not measured is not judged (its flag stays null when none was)."""
+    if row.get("status") != "ok":
+        return MeasurementFlags(None, None, None)
+    notes: list[str] = []
+    drift, rep_drift = row.get("drift"), row.get("rep_drift")
+    drifted = None
+    if drift is not None or rep_drift is not None:
+        drifted = False
+        if drift is not None and abs(drift) > t.max_drift:
+            drifted = True
+            notes.append(f"decode drifted {drift:+.0%} from the first to the last repetition "
+                         f"(max_drift {t.max_drift:.0%})")
+        if rep_drift is not None and abs(rep_drift) > t.max_drift:
+            drifted = True
+            notes.append(f"decode drifted {rep_drift:+.0%} within repetition {row.get('repetition')}")
+    steal, outside = row.get("steal_fraction"), row.get("outside_load_cores")
+    cpus = row.get("cpu_threads") or 1
+    mean, ci = row.get("decode_tok_s_mean"), row.get("decode_tok_s_ci95")
+    noisy = None
+    if steal is not None or outside is not None or (mean and ci is not None):
+        noisy = False
+        if steal is not None and steal > t.max_steal:
+            noisy = True
+            notes.append(f"CPU steal {steal:.0%} of the case's CPU time (max_steal {t.max_steal:.0%})")
+        if outside is not None and outside / cpus > t.max_outside_load:
+            noisy = True
+            notes.append(f"other processes kept {outside:.2f} of {cpus} CPUs busy "
+                         f"(max_outside_load {t.max_outside_load:.0%})")
+        if mean and ci is not None and ci / mean > t.max_ci:
+            noisy = True
+            notes.append(f"decode 95% CI ±{ci / mean:.1%} of the mean (max_ci ±{t.max_ci:.0%})")
+    return MeasurementFlags(drifted, noisy, "; ".join(notes) or None)
 
 
 def quality_misses(row: dict, t: Thresholds) -> list[str]:

@@ -77,3 +77,37 @@ def summarize(values: list[float]) -> Summary | None:
     mean = statistics.fmean(values)
     stdev = statistics.stdev(values) if len(values) > 1 else 0.0
     return Summary(len(values), mean, stdev, statistics.median(values), stdev / mean if mean else 0.0)
+
+
+# two-sided 95 % critical values of Student's t for df = 1..30; 1.96 beyond
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_critical(df: float) -> float:
+    if df < 1:
+        return math.inf
+    return T_975[int(df) - 1] if df < 31 else 1.96  # floor: conservative for fractional Welch df
+
+
+def ci95(values: list[float]) -> tuple[float, float] | None:
+    """(mean, half-width of its 95 % confidence interval), Student t over the values; None with
+    fewer than two."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if len(values) < 2:
+        return None
+    mean = statistics.fmean(values)
+    return mean, t_critical(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def rate_drift(stamps: list[float], part: float = 0.25) -> float | None:
+    """Relative change of the token rate from the first ``part`` of a generation's gaps to its last
+    (rate_last / rate_first - 1); None with fewer than 8 gaps (two per part)."""
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    k = int(len(gaps) * part)
+    if k < 2:
+        return None
+    first, last = sum(gaps[:k]), sum(gaps[-k:])
+    if first <= 0 or last <= 0:
+        return None
+    return first / last - 1  # equal counts: the rates' ratio is the inverse of the times'

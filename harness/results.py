@@ -26,8 +26,9 @@ import pyarrow.parquet as pq
 
 from harness.errors import FitbenchError
 
-SCHEMA_VERSION = "1.3"  # 1.1: budget and fit columns; 1.2: runtime allocator, GPU, quality, workflow, fleet columns;
-# 1.3: load_peak_rss_bytes, budget_requested_bytes, budget_note, budget_peak_bytes, machine_id in the timeline
+SCHEMA_VERSION = "1.4"  # 1.1: budget and fit columns; 1.2: runtime allocator, GPU, quality, workflow, fleet columns;
+# 1.3: load_peak_rss_bytes, budget_requested_bytes, budget_note, budget_peak_bytes, machine_id in the timeline;
+# 1.4: drift, noise record, confidence interval, roofline columns; frequency/temperature/steal in the timeline
 METADATA_KEY = b"fitbench.schema_version"
 
 STATUSES = ("ok", "load_error", "runtime_error", "oom", "killed", "crashed", "timeout", "stopped", "unavailable",
@@ -200,6 +201,36 @@ RESULT_COLUMNS: list[Column] = _cols(
     # sampler
     ("sampler_interval_ms", F, "requested sampling interval"),
     ("sampler_samples", I, "samples actually taken over the case"),
+    ("sampler_timed_interval_ms", F, "the sampler's grid while the worker was timed: no denser than 50 ms, "
+                                     "plus a sample at every phase boundary (schema 1.4)"),
+    # drift and noise (issue #18): what disturbed the measurement, and how sure the figure is (schema 1.4)
+    ("decode_tok_s_mean", F, "mean decode tok/s over the case's repetitions"),
+    ("decode_tok_s_ci95", F, "half-width of the 95% confidence interval of decode_tok_s_mean (Student t over "
+                             "the repetitions); null with one repetition"),
+    ("drift", F, "relative change of decode tok/s from the case's first to its last repetition, "
+                 "(last - first) / first; null with one repetition"),
+    ("rep_drift", F, "within this repetition: relative change of the decode rate from its first quarter of "
+                     "tokens to its last quarter"),
+    ("drift_flag", B, "drift or rep_drift beyond the max_drift threshold: throttling or a change of load "
+                      "during the case"),
+    ("noise_flag", B, "the case ran on a disturbed machine (steal, other processes' load) or its confidence "
+                      "interval is wider than max_ci (thresholds)"),
+    ("measurement_note", S, "why drift_flag or noise_flag is set, in words"),
+    ("steal_fraction", F, "CPU steal over the case: the hypervisor ran other guests on our CPUs, as a fraction "
+                          "of the case's wall time x logical CPUs (/proc/stat)"),
+    ("outside_load_cores", F, "CPUs kept busy by everything but the case's worker during the case: system busy "
+                              "CPU seconds minus the worker's, per second (the harness's own sampler included)"),
+    ("cpu_mhz_mean", F, "mean CPU frequency over the case (cpufreq, else /proc/cpuinfo)"),
+    ("cpu_mhz_min", F, "lowest CPU frequency sampled during the case"),
+    ("temp_c_max", F, "hottest temperature sampled during the case (thermal zones, hwmon, NVML), degrees C"),
+    # roofline (issue #18): decode against what the memory bandwidth allows (schema 1.4)
+    ("mem_bandwidth_gbs", F, "memory read bandwidth of the device that ran the case, GB/s: a streaming read "
+                             "measured once per machine (CPU) or NVML's figure (GPU)"),
+    ("mem_bandwidth_source", S, "how mem_bandwidth_gbs was found, e.g. numpy-read-4threads-256MiB, nvml-spec"),
+    ("roofline_bytes_per_token", I, "bytes one decoded token reads: the weights plus the KV cache at the "
+                                    "repetition's mean decode depth (harness/estimate.py)"),
+    ("roofline_tok_s", F, "decode tok/s the memory bandwidth allows: mem_bandwidth / roofline_bytes_per_token"),
+    ("roofline_efficiency", F, "decode_tok_s / roofline_tok_s: the share of what this machine's memory allows"),
     # child process
     ("exit_code", I, "child exit code; negative = killed by that signal"),
     # machine
@@ -247,6 +278,11 @@ TIMELINE_COLUMNS: list[Column] = _cols(
     ("gpu_used_bytes", I, "GPU memory in use on the device(s), every process (NVML)"),
     ("gpu_proc_bytes", I, "GPU memory of the case's own process (NVML per-process)"),
     ("gpu_util_pct", F, "GPU utilisation, percent (NVML)"),
+    # what disturbs the measurement, sampled about once a second (schema 1.4)
+    ("cpu_mhz", F, "mean CPU frequency, MHz (cpufreq, else /proc/cpuinfo)"),
+    ("temp_c", F, "hottest temperature readable (thermal zones, hwmon, NVML), degrees C"),
+    ("sys_busy_s", F, "system busy CPU seconds over all CPUs, cumulative (/proc/stat)"),
+    ("sys_steal_s", F, "system steal CPU seconds over all CPUs, cumulative (/proc/stat)"),
 )
 
 

@@ -13,6 +13,12 @@ case all write the same columns by the same definitions:
   unavailable, lost, a node's own failure);
 - ``timeline_columns``: the raw samples with their phase, for the timeline file.
 
+Every row of a case that ran also carries its noise record (steal, other
+processes' load, frequency, temperature over the timed part), the case's
+mean decode rate with its 95 % interval and its drift (first to last
+repetition), its own drift within the repetition, and the roofline: decode
+against what the memory bandwidth allows at that depth (``Roofline``).
+
 Definitions that consumers (the upstream's validator among them) rely on:
 the case's memory figures (``peak_rss_bytes``, ``vmhwm_bytes``) stop where a
 quality probe starts, and the probe's samples carry the phase ``quality``; a
@@ -23,12 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from harness.fit import classify, judge_sessions
+from harness.fit import classify, judge_sessions, measurement_flags
 from harness.measure.energy import interpolate
-from harness.metrics import percentile, timing
+from harness.metrics import ci95, percentile, rate_drift, timing
 from harness.protocol import CaseEvents, Rep, Turn
 from harness.results import SCHEMA_VERSION
 from runners.base import MEMORY_STATS_KEYS
@@ -40,6 +47,18 @@ if TYPE_CHECKING:
     from harness.scenario import Case
 
 Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """What a decoded token must read, and how fast this machine's memory reads: from the artifact
+    (harness/estimate.py) and harness/measure/bandwidth.py, found by the caller."""
+
+    weights_bytes: int
+    kv_bytes_per_token: int  # KV bytes per context position (K and V of every layer)
+    bandwidth_bytes_s: float | None
+    bandwidth_source: str | None
+    gpu_bandwidth_bytes_s: float | None = None  # NVML's figure, used for a row whose model is all on the GPU
 
 
 def _int(value: float | None) -> int | None:
@@ -101,6 +120,7 @@ def judge_rows(rows: list[Row], case: Case, machine: Machine, method: str) -> li
     for row in rows:
         verdict = classify(row, budget, case.thresholds)
         row.update(verdict.to_row(), budget_bytes=budget, budget_method=method, thresholds_json=thresholds)
+        row.update(measurement_flags(row, case.thresholds).to_row())
     if case.workflow is not None:
         judge_sessions(rows)
     return rows
@@ -117,7 +137,7 @@ def failure_row(case: Case, machine: Machine, run_id: str, status: str, error: s
 # -- rows from a worker's report --------------------------------------------------------------------------
 
 def case_rows(case: Case, base: Row, ev: CaseEvents, tl: Timeline, status: str, error: str | None,
-              exit_code: int | None, wall_s: float, t_spawn: float) -> list[Row]:
+              exit_code: int | None, wall_s: float, t_spawn: float, roofline: Roofline | None = None) -> list[Row]:
     """Rows of a case whose worker ran: each finished repetition (or turn and session), and a
     failure row of its own after them when the case did not end ``ok``."""
     case_level = _case_columns(case, base, ev, tl, exit_code, wall_s, t_spawn)
@@ -126,12 +146,51 @@ def case_rows(case: Case, base: Row, ev: CaseEvents, tl: Timeline, status: str, 
         if status != "ok":
             rows.append({**case_level, "repetition": None, "status": status, "error": error,
                          "fit_turn": failing_turn(case, ev)})
-        return rows
-    prompt_tokens = ev.loaded.prompt_tokens if ev.loaded else case.prompt_tokens
-    rows = [{**case_level, **_repetition_columns(rep, prompt_tokens, tl)} for rep in ev.timed_reps]
-    if status != "ok":
-        rows.append({**case_level, "repetition": None, "status": status, "error": error})
+    else:
+        prompt_tokens = ev.loaded.prompt_tokens if ev.loaded else case.prompt_tokens
+        rows = [{**case_level, **_repetition_columns(rep, prompt_tokens, tl)} for rep in ev.timed_reps]
+        if status != "ok":
+            rows.append({**case_level, "repetition": None, "status": status, "error": error})
+    _repetition_statistics(rows)
+    for row in rows:
+        row.update(roofline_columns(row, roofline))
     return rows
+
+
+def _repetition_statistics(rows: list[Row]) -> None:
+    """The case's mean decode rate with its 95 % interval, and its drift from the first repetition
+    to the last, on every row (over the ok repetitions; a workflow's over its sessions)."""
+    reps = sorted((r for r in rows if r.get("status") == "ok" and r.get("turn") is None
+                   and r.get("decode_tok_s") is not None), key=lambda r: r["repetition"])
+    rates = [r["decode_tok_s"] for r in reps]
+    interval = ci95(rates)
+    stats: Row = {"decode_tok_s_mean": interval[0] if interval else (rates[0] if rates else None),
+                  "decode_tok_s_ci95": interval[1] if interval else None,
+                  "drift": rates[-1] / rates[0] - 1 if len(rates) > 1 and rates[0] else None}
+    for row in rows:
+        row.update(stats)
+
+
+def roofline_columns(row: Row, roofline: Roofline | None) -> Row:
+    """Decode against the bandwidth bound: a token reads the weights and the KV cache up to its
+    position (the repetition's mean decode depth: the prompt plus half the generated tokens)."""
+    if roofline is None or row.get("status") != "ok":
+        return {}
+    depth = (row.get("prompt_tokens") or 0) + (row.get("gen_tokens") or 0) / 2
+    per_token = int(roofline.weights_bytes + roofline.kv_bytes_per_token * depth)
+    out: Row = {"roofline_bytes_per_token": per_token}
+    on_device, total = row.get("n_layers_device"), row.get("n_layers_total")
+    device = str(row.get("device") or "")
+    on_gpu = bool(on_device) and on_device == total or device.startswith(("cuda", "gpu"))
+    partly = bool(on_device) and total is not None and on_device < total
+    bandwidth, source = ((roofline.gpu_bandwidth_bytes_s, "nvml-spec") if on_gpu
+                         else (roofline.bandwidth_bytes_s, roofline.bandwidth_source))
+    if bandwidth and not partly:  # a model split across two memories has no single roofline
+        bound = bandwidth / per_token
+        decode = row.get("decode_tok_s")
+        out.update(mem_bandwidth_gbs=bandwidth / 1e9, mem_bandwidth_source=source,
+                   roofline_tok_s=bound, roofline_efficiency=decode / bound if decode is not None else None)
+    return out
 
 
 def _case_columns(case: Case, base: Row, ev: CaseEvents, tl: Timeline, exit_code: int | None,
@@ -168,12 +227,50 @@ def _case_columns(case: Case, base: Row, ev: CaseEvents, tl: Timeline, exit_code
         **{key: (ev.done.memory if ev.done else {}).get(key) for key in MEMORY_STATS_KEYS},
         "gpu_total_bytes": tl.gpu_total, "gpu_used_peak_bytes": _int(tl.peak("gpu_used")),
         "gpu_proc_peak_bytes": _int(tl.peak("gpu_proc")),
+        "sampler_timed_interval_ms": _scaled(tl.timed_interval_s, 1000),
+        **noise_columns(tl, _timed_span(ev), base.get("cpu_threads") or 1),
     }
     if ev.quality is not None:
         row.update(quality_columns(ev.quality.columns))
         row["quality_case_key"] = case.key
         row["quality_peak_rss_bytes"] = _int(tl.peak("rss", t_quality, ev.quality.t))
     return row
+
+
+def _timed_span(ev: CaseEvents) -> tuple[float, float]:
+    """From the end of loading to the last timed repetition or turn: where disturbances matter."""
+    ends = [rep.stamps[-1] for rep in ev.timed_reps] + [turn.stamps[-1] for turn in ev.turns]
+    t0 = ev.loaded.t1 if ev.loaded else float("-inf")
+    return t0, max(ends) if ends else float("inf")
+
+
+NOISE_SLACK_S = 0.5  # the parent's mark after the last repetition arrives this late at most, usually ms
+
+
+def noise_columns(tl: Timeline, span: tuple[float, float], cpus: int) -> Row:
+    """Steal, other processes' load, frequency and temperature between the noise samples that
+    bracket ``span`` (the marks at the phase boundaries); the whole case when fewer than two fall in it."""
+    ts, busy = tl.samples["t"], tl.samples["sys_busy_s"]
+    marks = [i for i, v in enumerate(busy) if v is not None]
+    inside = [i for i in marks if span[0] - NOISE_SLACK_S <= ts[i] <= span[1] + NOISE_SLACK_S]
+    picked = inside if len(inside) >= 2 else marks
+    mhz = [tl.samples["cpu_mhz"][i] for i in picked if tl.samples["cpu_mhz"][i] is not None]
+    temps = [tl.samples["temp_c"][i] for i in picked if tl.samples["temp_c"][i] is not None]
+    out: Row = {"cpu_mhz_mean": _mean(mhz), "cpu_mhz_min": min(mhz) if mhz else None,
+                "temp_c_max": max(temps) if temps else None}
+    if len(picked) < 2:
+        return out
+    a, b = picked[0], picked[-1]
+    wall = ts[b] - ts[a]
+    steal = tl.samples["sys_steal_s"]
+    cpu = tl.samples["cpu_s"]
+    if wall <= 0:
+        return out
+    if steal[a] is not None and steal[b] is not None:
+        out["steal_fraction"] = (steal[b] - steal[a]) / (wall * cpus)
+    if cpu[a] is not None and cpu[b] is not None:
+        out["outside_load_cores"] = max(0.0, ((busy[b] - busy[a]) - (cpu[b] - cpu[a])) / wall)
+    return out
 
 
 def quality_columns(payload: dict[str, Any]) -> Row:
@@ -190,6 +287,7 @@ def _window_columns(tl: Timeline, t0: float, stamps: list[float], tokens: int) -
         "status": "ok", "error": None, "gen_tokens": tm.gen_tokens,
         "ttft_s": tm.ttft_s, "prefill_tok_s": tm.prefill_tok_s, "decode_tok_s": tm.decode_tok_s,
         "itl_p50_s": tm.itl_p50_s, "itl_p90_s": tm.itl_p90_s, "itl_p99_s": tm.itl_p99_s, "e2e_s": tm.e2e_s,
+        "rep_drift": rate_drift(stamps),
         **_paging_columns(tl, t0, t1),
         "cpu_util": cpu / (t1 - t0) if cpu is not None and t1 > t0 else None,
         "gpu_util_mean_pct": _mean(tl.window("gpu_util", t0, t1)),
@@ -342,6 +440,7 @@ def timeline_columns(case: Case, ev: CaseEvents, tl: Timeline | None, run_id: st
         "minflt": s["minflt"], "majflt": s["majflt"], "cpu_s": s["cpu_s"], "read_bytes": s["read_bytes"],
         "cpu_energy_uj": s["cpu_energy_uj"], "gpu_energy_mj": s["gpu_energy_mj"], "gpu_power_mw": s["gpu_power_mw"],
         "gpu_used_bytes": s["gpu_used"], "gpu_proc_bytes": s["gpu_proc"], "gpu_util_pct": s["gpu_util"],
+        "cpu_mhz": s["cpu_mhz"], "temp_c": s["temp_c"], "sys_busy_s": s["sys_busy_s"], "sys_steal_s": s["sys_steal_s"],
     }
 
 

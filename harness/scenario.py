@@ -59,7 +59,10 @@ SCENARIO_FIELDS: tuple[FieldDoc, ...] = (
     FieldDoc("repetitions", "int", "5", "recorded repetitions per case, 1-10000"),
     FieldDoc("timeout", "number (seconds)", "600", "time a case may take, load included; then it is killed "
              "(status timeout)"),
-    FieldDoc("sampler_interval_ms", "number", "10", "interval of the memory sampler, milliseconds (at least 1)"),
+    FieldDoc("sampler_interval_ms", "number", "10", "interval of the memory sampler, milliseconds (at least 1); "
+             "while the worker is timed, no denser than 50 ms"),
+    FieldDoc("cooldown_s", "number (seconds)", "0", "idle time before each case after the first, so heat and "
+             "boost clocks from one case do not carry into the next"),
     FieldDoc("budget", "size or list of sizes", "none", "memory the case may use, e.g. 8GiB; a list sweeps, "
              "'none' is no budget; enforced with a cgroup where one is writable"),
     FieldDoc("thresholds", "mapping", "the defaults", "fit thresholds to override, e.g. {min_decode_tok_s: 20} "
@@ -119,6 +122,7 @@ class Scenario:
     repetitions: int = 5
     timeout: float = 600.0
     sampler_interval_ms: float = 10.0
+    cooldown_s: float = 0.0
     description: str = ""
     budgets: list[int | None] = field(default_factory=lambda: [None])
     thresholds: Thresholds = field(default_factory=Thresholds)
@@ -152,6 +156,7 @@ class Case:
     thresholds: Thresholds = field(default_factory=Thresholds)
     quality: QualitySpec | None = None
     workflow: Workflow | None = None  # a multi-turn session; prompt_tokens is then its final context
+    cooldown_s: float = 0.0  # idle before this case when another ran before it (not part of its key)
 
     @property
     def quality_group(self) -> str:
@@ -248,6 +253,7 @@ def parse_scenario(data: Any, source: str = "<scenario>", base_dir: Path | None 
         repetitions=_int(source, "repetitions", data.get("repetitions", Scenario.repetitions), minimum=1, maximum=10_000),
         timeout=_number(source, "timeout", data.get("timeout", 600), minimum=1),
         sampler_interval_ms=_number(source, "sampler_interval_ms", data.get("sampler_interval_ms", 10), minimum=1),
+        cooldown_s=_number(source, "cooldown_s", data.get("cooldown_s", 0), minimum=0),
         budgets=_budgets(source, data.get("budget")),
         thresholds=_thresholds(source, data.get("thresholds")),
         quality=_quality(source, data.get("quality"), base_dir, models),
@@ -286,7 +292,7 @@ def expand_cases(s: Scenario) -> list[Case]:
                     artifact=model.artifact, runtime=model.runtime, options=options,
                     n_ctx=n_ctx, prompt_tokens=n_prompt, gen_tokens=s.gen_tokens, fill=fill,
                     warmup=s.warmup, repetitions=s.repetitions, timeout=s.timeout,
-                    sampler_interval_ms=s.sampler_interval_ms, budget_bytes=budget,
+                    sampler_interval_ms=s.sampler_interval_ms, budget_bytes=budget, cooldown_s=s.cooldown_s,
                     thresholds=s.thresholds, quality=s.quality,
                 ))
     return cases
@@ -303,7 +309,7 @@ def _workflow_cases(s: Scenario) -> list[Case]:
                     artifact=model.artifact, runtime=model.runtime, options=options,
                     n_ctx=n_ctx, prompt_tokens=wf.context_before_reply()[-1], gen_tokens=wf.reply_tokens,
                     fill=None, warmup=s.warmup, repetitions=s.repetitions, timeout=s.timeout,
-                    sampler_interval_ms=s.sampler_interval_ms, budget_bytes=budget,
+                    sampler_interval_ms=s.sampler_interval_ms, budget_bytes=budget, cooldown_s=s.cooldown_s,
                     thresholds=s.thresholds, workflow=wf,
                 ))
     return cases

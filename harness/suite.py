@@ -9,6 +9,7 @@ crashed run loses nothing already measured.
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,7 +48,10 @@ def run_suite(
     results = []
     reference = _quality_reference(cases, on_note)
     probed: dict[str, dict[str, Any]] = {}  # quality group -> the columns its probe gave
-    for case in cases:
+    for n, case in enumerate(cases):
+        if n and case.cooldown_s:
+            on_note(f"cooling down {case.cooldown_s:g} s before case {case.index + 1}")
+            time.sleep(case.cooldown_s)  # Ctrl-C here is a KeyboardInterrupt: nothing of this case ran yet
         on_case_start(case)
         stop: SuiteInterrupted | None = None
         too_big = None if force else obviously_too_big(case, artifacts[case.artifact])

@@ -98,6 +98,10 @@ class CgroupV2Kernel(CgroupFiles):
         else:
             if name.startswith("memory.") and not (text.strip() == "max" or text.strip().isdigit()):
                 raise _err(errno.EINVAL, path)
+            quota = text.split()
+            if name == "cpu.max" and not (len(quota) == 2 and (quota[0] == "max" or quota[0].isdigit())
+                                          and quota[1].isdigit() and (quota[0] == "max" or int(quota[0]) >= 1000)):
+                raise _err(errno.EINVAL, path)  # "QUOTA PERIOD", the quota at least 1 ms
             path.write_text(text.strip() + "\n")
         self.log.append(f"write {self._rel(path)} {text.strip()}")
 
@@ -118,6 +122,8 @@ class CgroupV2Kernel(CgroupFiles):
         (path / "cgroup.kill").write_text("")
         if "memory" in enabled:
             self._memory_files(path)
+        if "cpu" in enabled:
+            (path / "cpu.max").write_text("max 100000\n")
 
     def _memory_files(self, path: Path) -> None:
         for name, text in MEMORY_FILES.items():

@@ -17,7 +17,8 @@ MiB = 2**20
 
 
 def write_run(path: Path, decode: list[float], ttft: float = 1.0, fit: str = "fits", machine: str = "m1",
-              n_ctx: int = 2048, threads: int = 2, extra_case: bool = False, peak: int = 300 * MiB) -> Path:
+              n_ctx: int = 2048, threads: int = 2, extra_case: bool = False, peak: int = 300 * MiB,
+              noisy: bool | None = None) -> Path:
     rows = []
     cases = [(n_ctx, "k1")] + ([(4096, "k2")] if extra_case else [])
     for n, key in cases:
@@ -29,7 +30,7 @@ def write_run(path: Path, decode: list[float], ttft: float = 1.0, fit: str = "fi
                 "options_json": json.dumps({"n_threads": threads}), "n_ctx": n, "prompt_tokens": n // 2,
                 "gen_tokens": 32, "budget_bytes": 24 << 30, "budget_method": "none", "decode_tok_s": d,
                 "prefill_tok_s": 300.0 + rep, "ttft_s": ttft + 0.001 * rep, "peak_rss_bytes": peak, "fit_class": fit,
-                "machine_class": "cpu-x86_64-24GiB", "machine_id": machine,
+                "machine_class": "cpu-x86_64-24GiB", "machine_id": machine, "noise_flag": noisy,
             })
     w = ResultWriter(path)
     w.add_case(rows, {})
@@ -61,6 +62,22 @@ def test_a_real_slowdown_is_flagged_and_threads_are_not_in_the_key(tmp_path):
     assert reg["metric"] == "decode" and reg["change_pct"] == pytest.approx(-43.75, abs=0.1)
     assert any("n_threads" in n for n in cmp.notes)
     assert cmp.regressions(50.0) == []  # significant, but inside a 50 % threshold
+
+
+def test_a_difference_within_the_noise_is_not_a_regression(tmp_path):
+    from harness.analyse.compare import verdict_text
+
+    a = write_run(tmp_path / "a.parquet", [80, 81, 79, 80, 80.5])
+    b = write_run(tmp_path / "b.parquet", [45, 46, 44, 45, 45.5], noisy=True)  # a busy machine made it slow
+    cmp = compare(Side("a", [a]), Side("b", [b]))
+    [decode] = [r for r in cmp.rows if r["metric"] == "decode"]
+    assert decode["significant"] and decode["noisy"] and cmp.regressions(5.0) == []
+    assert verdict_text(decode) == "noisy run (noise_flag): not judged"
+    # wide repetitions on one side: a 6 % change inside a ±20 % interval is not claimed
+    c = write_run(tmp_path / "c.parquet", [80, 80.2, 79.8, 80.1, 79.9])
+    d = write_run(tmp_path / "d.parquet", [60, 90, 70, 80, 76])
+    [decode] = [r for r in compare(Side("c", [c]), Side("d", [d])).rows if r["metric"] == "decode"]
+    assert decode["within_noise"] and decode["noise_pct"] > abs(decode["change_pct"]) and not decode["regression"]
 
 
 def test_fit_class_changes_are_always_shown(tmp_path):

@@ -101,7 +101,7 @@ def test_scenario_field_defaults_are_the_parsers(tiny_gguf):
     s = parse_scenario({"name": "t", "contexts": [512],
                         "models": [{"artifact": str(tiny_gguf), "runtime": "fake_runners:FakeRunner"}]})
     table = {f.name: f.default for f in SCENARIO_FIELDS}
-    for name in ("gen_tokens", "warmup", "repetitions", "timeout", "sampler_interval_ms", "description"):
+    for name in ("gen_tokens", "warmup", "repetitions", "timeout", "sampler_interval_ms", "cooldown_s", "description"):
         assert getattr(s, name) == yaml.safe_load(table[name]), name
     assert s.fill == [yaml.safe_load(table["fill"])]
     assert table["prompt_tokens"] == "none" and s.prompt_tokens is None

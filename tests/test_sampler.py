@@ -109,3 +109,30 @@ def test_a_dear_uss_read_is_spaced_out_to_its_share_of_time():
     assert {b - a for a, b in zip(due, due[1:])} == {400}
     cadence.stretch(0.0, USS_MAX_SHARE)  # the process shrank
     assert cadence.period_s == USS_PERIOD_S
+
+
+def test_a_mark_takes_a_full_sample_now_and_the_timed_grid_is_sparse():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        sampler = Sampler(proc.pid, interval_s=60.0).start()  # the grid alone would not sample again
+        deadline = time.monotonic() + 10
+        while len(sampler.timeline) < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sampler.mark()
+        while len(sampler.timeline) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        tl = sampler.timeline
+        assert len(tl) == 2  # the first sample, and the mark's
+        marked = {c: tl.samples[c][1] for c in ("pswpin", "sys_busy_s", "sys_steal_s", "cpu_s")}
+        assert all(v is not None for v in marked.values()), marked  # every figure, the noise record included
+        sampler.timed(True)
+        assert sampler._grid_s == 60.0  # never denser than asked
+        dense = Sampler(proc.pid, interval_s=0.01)
+        dense.timed(True)
+        assert dense._grid_s == pytest.approx(0.05) and dense.timeline.timed_interval_s == pytest.approx(0.05)
+        dense.timed(False)
+        assert dense._grid_s == pytest.approx(0.01)
+        sampler.stop()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -28,8 +28,13 @@ Two kinds of figure (``PER_CASE_COLUMNS`` decides which is which):
   figure counts as a change only beyond its repeatability floor (the metric's
   smallest change that counts).
 
-A change counts as a regression when it is worse than the threshold and
-either significant, or, for an untested per-case figure, beyond that floor:
+A per-repetition change is within the noise, never a regression, when it is
+smaller than either side's 95 % confidence interval (``noise_pct``), or when
+either side ran on a disturbed machine (rows with ``noise_flag``: steal,
+other processes' load): such a side's repetitions can agree with each other
+and still all be slow. A change counts as a regression when it is worse than
+the threshold and beyond the noise, and either significant, or, for an
+untested per-case figure, beyond that floor:
 a memory or quality figure that grew past the threshold fails a gate even
 though one figure per side cannot be tested.
 """
@@ -46,6 +51,7 @@ import duckdb
 
 from harness.errors import FitbenchError
 from harness.fit import ORDER
+from harness.metrics import T_975, t_critical  # noqa: F401 (re-exported: their home was here)
 from harness.results import REQUESTED_SINCE, RESULT_COLUMNS, expand_result_files, requested_budget  # noqa: F401
 
 # (column, label, unit, higher_is_better, smallest change that counts, in percent)
@@ -75,19 +81,8 @@ PER_CASE_COLUMNS = frozenset({
 } | {c.name for c in RESULT_COLUMNS if c.name.startswith(("quality_", "task_"))})
 
 IGNORED_OPTIONS = ("n_threads", "n_threads_batch")
-# two-sided 95 % critical values of Student's t for df = 1..30; 1.96 beyond
-T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
 class CompareError(FitbenchError, ValueError):
     """Files that cannot be compared; the message names the file."""
-
-
-def t_critical(df: float) -> float:
-    if df < 1:
-        return math.inf
-    return T_975[int(df) - 1] if df < 31 else 1.96  # floor: conservative for fractional Welch df
 
 
 def welch(n1: int, m1: float, v1: float, n2: int, m2: float, v2: float) -> tuple[bool | None, float | None]:
@@ -141,10 +136,11 @@ def _key_options_sql() -> str:
 USED_COLUMNS = ("artifact_sha256", "artifact_name", "model_label", "runtime", "runtime_version", "options_json",
                 "n_ctx", "prompt_tokens", "gen_tokens", "budget_bytes", "budget_method", "budget_requested_bytes",
                 "ram_bytes", "sys_mem_total_bytes", "case_label", "case_key", "run_id", "fit_class", "status",
-                "machine_class", "machine_id", "schema_version", "turn", "workflow_json") + tuple(m for m, *_ in METRICS)
+                "machine_class", "machine_id", "schema_version", "turn", "workflow_json", "noise_flag") \
+    + tuple(m for m, *_ in METRICS)
 # Absent from older files without anything to note: before workflows every row is case-level,
 # and the requested budget is read from the budget columns (REQUESTED_BUDGET_SQL).
-SILENTLY_MISSING = ("turn", "workflow_json", "budget_requested_bytes")
+SILENTLY_MISSING = ("turn", "workflow_json", "budget_requested_bytes", "noise_flag")  # noise_flag: schema 1.4
 
 
 def _source(con: duckdb.DuckDBPyConnection, files: str,
@@ -203,6 +199,7 @@ def aggregate(con: duckdb.DuckDBPyConnection, side: Side, name: str) -> None:
                        string_agg(DISTINCT budget_method, ',' ORDER BY budget_method) AS budget_methods,
                        max({fit_rank}) AS fit_rank,
                        count(*) FILTER (WHERE status <> 'ok') AS failures,
+                       coalesce(bool_or(noise_flag), false) AS noisy,
                        string_agg(DISTINCT status, ',') FILTER (WHERE status <> 'ok') AS failure_statuses,
                        {", ".join(_stats(m, m) for m in rep_metrics)}
                 FROM src GROUP BY {keys})
@@ -240,7 +237,16 @@ def _regression(r: dict[str, Any], threshold_pct: float) -> bool:
         return False
     if r["test"] == "none":
         return r["beyond_floor"]
+    if r.get("within_noise"):
+        return False
     return bool(r["significant"])
+
+
+def _ci_pct(n: int, mean: float, var: float) -> float | None:
+    """Half-width of a side's 95 % confidence interval, in percent of its mean."""
+    if n < 2 or not mean:
+        return None
+    return t_critical(n - 1) * math.sqrt(var / n) / abs(mean) * 100
 
 
 # ``workflow_json`` and ``turn``: a workflow matches only the same session shape, turn by turn; its
@@ -272,6 +278,13 @@ def metric_row(case: str, metric: str, b: dict[str, Any], c: dict[str, Any], thr
     row = {"kind": "metric", "case": case, "metric": label, "unit": unit, "baseline": m1, "candidate": m2,
            "change_pct": change, "worse_pct": worse, "significant": significant, "per_case": per_case, "test": test,
            "min_effect_pct": min_effect, "beyond_floor": beyond_floor, "n": f"{n1}/{n2}" + (" cases" if per_case else "")}
+    if not per_case:  # the noise a per-repetition difference must clear
+        cis = [c for c in (_ci_pct(n1, b[f"{metric}_mean"], b[f"{metric}_var"]),
+                           _ci_pct(n2, c[f"{metric}_mean"], c[f"{metric}_var"])) if c is not None]
+        row["noise_pct"] = max(cis) if cis else None
+        row["noisy"] = bool(b.get("noisy") or c.get("noisy"))
+        row["within_noise"] = row["noisy"] or (change is not None and row["noise_pct"] is not None
+                                               and abs(change) <= row["noise_pct"])
     row["regression"] = _regression(row, threshold_pct)
     # What a default view shows: a significant change, a per-case figure that moved beyond its
     # floor, and repetitions too few to test (the reader should know nothing was tested).
@@ -368,6 +381,10 @@ def verdict_text(row: dict[str, Any]) -> str:
         return "untested (n<2)"
     if row["regression"]:
         return "REGRESSION"
+    if row.get("noisy") and row["significant"]:
+        return "noisy run (noise_flag): not judged"
+    if row.get("within_noise") and row["significant"]:
+        return f"within noise (±{row['noise_pct']:.1f}%)"
     if row["significant"]:
         return "better" if (row["worse_pct"] or 0) < 0 else "worse (within threshold)"
     return "noise"

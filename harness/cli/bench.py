@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
 from rich.markup import escape
 
 from harness.benchsweep import BENCH_FIELDS, FLAGS, Sweep, bench_records, expand, parse_list
-from harness.cli.options import EXIT_INTERRUPTED, UsageError, sigterm_as_interrupt
-from harness.cli.present import bench_columns, case_line, make_bench_printer, make_console
+from harness.cli.options import COOLDOWN_OPTION, EXIT_INTERRUPTED, UsageError, sigterm_as_interrupt
+from harness.cli.present import bench_columns, case_line, make_bench_printer, make_console, measurement_warnings
 from harness.cli.run import keep_pandas_out
 from harness.measure import machine as machine_mod
 from harness.preflight import check_output_dir, check_scenario
@@ -59,8 +60,10 @@ def _flag_options(command):
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True,
               help="folder for the Parquet results file")
 @click.option("--timeout", type=click.FloatRange(min=1), default=600, show_default=True, help="seconds per case")
+@COOLDOWN_OPTION
 def bench(models: tuple[str, ...], n_prompt: str, n_gen: str, n_depth: str, n_ctx: int | None, runtime: str | None,
-          repetitions: int, output: str, output_dir: Path, timeout: float, **flags: str | None) -> None:
+          repetitions: int, output: str, output_dir: Path, timeout: float, cooldown: float | None,
+          **flags: str | None) -> None:
     """Measure like llama-bench: every comma list sweeps, one isolated, sampled case per combination.
 
     Each case gives two tests: pp (prefill tok/s over the case's whole prompt, from an empty cache) and tg
@@ -102,11 +105,14 @@ def bench(models: tuple[str, ...], n_prompt: str, n_gen: str, n_depth: str, n_ct
     signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     with RunLock(writer.results_path):
         try:
-            run_suite([bc.case for bc in cases], artifacts, mach, writer, run_id, on_case_end=on_case_end)
+            run_suite([replace(bc.case, cooldown_s=cooldown or 0.0) for bc in cases], artifacts, mach, writer, run_id,
+                      on_case_end=on_case_end, on_note=lambda text: err.print(escape(text)))
         except (SuiteInterrupted, KeyboardInterrupt):
             printer.footer()
             err.print(escape(f"fitbench: interrupted after {len(done)} of {len(cases)} case(s); "
                              f"results so far are in {writer.results_path}"))
             sys.exit(EXIT_INTERRUPTED)
     printer.footer()
+    for line in measurement_warnings(done):
+        err.print(line)
     err.print(escape(f"results: {writer.results_path}"))

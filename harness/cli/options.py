@@ -96,6 +96,12 @@ def contexts_option(text: str) -> list[int]:
         raise UsageError(str(exc)) from None
 
 
+COOLDOWN_OPTION = click.option(
+    "--cooldown", type=click.FloatRange(min=0), metavar="SECONDS",
+    help="idle this long before each case after the first (the scenario's cooldown_s), so heat and boost "
+         "clocks do not carry over")
+
+
 def scenario_overrides(command):
     """The options `run` and `fleet run` share to override what a scenario file says."""
     for option in reversed([

@@ -316,7 +316,9 @@ def summary_table(console: Console, results: list) -> None:
             return None if s is None else s.median
 
         dec = summarize([row["decode_tok_s"] for row in ok_rows])
-        records.append({"index": r.case.index + 1, "model": r.case.model_label, "case": r.case.label,
+        ci = ok_rows[0].get("decode_tok_s_ci95") if ok_rows else None
+        records.append({"decode_ci": ci, "roofline": ok_rows[0].get("roofline_efficiency") if ok_rows else None,
+                        "index": r.case.index + 1, "model": r.case.model_label, "case": r.case.label,
                         "status": r.status, "fit_class": case_verdict(r.rows)[0], "ttft_s": med("ttft_s"),
                         "prefill_tok_s": med("prefill_tok_s"), "decode": dec, "peak_rss_bytes": r.peak_rss,
                         "vmhwm_bytes": r.vmhwm,
@@ -325,13 +327,31 @@ def summary_table(console: Console, results: list) -> None:
                Column("status", style=lambda s: "green" if s == "ok" else "red"), fit_column(),
                Column("ttft_s", "TTFT ms", lambda v: f"{v * 1000:,.0f}", right=True),
                Column("prefill_tok_s", "pp tok/s", lambda v: f"{v:,.1f}", right=True),
-               Column("decode", "tg tok/s", lambda d: f"{d.median:,.1f}±{d.stdev:,.1f}", right=True),
+               Column("decode", "tg tok/s", lambda d: f"{d.median:,.1f}", right=True),
+               Column("decode_ci", "±95% CI", lambda v: f"±{v:,.1f}", right=True),
+               Column("roofline", "roofline", lambda v: f"{v:.0%}", right=True),
                Column("peak_rss_bytes", "peak MiB", mib, right=True), Column("vmhwm_bytes", "HWM MiB", mib, right=True),
                Column("read_bytes", "read MiB", mib, right=True)]
     print_rows("table", columns, records, title="fitbench summary (medians over repetitions)", console=console)
+    for line in measurement_warnings(results):
+        console.print(line)
     quality_table(console, results)
     if not show_model:
         console.print(f"model: {results[0].case.model_label} ({results[0].case.runtime})")
+
+
+def measurement_warnings(results: list) -> list[str]:
+    """One warning line per case whose figures drifted or ran on a disturbed machine (fit.measurement_flags)."""
+    lines = []
+    for r in results:
+        flagged = [row for row in r.rows if row.get("drift_flag") or row.get("noise_flag")]
+        if not flagged:
+            continue
+        kinds = [k for k, col in (("drift", "drift_flag"), ("noisy", "noise_flag")) if any(x.get(col) for x in flagged)]
+        notes = list(dict.fromkeys(n for row in flagged for n in (row.get("measurement_note") or "").split("; ") if n))
+        lines.append(f"[yellow]warning[/]: case {r.case.index + 1} ({escape(r.case.label)}) {'+'.join(kinds)}: "
+                     + escape("; ".join(notes[:4])))
+    return lines
 
 
 def quality_table(console: Console, results: list) -> None:

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from harness.artifact import inspect_artifact
 from harness.cli.options import (
+    COOLDOWN_OPTION,
     EXIT_INTERRUPTED,
     FORMAT_RUNTIMES,
     THRESHOLD_OPTION,
@@ -75,9 +76,10 @@ class _RefusePandas:
 @click.option("--resume", is_flag=True,
               help="continue the latest run of this scenario in OUTPUT: skip finished cases, rerun the rest")
 @click.option("--force", is_flag=True, help="run cases even when their estimated memory is far above what is free")
+@COOLDOWN_OPTION
 def run(scenario: Path, output_dir: Path, repetitions: int | None, contexts: str | None,
         gen_tokens: int | None, timeout: float | None, budget: str | None, thresholds: tuple[str, ...],
-        resume: bool, force: bool) -> None:
+        resume: bool, force: bool, cooldown: float | None) -> None:
     """Run SCENARIO (a YAML file) and write results to OUTPUT.
 
     SCENARIO may be an artifact instead (a .gguf file or a model folder): then it runs llama-bench's default
@@ -92,6 +94,8 @@ def run(scenario: Path, output_dir: Path, repetitions: int | None, contexts: str
     else:
         base = load_scenario(scenario)
     sc = with_overrides(base, repetitions, contexts, gen_tokens, timeout, budget, thresholds)
+    if cooldown is not None:
+        sc = replace(sc, cooldown_s=cooldown)
     artifacts = check_scenario(sc)
     out = check_output_dir(output_dir)
     cases = sc.cases()

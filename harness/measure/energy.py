@@ -135,6 +135,16 @@ class NvmlEnergy:
         self._last_t = t
         return self._integrated, power
 
+    def temperatures(self) -> list[float]:
+        """Each visible GPU's core temperature, degrees C (for the noise record)."""
+        out = []
+        for h in self.handles:
+            try:
+                out.append(float(self.nvml.nvmlDeviceGetTemperature(h, self.nvml.NVML_TEMPERATURE_GPU)))
+            except Exception:  # NVMLError: not supported on this GPU
+                pass
+        return out
+
 
 def interpolate(ts: list[float], values: list, t: float) -> float | None:
     """Linear interpolation of a cumulative counter at time ``t`` (counters are sampled coarsely)."""

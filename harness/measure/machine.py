@@ -50,6 +50,9 @@ class Machine:
     fitbench_version: str
     runtime_versions: dict[str, str] = field(default_factory=dict)
     gpus: list[GPU] = field(default_factory=list)
+    # memory read bandwidth (harness.measure.bandwidth), filled in by the first case that needs it
+    mem_bandwidth_gbs: float | None = None
+    mem_bandwidth_source: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,7 +16,19 @@ as multiples of reading ``statm``; ``stat`` 2.7x, ``io`` 1.5x):
   takes at most ``USS_MAX_SHARE`` (1%) of wall time: unique memory (USS)
   from ``smaps_rollup``, which walks the page tables under the target's mmap
   lock (about 2 ms per 100 MiB resident, 300-6000x ``statm``);
+- every ``NOISE_PERIOD_S`` (1 s): what disturbs the measurement (CPU
+  frequency, temperature, the system's busy and steal CPU time;
+  ``harness.measure.noise``);
+- now, when the parent calls ``mark()`` (it does on every message from the
+  worker: the phase boundaries), every figure: the kernel's cumulative
+  counters at the edges of each timed window, however sparse the grid;
 - once more when sampling stops, every figure.
+
+During timed windows (``timed(True)``, from load to the last repetition) the
+grid is no denser than ``TIMED_INTERVAL_S`` (50 ms): the timeline still shows
+a prefill's memory steps, the kernel keeps the true peak (VmHWM), the marks
+give exact phase deltas, and the sampler's own CPU (2.6-2.8 % of a core at
+10 ms on the project's VM) drops to about a fifth where it could slow decode.
 
 On systems without ``/proc`` it falls back to psutil. Columns read less often
 are null in between: ``Timeline.last`` gives a series' newest reading.
@@ -38,10 +50,12 @@ import psutil
 
 from harness.measure.energy import NvmlEnergy, RaplReader
 from harness.measure.gpu import NvmlMemory
+from harness.measure.noise import NOISE_PERIOD_S, SystemNoise
 
 SYSTEM_PERIOD_S = 0.05  # vmstat swap counters, energy, GPU: at least this often (wall time)
 USS_PERIOD_S = 0.25  # unique memory at most this often...
 USS_MAX_SHARE = 0.01  # ...and rarer still when one smaps_rollup read costs more than this share of the wait
+TIMED_INTERVAL_S = 0.05  # the densest grid while the worker is timed (marks add the phase edges)
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -49,7 +63,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 COLUMNS = (
     "t", "rss", "uss", "sys_available", "swap_used", "pswpin", "pswpout",
     "minflt", "majflt", "cpu_s", "read_bytes", "cpu_energy_uj", "gpu_energy_mj", "gpu_power_mw",
-    "gpu_used", "gpu_proc", "gpu_util",
+    "gpu_used", "gpu_proc", "gpu_util", "cpu_mhz", "temp_c", "sys_busy_s", "sys_steal_s",
 )
 
 
@@ -63,6 +77,7 @@ class Timeline:
     energy_source: str | None = None  # "rapl", "nvml", "rapl+nvml" or None
     energy_note: str | None = None  # why there is no (or only partial) energy data
     gpu_total: int | None = None  # memory of the visible NVIDIA GPUs (NVML), read once
+    timed_interval_s: float | None = None  # the grid while timed (None: never switched)
 
     def __len__(self) -> int:
         return len(self.samples["t"])
@@ -225,11 +240,16 @@ class Sampler:
     the USS cadence is stretched whatever it is, so its reads keep to ``USS_MAX_SHARE``."""
 
     def __init__(self, pid: int, interval_s: float = 0.01, uss_every: int | None = None,
-                 system_every: int | None = None, energy: bool = True, gpu: bool = True) -> None:
+                 system_every: int | None = None, energy: bool = True, gpu: bool = True,
+                 noise: bool = True) -> None:
         self.pid = pid
         self.interval_s = interval_s
         self._system = _Cadence(system_every * interval_s if system_every else SYSTEM_PERIOD_S, interval_s)
         self._uss = _Cadence(uss_every * interval_s if uss_every else USS_PERIOD_S, interval_s)
+        self._noise_cadence = _Cadence(NOISE_PERIOD_S, interval_s)
+        self._grid_s = interval_s  # the current grid: interval_s, or TIMED_INTERVAL_S while timed
+        self._wake = threading.Event()  # stop() and mark() cut the wait short
+        self._marked = False
         self.timeline = Timeline(interval_s)
         self.peak_rss = 0
         self.last_rss = 0
@@ -246,6 +266,8 @@ class Sampler:
         if gpu and session is not None and session.available:
             self._gpu = NvmlMemory(session, pid)
             self.timeline.gpu_total = self._gpu.total
+        self._noise = SystemNoise(nvml=session if session is not None and session.available else None) \
+            if noise else None
         self._thread = threading.Thread(target=self._loop, name=f"sampler-{pid}", daemon=True)
         self.started_at: float | None = None
 
@@ -254,22 +276,39 @@ class Sampler:
         self._thread.start()
         return self
 
+    def timed(self, on: bool) -> None:
+        """The worker's timed windows start (``True``) or end: the grid is no denser than
+        ``TIMED_INTERVAL_S`` in between (called from the parent's thread; the next wait uses it)."""
+        self._grid_s = max(self.interval_s, TIMED_INTERVAL_S) if on else self.interval_s
+        if on:
+            self.timeline.timed_interval_s = self._grid_s
+
+    def mark(self) -> None:
+        """Take a full sample now (a phase boundary), from the sampler's own thread."""
+        self._marked = True
+        self._wake.set()
+
     def _loop(self) -> None:
         next_at = time.perf_counter()
         while not self._stop.is_set():
             self.requested += 1
             now = time.perf_counter()
-            if not self._take(self._uss.due(now), self._system.due(now)):
+            marked, self._marked = self._marked, False
+            if not self._take(self._uss.due(now), marked or self._system.due(now),
+                              marked or self._noise_cadence.due(now)):
                 return  # the process is gone
             # Schedule on a fixed grid so slow samples do not stretch the interval.
-            next_at += self.interval_s
+            next_at += self._grid_s
             delay = next_at - time.perf_counter()
             if delay < 0:
                 next_at = time.perf_counter()
                 delay = 0
-            self._stop.wait(delay)
+            if self._wake.wait(delay):
+                self._wake.clear()
+                if self._marked:
+                    next_at = time.perf_counter()  # the grid restarts from the mark
 
-    def _take(self, with_uss: bool, with_system: bool = True) -> bool:
+    def _take(self, with_uss: bool, with_system: bool = True, with_noise: bool = False) -> bool:
         t = time.perf_counter()
         try:
             row = self._reader.sample(with_uss, with_system)
@@ -285,6 +324,8 @@ class Sampler:
                 row["gpu_energy_mj"], row["gpu_power_mw"] = self._nvml.read(t)
             if self._gpu is not None:
                 row.update(self._gpu.read())
+        if with_noise and self._noise is not None:
+            row.update(self._noise.read())
         self.timeline.append(row)
         self.last_rss = row["rss"]
         self.peak_rss = max(self.peak_rss, row["rss"])
@@ -298,8 +339,11 @@ class Sampler:
     def stop(self) -> Timeline:
         """Stop sampling; take one last sample first if the process still exists."""
         self._stop.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        self._take(with_uss=True)
+        self._take(with_uss=True, with_noise=True)
         self._reader.close()
+        if self._noise is not None:
+            self._noise.close()
         return self.timeline
