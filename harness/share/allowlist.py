@@ -51,6 +51,7 @@ _FIGURE = "a measured figure: what the community table is made of"
 _MACHINE = "describes the hardware class, shared by every machine of its kind"
 _ARTIFACT = "describes the artifact, identical for everyone who has the file"
 _CONFIG = "the configuration measured: what makes two rows comparable"
+_NOISE = "what disturbed the measurement (steal, other load, frequency, heat): how far to trust the figures"
 
 SHARED_RESULT_COLUMNS: dict[str, Shared] = _list(
     ("schema_version", CODE, "which columns the row has"),
@@ -146,6 +147,14 @@ SHARED_RESULT_COLUMNS: dict[str, Shared] = _list(
     ("fitbench_version", CODE, "the harness that measured"),
     ("runtime_extra_json", JSON, "what the runtime reported at load (execution provider, KV cache kind); its "
                                  "strings can hold paths, hence the scrubber"),
+    ("sampler_timed_interval_ms", KEEP, "how the timeline was sampled while the worker was timed"),
+    *((name, KEEP, _FIGURE) for name in ("decode_tok_s_mean", "decode_tok_s_ci95", "drift", "rep_drift")),
+    *((name, KEEP, _NOISE) for name in ("drift_flag", "noise_flag", "steal_fraction", "outside_load_cores",
+                                        "cpu_mhz_mean", "cpu_mhz_min", "temp_c_max")),
+    ("measurement_note", TEXT, "why a row was flagged drifting or noisy, in words"),
+    ("mem_bandwidth_gbs", KEEP, _MACHINE),
+    ("mem_bandwidth_source", CODE, "how the bandwidth was measured (a probe, a GPU's spec figure)"),
+    *((name, KEEP, _FIGURE) for name in ("roofline_bytes_per_token", "roofline_tok_s", "roofline_efficiency")),
 )
 
 # Result columns that never leave the machine, and why (every result column is on one list or the other).
@@ -169,7 +178,7 @@ SHARED_TIMELINE_COLUMNS: dict[str, Shared] = _list(
     *((name, KEEP, "a raw sample: the server recomputes the figures from them") for name in (
         "t_s", "rss_bytes", "uss_bytes", "sys_available_bytes", "swap_used_bytes", "pswpin", "pswpout", "minflt",
         "majflt", "cpu_s", "read_bytes", "cpu_energy_uj", "gpu_energy_mj", "gpu_power_mw", "gpu_used_bytes",
-        "gpu_proc_bytes", "gpu_util_pct")),
+        "gpu_proc_bytes", "gpu_util_pct", "cpu_mhz", "temp_c", "sys_busy_s", "sys_steal_s")),
 )
 
 
