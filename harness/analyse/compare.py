@@ -141,10 +141,11 @@ def _key_options_sql() -> str:
 USED_COLUMNS = ("artifact_sha256", "artifact_name", "model_label", "runtime", "runtime_version", "options_json",
                 "n_ctx", "prompt_tokens", "gen_tokens", "budget_bytes", "budget_method", "budget_requested_bytes",
                 "ram_bytes", "sys_mem_total_bytes", "case_label", "case_key", "run_id", "fit_class", "status",
-                "machine_class", "machine_id", "schema_version", "turn", "workflow_json") + tuple(m for m, *_ in METRICS)
+                "machine_class", "machine_id", "schema_version", "turn", "workflow_json", "parallel") + \
+    tuple(m for m, *_ in METRICS)
 # Absent from older files without anything to note: before workflows every row is case-level,
 # and the requested budget is read from the budget columns (REQUESTED_BUDGET_SQL).
-SILENTLY_MISSING = ("turn", "workflow_json", "budget_requested_bytes")
+SILENTLY_MISSING = ("turn", "workflow_json", "budget_requested_bytes", "parallel")  # parallel: before 1.4, one session
 
 
 def _source(con: duckdb.DuckDBPyConnection, files: str,
@@ -191,7 +192,8 @@ def aggregate(con: duckdb.DuckDBPyConnection, side: Side, name: str) -> None:
     try:
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE {name} AS
-            WITH src AS (SELECT *, {_key_options_sql()} AS key_options, {REQUESTED_BUDGET_SQL} AS budget FROM {source}),
+            WITH src AS (SELECT *, {_key_options_sql()} AS key_options, {REQUESTED_BUDGET_SQL} AS budget,
+                                coalesce(parallel, 1) AS sessions FROM {source}),
             measured AS (SELECT {keys}, {", ".join(f"max({m}) AS {m}" for m in case_metrics)}
                          FROM src GROUP BY {keys}, run_id, case_key, machine_id),
             per_case AS (SELECT {keys}, {", ".join(_stats(m, m) for m in case_metrics)} FROM measured GROUP BY {keys}),
@@ -246,8 +248,9 @@ def _regression(r: dict[str, Any], threshold_pct: float) -> bool:
 # ``workflow_json`` and ``turn``: a workflow matches only the same session shape, turn by turn; its
 # case-level rows match as whole cases. Files older than workflows read both as NULL (single-turn).
 # ``budget``: the requested budget (REQUESTED_BUDGET_SQL), null when none was asked.
+# ``sessions``: parallel sessions (schema 1.4; older files are one session), so 4 users never match 1.
 KEY = ("artifact_sha256", "runtime", "key_options", "n_ctx", "prompt_tokens", "gen_tokens", "budget",
-       "workflow_json", "turn")
+       "workflow_json", "turn", "sessions")
 
 
 def metric_row(case: str, metric: str, b: dict[str, Any], c: dict[str, Any], threshold_pct: float) -> dict[str, Any] | None:
