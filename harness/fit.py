@@ -299,9 +299,10 @@ def serving_verdict(row: dict, t: Thresholds = Thresholds()) -> ServingVerdict:
     n, n_ctx = row.get("parallel") or 1, row.get("n_ctx")
     where = f"{_users(n)} at context {n_ctx:,}" if n_ctx else _users(n)
     if row.get("status") != "ok":
-        return ServingVerdict(False if row.get("fit_class") == "no_fit" else None,
-                              f"does not fit {where}: {row.get('fit_reason') or row.get('status')}"
-                              if row.get("fit_class") == "no_fit" else f"no serving verdict: {row.get('status')}")
+        # a failure the fit class judged (OOM, killed, a timeout, the spill watchdog) does not serve them
+        if row.get("fit_class") is not None:
+            return ServingVerdict(False, f"does not fit {where}: {row.get('fit_reason') or row.get('status')}")
+        return ServingVerdict(None, f"no serving verdict: {row.get('status')}")
     p90, user = row.get("ttft_p90_s"), row.get("user_decode_tok_s")
     misses = []
     if row.get("fit_memory") not in SERVING_MEMORY:

@@ -124,6 +124,9 @@ def test_serving_verdict_in_the_users_words():
     oom = serving_verdict({"status": "oom", "parallel": 8, "n_ctx": 2048, "fit_class": "no_fit",
                            "fit_reason": "oom: killed"})
     assert oom.serving_fits is False and oom.serving_reason == "does not fit 8 users at context 2,048: oom: killed"
+    timeout = serving_verdict({"status": "timeout", "parallel": 8, "n_ctx": 2048, "fit_class": "slow",
+                               "fit_reason": "timed out before finishing"})
+    assert timeout.serving_fits is False and timeout.serving_reason.endswith("2,048: timed out before finishing")
     crashed = serving_verdict({"status": "crashed", "parallel": 2, "n_ctx": 512, "fit_class": None})
     assert crashed.serving_fits is None
 
