@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from harness.artifact import FORMAT_RUNTIMES, ArtifactInfo, inspect_artifact
 from harness.errors import FitbenchError
-from harness.fit import case_verdict
+from harness.fit import case_serving, case_verdict
 from harness.scenario import Case, Scenario, parse_scenario
 from runners.base import OptionError, UnknownRunner, get_runner_class
 
@@ -93,12 +93,13 @@ class Sweep:
     runtime: str | None = None
     repetitions: int = 5
     timeout: float = 600.0
+    parallel: list[int] = field(default_factory=lambda: [1])  # sessions at once (llama-batched-bench's -npl)
 
     def shown_fields(self) -> list[str]:
         """Option columns the table shows: the flags given with more than one value or a non-default
         one (llama-bench shows only what differs from its defaults)."""
         return [f.field for f in FLAGS if f.field != "n_threads" and f.field in self.flags
-                and self.flags[f.field] != [f.default]]
+                and self.flags[f.field] != [f.default]] + (["pl"] if self.parallel != [1] else [])
 
 
 def runtime_for(info: ArtifactInfo, runtime: str | None) -> str:
@@ -169,6 +170,7 @@ def expand(sweep: Sweep, inspect: Callable[[Path], ArtifactInfo] = inspect_artif
                 "models": [{"artifact": str(model), "runtime": runtime, "label": model.stem, "options": options}],
                 "contexts": [n_ctx], "prompt_tokens": [d + p], "gen_tokens": n,
                 "repetitions": sweep.repetitions, "warmup": 1, "timeout": sweep.timeout,
+                "parallel": sweep.parallel,
             }, source="fitbench bench")
             scenarios.append(sc)
             for case in sc.cases():
@@ -183,6 +185,8 @@ BENCH_FIELDS = (
     "type_k", "type_v", "n_gpu_layers", "flash_attn", "n_prompt", "n_gen", "n_depth", "test_time",
     "avg_ns", "stddev_ns", "avg_ts", "stddev_ts", "samples_ns", "samples_ts",
     "test", "peak_rss_bytes", "ttft_ms", "fit_class", "fit_reason", "status", "error", "case_key", "results_file",
+    # parallel sessions: llama-batched-bench's pl and speed_tg/speed_pp (all sessions together), fitbench's own
+    "pl", "speed_pp", "speed_tg", "user_ts", "ttft_p90_ms", "kv_session_bytes", "serving_fits", "serving_reason",
 )
 
 
@@ -216,6 +220,7 @@ def bench_records(bc: BenchCase, rows: list[dict], results_file: str) -> list[di
     peaks = [r["peak_rss_bytes"] for r in rows if r.get("peak_rss_bytes") is not None]
     ttfts = [r["ttft_s"] for r in reps if r.get("ttft_s") is not None]
     started = first.get("started_at")
+    serving, serving_reason = case_serving(rows) if rows else (None, "")
     common = {
         "model_filename": str(case.artifact),
         "model_type": " ".join(str(x) for x in (first.get("artifact_arch"), _params(first.get("artifact_n_params")),
@@ -234,12 +239,21 @@ def bench_records(bc: BenchCase, rows: list[dict], results_file: str) -> list[di
         next((r.get("status") for r in rows if r.get("status") != "ok"), "failed"),
         "error": next((r.get("error") for r in rows if r.get("error")), None),
         "case_key": case.key, "results_file": results_file,
+        "pl": case.parallel, "speed_pp": _mean_of(reps, "prefill_tok_s"),
+        "speed_tg": _mean_of(reps, "aggregate_decode_tok_s"), "user_ts": _mean_of(reps, "user_decode_tok_s"),
+        "ttft_p90_ms": _scaled(_mean_of(reps, "ttft_p90_s"), 1000), "kv_session_bytes": _last_of(reps, "kv_session_bytes"),
+        "serving_fits": serving, "serving_reason": serving_reason,
     }
     pp_s = [r["ttft_s"] for r in reps if r.get("ttft_s")]
-    tg = [(r["e2e_s"] - r["ttft_s"], r["decode_tok_s"]) for r in reps
-          if r.get("decode_tok_s") and r.get("e2e_s") is not None and r.get("ttft_s") is not None]
+    # One session: llama-bench's per-stream rates. N sessions: pp over every session's prompt (all of
+    # them were waited for), tg the median user's decode rate (speed_tg holds all sessions together).
+    rate_key = "decode_tok_s" if case.parallel == 1 else "user_decode_tok_s"
+    tg = [(r["e2e_s"] - r["ttft_s"], r[rate_key]) for r in reps
+          if r.get(rate_key) and r.get("e2e_s") is not None and r.get("ttft_s") is not None]
+    pp_rates = ([case.prompt_tokens / s for s in pp_s] if case.parallel == 1
+                else [r["prefill_tok_s"] for r in reps if r.get("ttft_s")])
     return [
-        _record(common, "pp", bc.n_prompt, bc.n_prompt, 0, pp_s, [case.prompt_tokens / s for s in pp_s]),
+        _record(common, "pp", bc.n_prompt, bc.n_prompt, 0, pp_s, pp_rates),
         _record(common, "tg", case.gen_tokens, 0, case.gen_tokens, [s for s, _ in tg], [ts for _, ts in tg]),
     ]
 
@@ -254,6 +268,19 @@ def _record(common: dict, kind: str, tokens: int, n_prompt: int, n_gen: int, sec
               "avg_ts": avg_ts, "stddev_ts": stddev_ts,
               "samples_ns": [int(s * 1e9) for s in seconds], "samples_ts": rates}
     return {key: record.get(key) for key in BENCH_FIELDS}
+
+
+def _mean_of(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _last_of(rows: list[dict], key: str) -> Any:
+    return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
+
+
+def _scaled(value: float | None, factor: float) -> float | None:
+    return None if value is None else value * factor
 
 
 def _params(n: int | None) -> str | None:

@@ -43,7 +43,7 @@ from harness.protocol import (
 from harness.rows import Roofline, base_row, case_rows, failure_row, judge_rows, timeline_columns
 from harness.scenario import Case
 from harness.spawn import EXIT_GRACE_S, WorkerProcess
-from runners.base import get_runner_class
+from runners.base import get_runner_class, parallel_unavailable
 
 POLL_S = 0.1  # how often the parent wakes while waiting (it blocks, it never spins)
 # "0": judge cases against their budget without enforcing it (a yardstick), even where a
@@ -106,7 +106,8 @@ def worker_spec(case: Case, quality: dict[str, Any] | None = None) -> WorkerSpec
         runtime=case.runtime, artifact=str(case.artifact), options=case.options, n_ctx=case.n_ctx,
         prompt_tokens=case.prompt_tokens, gen_tokens=case.gen_tokens, warmup=case.warmup,
         repetitions=case.repetitions, quality=quality,
-        workflow=WorkflowPlan(wf.new_tokens(), wf.reply_tokens, wf.reuse_cache) if wf else None)
+        workflow=WorkflowPlan(wf.new_tokens(), wf.reply_tokens, wf.reuse_cache) if wf else None,
+        parallel=case.parallel)
 
 
 def run_case(
@@ -123,7 +124,12 @@ def run_case(
     Raises SuiteInterrupted (carrying the interrupted case's result) on Ctrl-C / SIGTERM."""
     hashes = hashes or ArtifactHashes()
     sha = hashes.get(artifact.path)
-    availability = get_runner_class(case.runtime).case_availability(case.options)
+    runner_cls = get_runner_class(case.runtime)
+    availability = runner_cls.case_availability(case.options)
+    no_parallel = parallel_unavailable(runner_cls, case.parallel)
+    if availability.available and no_parallel:
+        row = failure_row(case, machine, run_id, "unavailable", no_parallel, artifact=artifact, sha256=sha)
+        return CaseResult(case, "unavailable", no_parallel, [row])
     if not availability.available:
         error = f"{availability.reason}; install with: {availability.install}"
         row = failure_row(case, machine, run_id, "unavailable", error, artifact=artifact, sha256=sha)

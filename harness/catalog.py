@@ -148,6 +148,9 @@ def update_catalog(cat: Catalog, results: list[tuple[str, list[dict]]]) -> dict[
         for row in rows:
             if row.get("turn") is not None:
                 continue  # a workflow's turn rows: its case-level rows carry the session's verdict
+            if (row.get("parallel") or 1) > 1:
+                counts["skipped"] += 1  # N users at once is a serving answer, not one user's fit
+                continue
             if row.get("fit_class") is None and row.get("status") == "ok":
                 counts["skipped"] += 1  # written before fit classes existed
                 continue

@@ -219,4 +219,7 @@ def _onnx_io_type(info: ArtifactInfo) -> str:
 def estimate_case(case: Any, info: ArtifactInfo) -> Estimate:
     """The estimate for a scenario case: its runtime, options (KV types, flash attention, dtype)
     and prompt fill. The one call the suite's skip guard and the fleet's placement make."""
-    return estimate(info, case.n_ctx, case.runtime, options=case.options, fill=case.prompt_tokens / case.n_ctx)
+    # parallel sessions each hold a context of n_ctx: the KV is theirs together
+    sessions = getattr(case, "parallel", 1) or 1
+    return estimate(info, case.n_ctx * sessions, case.runtime, options=case.options,
+                    fill=case.prompt_tokens / case.n_ctx)

@@ -49,6 +49,9 @@ THRESHOLD_HELP = {
     "spill_read_min_bytes": "... and at least this many bytes (a runtime loading its own code is not a spill)",
     "spill_swap_bytes": "spill when the system swaps this many bytes (in + out) during a repetition",
     "watchdog_read_factor": "stop a case early (spill) once it has re-read its artifact this many times after load",
+    "max_ttft_p90_s": "serving: N parallel sessions fit when the 90th-percentile TTFT over the sessions is at most "
+                      "this (seconds; all prompts arrive together)",
+    "min_user_tok_s": "serving: ... and the median session's decode rate is at least this (tok/s per user)",
     "max_kl": "degraded when the mean KL divergence from the quality reference is above this (nats/token; off by default)",
     "max_ppl_ratio": "degraded when perplexity / the reference's perplexity is above this, e.g. 1.05 (off by default)",
     "min_pass_rate": "degraded when the task-check pass rate is below this fraction, e.g. 0.8 (off by default)",
@@ -72,6 +75,9 @@ class Thresholds:
     spill_read_min_bytes: int = 16 << 20
     spill_swap_bytes: int = 64 << 20
     watchdog_read_factor: float = 64.0
+    # serving verdict of parallel sessions: the single-session speed targets, over users
+    max_ttft_p90_s: float = 10.0
+    min_user_tok_s: float = 10.0
     # quality targets: None = not judged
     max_kl: float | None = None
     max_ppl_ratio: float | None = None
@@ -290,6 +296,17 @@ class MeasurementFlags:
         return asdict(self)
 
 
+@dataclass
+class ServingVerdict:
+    """Whether the row's N parallel sessions are served: in the user's words, "fits 4 users at context 2048"."""
+
+    serving_fits: bool | None
+    serving_reason: str
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
 def measurement_flags(row: dict, t: Thresholds = Thresholds()) -> MeasurementFlags:
     """Drift: decode changed beyond ``max_drift`` across the repetitions or within this one. Noise:
     steal or other processes' load beyond their thresholds, or a confidence interval wider than
@@ -325,6 +342,59 @@ def measurement_flags(row: dict, t: Thresholds = Thresholds()) -> MeasurementFla
             noisy = True
             notes.append(f"decode 95% CI ±{ci / mean:.1%} of the mean (max_ci ±{t.max_ci:.0%})")
     return MeasurementFlags(drifted, noisy, "; ".join(notes) or None)
+SERVING_MEMORY = ("resident", "tight")  # the sessions' KV and weights stay in fast memory
+
+
+def _users(n: int) -> str:
+    return f"{n} user{'s' if n != 1 else ''}"
+
+
+def serving_verdict(row: dict, t: Thresholds = Thresholds()) -> ServingVerdict:
+    """A judged row (``classify`` ran first) -> the serving verdict of its ``parallel`` sessions: they
+    fit when memory stays resident, the p90 TTFT over the sessions is at most ``max_ttft_p90_s`` and
+    the median session decodes at ``min_user_tok_s`` or more."""
+    n, n_ctx = row.get("parallel") or 1, row.get("n_ctx")
+    where = f"{_users(n)} at context {n_ctx:,}" if n_ctx else _users(n)
+    if row.get("status") != "ok":
+        # a failure the fit class judged (OOM, killed, a timeout, the spill watchdog) does not serve them
+        if row.get("fit_class") is not None:
+            return ServingVerdict(False, f"does not fit {where}: {row.get('fit_reason') or row.get('status')}")
+        return ServingVerdict(None, f"no serving verdict: {row.get('status')}")
+    p90, user = row.get("ttft_p90_s"), row.get("user_decode_tok_s")
+    misses = []
+    if row.get("fit_memory") not in SERVING_MEMORY:
+        misses.append(f"memory {row.get('fit_memory')}: {row.get('fit_reason') or ''}".rstrip(": "))
+    if p90 is None or user is None:
+        return ServingVerdict(None, f"no serving verdict for {where}: TTFT or decode rate not measured")
+    if p90 > t.max_ttft_p90_s:
+        misses.append(f"p90 TTFT {p90:.2f} s > {t.max_ttft_p90_s:g} s")
+    if user < t.min_user_tok_s:
+        misses.append(f"{user:.1f} tok/s per user < {t.min_user_tok_s:g}")
+    if misses:
+        return ServingVerdict(False, f"does not fit {where}: " + "; ".join(misses))
+    total = row.get("aggregate_decode_tok_s")
+    return ServingVerdict(True, f"fits {where}: p90 TTFT {p90:.2f} s, {user:.1f} tok/s per user"
+                                + (f", {total:.1f} tok/s in all" if total is not None and n > 1 else ""))
+
+
+def case_serving(rows: list[dict]) -> tuple[bool | None, str]:
+    """A case serves its users when every judged repetition does; the first that does not speaks."""
+    judged = [r for r in rows if r.get("serving_fits") is not None]
+    if not judged:
+        return None, next((r.get("serving_reason") for r in rows if r.get("serving_reason")), "") or ""
+    failing = next((r for r in judged if not r["serving_fits"]), None)
+    decider = failing or judged[0]
+    return decider["serving_fits"], decider.get("serving_reason") or ""
+
+
+def max_users(by_users: dict[int, bool | None]) -> int | None:
+    """The largest user count served with every smaller tried count served too."""
+    best = None
+    for n in sorted(by_users):
+        if not by_users[n]:
+            break
+        best = n
+    return best
 
 
 def quality_misses(row: dict, t: Thresholds) -> list[str]:

@@ -111,3 +111,54 @@ def rate_drift(stamps: list[float], part: float = 0.25) -> float | None:
     if first <= 0 or last <= 0:
         return None
     return first / last - 1  # equal counts: the rates' ratio is the inverse of the times'
+@dataclass
+class ParallelTiming:
+    """N sessions started together (all prompts handed over at ``t_start``).
+
+    - TTFT per session: its first token minus ``t_start``, queueing behind the other prompts included.
+    - The shared decode phase starts at the last session's first token (from then on every step
+      decodes a token of every session). A session's decode tok/s is its tokens in that phase over
+      the time from its start to that session's last token; the aggregate is all sessions' tokens in
+      the phase over the phase (llama-batched-bench's S_TG). An early session's wait for the later
+      prompts shows in its TTFT neighbours' and its inter-token latency, not in its decode rate.
+    """
+
+    session_ttft_s: list[float]
+    session_decode_tok_s: list[float | None]
+    ttft_p50_s: float
+    ttft_p90_s: float
+    user_decode_tok_s: float | None  # the median session's
+    user_decode_min_tok_s: float | None  # the slowest session's
+    aggregate_decode_tok_s: float | None
+    prefill_tok_s: float  # every session's prompt over the time until the last first token
+    itl: list[float]  # gaps within each session, all sessions together
+    e2e_s: float
+
+
+def parallel_timing(t_start: float, sessions: list[list[float]], prompt_tokens: int) -> ParallelTiming:
+    if not sessions or any(not s for s in sessions):
+        raise ValueError("every session needs at least one generated token")
+    for stamps in sessions:
+        if stamps[0] < t_start or any(b < a for a, b in zip(stamps, stamps[1:])):
+            raise ValueError("token timestamps must not go backwards")
+    ttfts = [s[0] - t_start for s in sessions]
+    shared = max(s[0] for s in sessions)
+    end = max(s[-1] for s in sessions)
+    rates: list[float | None] = []
+    phase_tokens = 0
+    for stamps in sessions:
+        n = sum(1 for t in stamps if t > shared)
+        phase_tokens += n
+        rates.append(n / (stamps[-1] - shared) if n and stamps[-1] > shared else None)
+    known = [r for r in rates if r is not None]
+    last_first = max(ttfts)
+    return ParallelTiming(
+        session_ttft_s=ttfts, session_decode_tok_s=rates,
+        ttft_p50_s=percentile(ttfts, 50), ttft_p90_s=percentile(ttfts, 90),
+        user_decode_tok_s=statistics.median(known) if known else None,
+        user_decode_min_tok_s=min(known) if known else None,
+        aggregate_decode_tok_s=phase_tokens / (end - shared) if phase_tokens and end > shared else None,
+        prefill_tok_s=len(sessions) * prompt_tokens / last_first if last_first > 0 else math.inf,
+        itl=[b - a for s in sessions for a, b in zip(s, s[1:])],
+        e2e_s=end - t_start,
+    )

@@ -44,6 +44,7 @@ class WorkerSpec:
     quality: dict[str, Any] | None = None  # QualitySpec.worker_spec(): the probe's text, tasks and reference
     workflow: WorkflowPlan | None = None
     mode: str = "case"  # "case" | "reference"
+    parallel: int = 1  # sessions at once on the one loaded model (1: the single-session path, generate())
     sys_path: list[str] = field(default_factory=list)  # the parent's import path (runners named module:Class)
 
 
@@ -87,13 +88,17 @@ class Warmup:
 @dataclass(frozen=True)
 class Rep:
     """One timed repetition: a timestamp per generated token. ``session``: the end mark of a
-    workflow session (its turns came as Turn messages; ``stamps`` is then the last turn's end)."""
+    workflow session (its turns came as Turn messages; ``stamps`` is then the last turn's end).
+    With parallel sessions, all prompts were handed over at ``t_start``."""
 
     KIND: ClassVar[str] = "rep"
     repetition: int
     t_start: float
     stamps: list[float]
     session: bool = False
+    # Parallel sessions: each session's own timestamps (``stamps`` is then all of them, in order).
+    sessions: list[list[float]] | None = None
+    kv_session_bytes: int | None = None  # Runner.session_kv_bytes() after this repetition
 
 
 @dataclass(frozen=True)

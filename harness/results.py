@@ -29,6 +29,7 @@ from harness.errors import FitbenchError
 SCHEMA_VERSION = "1.4"  # 1.1: budget and fit columns; 1.2: runtime allocator, GPU, quality, workflow, fleet columns;
 # 1.3: load_peak_rss_bytes, budget_requested_bytes, budget_note, budget_peak_bytes, machine_id in the timeline;
 # 1.4: drift, noise record, confidence interval, roofline columns; frequency/temperature/steal in the timeline
+#      and parallel sessions (parallel, ttft_p50/p90, user/aggregate decode, kv_session_bytes, serving verdict)
 METADATA_KEY = b"fitbench.schema_version"
 
 STATUSES = ("ok", "load_error", "runtime_error", "oom", "killed", "crashed", "timeout", "stopped", "unavailable",
@@ -198,6 +199,24 @@ RESULT_COLUMNS: list[Column] = _cols(
                             "the whole history without"),
     ("kv_reuse", B, "the session continued from the runtime's KV/prompt cache (extend); false: history replayed"),
     ("fit_turn", I, "case-level row of a workflow: the turn whose verdict is the case's (the first worst turn)"),
+    # parallel sessions (schema 1.4, docs/concurrency.md): N sessions at once on one loaded model, one row
+    # per repetition. On such a row ttft_s/decode_tok_s are the worst session's, gen_tokens is per session.
+    ("parallel", I, "sessions at once on one loaded model, each with its own prompt and a context of n_ctx; "
+                    "1 for a single session"),
+    ("ttft_p50_s", F, "TTFT over the sessions, median; all prompts handed over together (schema 1.4)"),
+    ("ttft_p90_s", F, "TTFT over the sessions, 90th percentile: what the serving verdict judges (schema 1.4)"),
+    ("user_decode_tok_s", F, "per-user decode tok/s, the median session's: its tokens after every session has "
+                             "its first, over the time from then to its last token (schema 1.4)"),
+    ("user_decode_min_tok_s", F, "the slowest session's decode tok/s, same definition (schema 1.4)"),
+    ("aggregate_decode_tok_s", F, "decode tok/s of all sessions together over the shared decode phase "
+                                  "(llama-batched-bench's S_TG); one session: decode_tok_s (schema 1.4)"),
+    ("session_ttft_s_json", S, "each session's TTFT, seconds, JSON list in session order (schema 1.4)"),
+    ("session_decode_tok_s_json", S, "each session's decode tok/s, JSON list in session order (schema 1.4)"),
+    ("kv_session_bytes", I, "KV cache bytes one session holds after the repetition, the runtime's own figure "
+                            "(llama.cpp llama_state_seq_get_size; torch: cache tensors / sessions) (schema 1.4)"),
+    ("serving_fits", B, "the parallel sessions fit: memory resident, p90 TTFT and per-user decode within the "
+                        "thresholds max_ttft_p90_s and min_user_tok_s (schema 1.4)"),
+    ("serving_reason", S, "the serving verdict in words, e.g. 'fits 4 users at context 2048: ...' (schema 1.4)"),
     # sampler
     ("sampler_interval_ms", F, "requested sampling interval"),
     ("sampler_samples", I, "samples actually taken over the case"),

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from harness.fit import classify, judge_sessions, measurement_flags
+from harness.fit import classify, judge_sessions, measurement_flags, serving_verdict
 from harness.measure.energy import interpolate
-from harness.metrics import ci95, percentile, rate_drift, timing
+from harness.metrics import ci95, parallel_timing, percentile, rate_drift, timing
 from harness.protocol import CaseEvents, Rep, Turn
 from harness.results import SCHEMA_VERSION
 from runners.base import MEMORY_STATS_KEYS
@@ -95,7 +95,7 @@ def base_row(case: Case, machine: Machine, run_id: str, started_at: datetime | N
         "cpu_threads": machine.cpu_threads, "ram_bytes": machine.ram_bytes,
         "gpu_names": ",".join(g.name for g in machine.gpus) or None, "os": machine.os,
         "python_version": machine.python_version, "fitbench_version": machine.fitbench_version,
-        "sys_mem_total_bytes": machine.ram_bytes,
+        "sys_mem_total_bytes": machine.ram_bytes, "parallel": case.parallel,
     }
     if art is not None:
         row.update({
@@ -121,6 +121,8 @@ def judge_rows(rows: list[Row], case: Case, machine: Machine, method: str) -> li
         verdict = classify(row, budget, case.thresholds)
         row.update(verdict.to_row(), budget_bytes=budget, budget_method=method, thresholds_json=thresholds)
         row.update(measurement_flags(row, case.thresholds).to_row())
+        if case.workflow is None:
+            row.update(serving_verdict(row, case.thresholds).to_row())
     if case.workflow is not None:
         judge_sessions(rows)
     return rows
@@ -305,9 +307,35 @@ def _paging_columns(tl: Timeline, t0: float, t1: float) -> Row:
 
 
 def _repetition_columns(rep: Rep, prompt_tokens: int, tl: Timeline) -> Row:
-    return {"repetition": rep.repetition, "prompt_tokens": prompt_tokens,
-            **_window_columns(tl, rep.t_start, rep.stamps, prompt_tokens),
-            "rep_peak_rss_bytes": _int(tl.peak("rss", rep.t_start, rep.stamps[-1]))}
+    row = {"repetition": rep.repetition, "prompt_tokens": prompt_tokens,
+           **_window_columns(tl, rep.t_start, rep.stamps, prompt_tokens),
+           "rep_peak_rss_bytes": _int(tl.peak("rss", rep.t_start, rep.stamps[-1])),
+           "kv_session_bytes": rep.kv_session_bytes}
+    if rep.sessions is None:  # one session: its own figures are the serving ones
+        row.update(ttft_p50_s=row["ttft_s"], ttft_p90_s=row["ttft_s"], user_decode_tok_s=row["decode_tok_s"],
+                   user_decode_min_tok_s=row["decode_tok_s"], aggregate_decode_tok_s=row["decode_tok_s"])
+        return row
+    return {**row, **_parallel_columns(rep.t_start, rep.sessions, prompt_tokens)}
+
+
+def _parallel_columns(t_start: float, sessions: list[list[float]], prompt_tokens: int) -> Row:
+    """N sessions of one repetition (metrics.parallel_timing). Like a workflow's session row, the
+    standard timing columns are the worst user's: the slowest TTFT, the slowest session's decode;
+    ``gen_tokens`` stays per session."""
+    pt = parallel_timing(t_start, sessions, prompt_tokens)
+    itl = pt.itl
+    return {
+        "gen_tokens": min(len(s) for s in sessions),
+        "ttft_s": max(pt.session_ttft_s), "prefill_tok_s": pt.prefill_tok_s,
+        "decode_tok_s": pt.user_decode_min_tok_s, "e2e_s": pt.e2e_s,
+        "itl_p50_s": percentile(itl, 50) if itl else None, "itl_p90_s": percentile(itl, 90) if itl else None,
+        "itl_p99_s": percentile(itl, 99) if itl else None,
+        "ttft_p50_s": pt.ttft_p50_s, "ttft_p90_s": pt.ttft_p90_s, "user_decode_tok_s": pt.user_decode_tok_s,
+        "user_decode_min_tok_s": pt.user_decode_min_tok_s, "aggregate_decode_tok_s": pt.aggregate_decode_tok_s,
+        "session_ttft_s_json": json.dumps([round(t, 6) for t in pt.session_ttft_s]),
+        "session_decode_tok_s_json": json.dumps([None if r is None else round(r, 3)
+                                                 for r in pt.session_decode_tok_s]),
+    }
 
 
 def energy_columns(tl: Timeline, t0: float, stamps: list[float]) -> Row:

@@ -68,6 +68,9 @@ SCENARIO_FIELDS: tuple[FieldDoc, ...] = (
     FieldDoc("thresholds", "mapping", "the defaults", "fit thresholds to override, e.g. {min_decode_tok_s: 20} "
              "(docs/fit-thresholds.md)"),
     FieldDoc("quality", "mapping", "none", "quality probe: {text, tokens, window, top_k, reference, tasks}"),
+    FieldDoc("parallel", "int or list of ints", "1", "sessions at once on one loaded model, 1-256, each with its "
+             "own prompt and a context of n_ctx (docs/concurrency.md); a list sweeps, e.g. [1, 2, 4, 8]; "
+             "not with workflow"),
     FieldDoc("workflow", "mapping or list of mappings", "none", "a multi-turn session instead of one prompt "
              "(chat or document); a list runs each; not with fill, prompt_tokens or gen_tokens"),
 )
@@ -85,7 +88,8 @@ MODEL_ENTRY_FIELDS: tuple[FieldDoc, ...] = (
 # What the parser accepts is what is documented: one table, so the two cannot drift.
 TOP_FIELDS = {f.name: f.help for f in SCENARIO_FIELDS}
 # A workflow sets its own prompt and reply lengths.
-NOT_WITH_WORKFLOW = ("fill", "prompt_tokens", "gen_tokens")
+NOT_WITH_WORKFLOW = ("fill", "prompt_tokens", "gen_tokens", "parallel")
+MAX_PARALLEL = 256
 MODEL_FIELDS = {f.name for f in MODEL_ENTRY_FIELDS}
 MAX_FILL = 0.95
 
@@ -129,6 +133,7 @@ class Scenario:
     quality: QualitySpec | None = None
     # Multi-turn sessions; with none given, ``contexts`` empty means each workflow's own session length.
     workflows: list[Workflow] | None = None
+    parallel: list[int] = field(default_factory=lambda: [1])  # sessions at once, swept
 
     def cases(self) -> list[Case]:
         return expand_cases(self)
@@ -157,6 +162,7 @@ class Case:
     quality: QualitySpec | None = None
     workflow: Workflow | None = None  # a multi-turn session; prompt_tokens is then its final context
     cooldown_s: float = 0.0  # idle before this case when another ran before it (not part of its key)
+    parallel: int = 1  # sessions at once on the loaded model, each with its own prompt and n_ctx
 
     @property
     def quality_group(self) -> str:
@@ -169,6 +175,8 @@ class Case:
         a workflow's shape instead of pp/tg, e.g. ``chat 10x(u200+r64) @ ctx3072``."""
         budget = f" <= {self.budget_bytes / 2**20:,.0f}MiB" if self.budget_bytes else ""
         shape = self.workflow.label if self.workflow else f"pp{self.prompt_tokens}+tg{self.gen_tokens}"
+        if self.parallel > 1:
+            shape = f"{self.parallel}x({shape})"
         return f"{shape} @ ctx{self.n_ctx}{budget}"
 
     @property
@@ -186,6 +194,8 @@ class Case:
             ident["budget_bytes"] = self.budget_bytes
         if self.workflow is not None:
             ident["workflow"] = self.workflow.to_dict()
+        if self.parallel > 1:  # single-session keys stay what they were
+            ident["parallel"] = self.parallel
         return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -258,6 +268,8 @@ def parse_scenario(data: Any, source: str = "<scenario>", base_dir: Path | None 
         thresholds=_thresholds(source, data.get("thresholds")),
         quality=_quality(source, data.get("quality"), base_dir, models),
         workflows=workflows,
+        parallel=list(dict.fromkeys(_int_list(source, "parallel", data.get("parallel", 1), minimum=1,
+                                              maximum=MAX_PARALLEL))),
     )
 
 
@@ -285,7 +297,7 @@ def expand_cases(s: Scenario) -> list[Case]:
         return _workflow_cases(s)
     cases: list[Case] = []
     for model, options in _model_options(s):
-        for budget, n_ctx in itertools.product(s.budgets, s.contexts):
+        for budget, n_ctx, parallel in itertools.product(s.budgets, s.contexts, s.parallel):
             for fill, n_prompt in _prompt_lengths(s, n_ctx):
                 cases.append(Case(
                     index=len(cases), scenario=s.name, model_label=model.label,
@@ -293,7 +305,7 @@ def expand_cases(s: Scenario) -> list[Case]:
                     n_ctx=n_ctx, prompt_tokens=n_prompt, gen_tokens=s.gen_tokens, fill=fill,
                     warmup=s.warmup, repetitions=s.repetitions, timeout=s.timeout,
                     sampler_interval_ms=s.sampler_interval_ms, budget_bytes=budget, cooldown_s=s.cooldown_s,
-                    thresholds=s.thresholds, quality=s.quality,
+                    thresholds=s.thresholds, quality=s.quality, parallel=parallel,
                 ))
     return cases
 
@@ -446,11 +458,11 @@ def _number(source: str, where: str, value: Any, minimum: float, maximum: float 
     return float(value)
 
 
-def _int_list(source: str, where: str, value: Any, minimum: int) -> list[int]:
+def _int_list(source: str, where: str, value: Any, minimum: int, maximum: int = MAX_INT) -> list[int]:
     values = value if isinstance(value, list) else [value]
     if not values:
         raise ScenarioError(source, where, "must not be empty")
-    return [_int(source, f"{where}[{i}]", v, minimum) for i, v in enumerate(values)]
+    return [_int(source, f"{where}[{i}]", v, minimum, maximum) for i, v in enumerate(values)]
 
 
 def _fill_list(source: str, value: Any) -> list[float]:

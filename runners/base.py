@@ -218,6 +218,11 @@ class Runner:
     # True when ``extend`` continues a session from the runtime's own KV/prompt cache.
     # Without it, a workflow replays the whole history with ``generate`` (rows say kv_reuse=false).
     supports_extend: ClassVar[bool] = False
+    # Sessions the next ``load`` must make room for (KV for each): set by the worker before
+    # ``load`` when a case asks for parallel sessions; ``n_ctx`` stays the context of one session.
+    parallel: int = 1
+    # Why ``generate_parallel`` is missing, in a user's words (an ``unavailable`` row's reason).
+    no_parallel_reason: ClassVar[str] = "this runner does not run parallel sessions (no generate_parallel)"
 
     @classmethod
     def available(cls) -> Availability:
@@ -260,6 +265,20 @@ class Runner:
         """Process the prompt from an empty cache, then yield a ``time.perf_counter()``
         timestamp as each new token is produced, exactly ``max_new_tokens`` times."""
         raise NotImplementedError
+
+    def generate_parallel(self, prompts: list[list[int]], max_new_tokens: int) -> Iterator[tuple[int, float]]:
+        """N sessions at once on the one loaded model (``len(prompts) <= self.parallel``): each prompt is
+        processed from an empty cache as its own sequence, then every step decodes one token of every
+        session together (one batch). Yields ``(session, time.perf_counter())`` as each session's token
+        is produced, exactly ``max_new_tokens`` per session. All prompts are handed over at the call, so
+        a session's first timestamp minus the call's start is its TTFT under contention.
+        Single-session cases never call this (they use ``generate``)."""
+        raise NotImplementedError
+
+    def session_kv_bytes(self) -> int | None:
+        """The runtime's own figure for the KV bytes one session of the last generation holds (its
+        filled cells), or None. Called after a timed repetition, outside the timed window."""
+        return None
 
     def memory_stats(self) -> dict[str, int | float | None]:
         """The runtime's own allocator figures after the measured repetitions, for the result row.
@@ -305,6 +324,14 @@ def overrides(runner: Runner | type[Runner], method: str) -> bool:
     """Whether a runner implements an optional protocol method (rather than inheriting the stub)."""
     cls = runner if isinstance(runner, type) else type(runner)
     return getattr(cls, method, None) is not getattr(Runner, method, None)
+
+
+def parallel_unavailable(runner: Runner | type[Runner], sessions: int) -> str | None:
+    """Why a case of ``sessions`` parallel sessions cannot run on this runner, or None when it can."""
+    if sessions <= 1 or overrides(runner, "generate_parallel"):
+        return None
+    cls = runner if isinstance(runner, type) else type(runner)
+    return f"{cls.name}: {cls.no_parallel_reason}"
 
 
 def short_repr(value: Any) -> str:

@@ -14,6 +14,7 @@ cache would do.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.metadata
 import os
@@ -61,6 +62,38 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+@contextlib.contextmanager
+def _sequences(llama_cpp: Any, n: int) -> Iterator[None]:
+    """Make the next ``Llama(...)`` context hold ``n`` sequences, each with its own KV stream
+    (``kv_unified`` off, llama-batched-bench's default): ``Llama`` has no n_seq_max argument, so its
+    default context parameters are wrapped while it is built. One sequence: nothing changes."""
+    if n <= 1:
+        yield
+        return
+    module = llama_cpp.llama_cpp
+    original = module.llama_context_default_params
+
+    def with_sequences() -> Any:
+        params = original()
+        params.n_seq_max = n
+        params.kv_unified = False
+        return params
+
+    module.llama_context_default_params = with_sequences
+    try:
+        yield
+    finally:
+        module.llama_context_default_params = original
+
+
+def _put(batch: Any, j: int, token: int, pos: int, seq: int, logits: bool) -> None:
+    batch.token[j] = token
+    batch.pos[j] = pos
+    batch.n_seq_id[j] = 1
+    batch.seq_id[j][0] = seq
+    batch.logits[j] = int(logits)
+
+
 class LlamaCppRunner(Runner):
     name = "llama.cpp"
     formats = {"gguf"}
@@ -86,6 +119,7 @@ class LlamaCppRunner(Runner):
         self._n_past = 0  # tokens in the KV cache
         self._last: int | None = None  # sampled by the last call, not decoded yet: what extend() feeds first
         self.generated: list[int] = []  # token ids the last generate/extend sampled (for checks, not timed)
+        self.session_generated: list[list[int]] = []  # per session, by the last generate_parallel
 
     @classmethod
     def available(cls) -> Availability:
@@ -115,23 +149,25 @@ class LlamaCppRunner(Runner):
         opts = self.validate_options(options)
         n_threads = opts["n_threads"] or default_threads()
         self._n_batch = min(opts["n_batch"], n_ctx)
+        sessions = max(1, self.parallel)
         try:
-            self._llama = llama_cpp.Llama(
-                model_path=str(artifact),
-                n_ctx=n_ctx,
-                n_batch=self._n_batch,
-                n_ubatch=min(opts["n_ubatch"], self._n_batch),
-                n_threads=n_threads,
-                n_threads_batch=opts["n_threads_batch"] or n_threads,
-                n_gpu_layers=opts["n_gpu_layers"],
-                flash_attn=opts["flash_attn"],
-                type_k=KV_TYPES[opts["type_k"]],
-                type_v=KV_TYPES[opts["type_v"]],
-                use_mmap=opts["use_mmap"],
-                use_mlock=opts["use_mlock"],
-                offload_kqv=opts["offload_kqv"],
-                verbose=False,
-            )
+            with _sequences(llama_cpp, sessions):
+                self._llama = llama_cpp.Llama(
+                    model_path=str(artifact),
+                    n_ctx=n_ctx * sessions,
+                    n_batch=self._n_batch,
+                    n_ubatch=min(opts["n_ubatch"], self._n_batch),
+                    n_threads=n_threads,
+                    n_threads_batch=opts["n_threads_batch"] or n_threads,
+                    n_gpu_layers=opts["n_gpu_layers"],
+                    flash_attn=opts["flash_attn"],
+                    type_k=KV_TYPES[opts["type_k"]],
+                    type_v=KV_TYPES[opts["type_v"]],
+                    use_mmap=opts["use_mmap"],
+                    use_mlock=opts["use_mlock"],
+                    offload_kqv=opts["offload_kqv"],
+                    verbose=False,
+                )
         except Exception as exc:
             raise LoadError(f"llama.cpp could not load {artifact.name}: {exc}") from exc
 
@@ -143,16 +179,22 @@ class LlamaCppRunner(Runner):
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         self._sampler = chain
+        extra: dict[str, Any] = {"n_params": int(llama_cpp.llama_model_n_params(model)), "n_batch": self._n_batch}
+        if sessions > 1:
+            extra.update(n_seq_max=int(llama_cpp.llama_n_seq_max(self._llama.ctx)), kv_unified=False,
+                         n_ctx_total=int(llama_cpp.llama_n_ctx(self._llama.ctx)))
         return LoadInfo(
             device="gpu" if on_device else "cpu",
             runtime_version=importlib.metadata.version("llama-cpp-python"),
-            n_ctx=int(llama_cpp.llama_n_ctx(self._llama.ctx)),
-            n_ctx_meaning="llama.cpp n_ctx: KV cache cells allocated at load",
+            n_ctx=int(llama_cpp.llama_n_ctx(self._llama.ctx) if sessions == 1
+                      else llama_cpp.llama_n_ctx_seq(self._llama.ctx)),
+            n_ctx_meaning="llama.cpp n_ctx: KV cache cells allocated at load" if sessions == 1 else
+            f"llama.cpp n_ctx_seq: KV cells per sequence, {sessions} sequences (n_seq_max) allocated at load",
             n_layers_total=n_layers,
             n_layers_device=on_device,
             kv_type=f"{opts['type_k']}/{opts['type_v']}",
             n_threads=n_threads,
-            extra={"n_params": int(llama_cpp.llama_model_n_params(model)), "n_batch": self._n_batch},
+            extra=extra,
         )
 
     def tokenize(self, text: str) -> list[int]:
@@ -177,6 +219,71 @@ class LlamaCppRunner(Runner):
             raise RunnerError(f"context full: the session needs {need:,} KV cells, n_ctx is {n_ctx:,}")
         # The last sampled token was never decoded (generate stops after sampling it): it goes first.
         return self._run(llama_cpp, [self._last, *new_tokens], max_new_tokens)
+
+    def generate_parallel(self, prompts: list[list[int]], max_new_tokens: int) -> Iterator[tuple[int, float]]:
+        """As llama-batched-bench: every prompt is its own sequence (seq_id = session), packed in order
+        into batches of n_batch tokens; a session's first token is sampled as soon as the batch holding
+        its last prompt token is decoded (so TTFT grows with its place in the queue). Then each step is
+        one llama_decode of a batch carrying one token per session."""
+        import llama_cpp
+
+        ctx = self._llama.ctx
+        n = len(prompts)
+        if not 1 <= n <= int(llama_cpp.llama_n_seq_max(ctx)):
+            raise RunnerError(f"{n} sessions, but the model was loaded for {llama_cpp.llama_n_seq_max(ctx)}")
+        if not all(prompts) or max_new_tokens < 1:
+            raise RunnerError("every session needs a prompt of at least one token and max_new_tokens >= 1")
+        room = int(llama_cpp.llama_n_ctx_seq(ctx))
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens - 1 > room:
+            raise RunnerError(f"a session needs {longest + max_new_tokens - 1:,} KV cells, each has {room:,}")
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        self._n_past, self._last = 0, None  # nothing for extend(): sessions are not continued
+        self.generated = []
+        batch = llama_cpp.llama_batch_init(max(self._n_batch, n), 0, 1)
+        try:
+            last: list[int] = [0] * n
+            self.session_generated = [[] for _ in range(n)]  # token ids per session (for checks, not timed)
+            packed = [(s, pos, tok) for s, prompt in enumerate(prompts) for pos, tok in enumerate(prompt)]
+            for start in range(0, len(packed), self._n_batch):
+                chunk = packed[start:start + self._n_batch]
+                ends = []  # (batch index, session) of each prompt that ends in this chunk
+                for j, (s, pos, tok) in enumerate(chunk):
+                    is_end = pos == len(prompts[s]) - 1
+                    _put(batch, j, tok, pos, s, is_end)
+                    if is_end:
+                        ends.append((j, s))
+                batch.n_tokens = len(chunk)
+                self._decode_batch(llama_cpp, ctx, batch)
+                for j, s in ends:
+                    last[s] = int(llama_cpp.llama_sampler_sample(self._sampler, ctx, j))
+                    self.session_generated[s].append(last[s])
+                    yield s, time.perf_counter()
+            for step in range(1, max_new_tokens):
+                for s in range(n):
+                    _put(batch, s, last[s], len(prompts[s]) + step - 1, s, True)
+                batch.n_tokens = n
+                self._decode_batch(llama_cpp, ctx, batch)
+                for s in range(n):
+                    last[s] = int(llama_cpp.llama_sampler_sample(self._sampler, ctx, s))
+                    self.session_generated[s].append(last[s])
+                    yield s, time.perf_counter()
+        finally:
+            llama_cpp.llama_batch_free(batch)
+
+    def session_kv_bytes(self) -> int | None:
+        """What llama.cpp would save of sequence 0's state: its filled KV cells (every session has the same length)."""
+        import llama_cpp
+
+        if self._llama is None:
+            return None
+        return int(llama_cpp.llama_state_seq_get_size(self._llama.ctx, 0))
+
+    @staticmethod
+    def _decode_batch(llama_cpp: Any, ctx: Any, batch: Any) -> None:
+        rc = llama_cpp.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RunnerError(f"llama_decode failed with code {rc} ({'no KV cache slot' if rc == 1 else 'error'})")
 
     def _run(self, llama_cpp: Any, feed: list[int], max_new_tokens: int) -> Iterator[float]:
         """Decode ``feed`` after what the KV cache holds, then sample greedily, one decode per token."""

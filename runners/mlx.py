@@ -60,6 +60,8 @@ def runtime_facts() -> dict[str, Any]:
 class MlxRunner(Runner):
     name = "mlx"
     formats = {"mlx", "hf"}
+    no_parallel_reason = ("parallel sessions are not wired for MLX yet: mlx-lm's generate_step runs one "
+                          "sequence; batched decoding (mlx-lm's BatchGenerator) is future work")
     supports_extend: ClassVar[bool] = True
     options = {
         "device": Option(str, None, "gpu or cpu (default: gpu where MLX has one, else cpu)", ("gpu", "cpu")),

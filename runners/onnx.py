@@ -122,6 +122,10 @@ class OnnxGenaiRunner(Runner):
         self._eos: set[int] = set()
         self._generator: Any = None  # kept alive after generate() so extend() can continue it
         self._last: int | None = None  # the token sampled last
+        self._kv_type_name: str | None = None
+        self._kv_shape: tuple = (None, None, None)  # layers, KV heads, head size (genai_config.json)
+        self._filled = 0  # positions one session filled in the last generate()/generate_parallel()
+        self.session_generated: list[list[int]] = []  # token ids per session, for checks
 
     @classmethod
     def available(cls) -> Availability:
@@ -183,7 +187,9 @@ class OnnxGenaiRunner(Runner):
         if isinstance(trained, int) and n_ctx > trained:
             raise LoadError(f"n_ctx {n_ctx} is beyond the model's context_length {trained} in genai_config.json")
         decoder = model_cfg.get("decoder", {})
+        self._kv_shape = (decoder.get("num_hidden_layers"), decoder.get("num_key_value_heads"), decoder.get("head_size"))
         device = str(self._model.device_type).lower()  # what the session really runs on (CPU, CUDA, DML, ...)
+        self._kv_type_name = self._kv_type()
         return LoadInfo(
             device=provider if provider != "cpu" else device,
             runtime_version=_genai_version() or "unknown",
@@ -193,7 +199,7 @@ class OnnxGenaiRunner(Runner):
                               if opts["past_present_share_buffer"] else "KV tensors grow with the sequence up to max_length")),
             n_layers_total=decoder.get("num_hidden_layers"),
             n_layers_device=decoder.get("num_hidden_layers") if provider != "cpu" else 0,
-            kv_type=self._kv_type(),
+            kv_type=self._kv_type_name,
             n_threads=opts["intra_op_num_threads"],
             extra={"provider": provider, "execution_provider": PROVIDERS[provider][0],
                    "model_device_type": str(self._model.device_type), "max_length": n_ctx,
@@ -227,6 +233,7 @@ class OnnxGenaiRunner(Runner):
         # A new generator per call: an empty KV cache, so a real prefill.
         self._generator, self._last = None, None
         self._generator = self._generator_for(self._n_ctx)
+        self._filled = len(prompt_tokens) + max_new_tokens - 1
         return self._run(list(prompt_tokens), max_new_tokens)
 
     def extend(self, new_tokens: list[int], max_new_tokens: int) -> Iterator[float]:
@@ -274,6 +281,48 @@ class OnnxGenaiRunner(Runner):
             raise
         except Exception as exc:
             raise RunnerError(f"onnxruntime-genai failed while generating: {exc}") from exc
+
+    def generate_parallel(self, prompts: list[list[int]], max_new_tokens: int) -> Iterator[tuple[int, float]]:
+        """One generator with search option ``batch_size`` N: the prompts (of one length) appended as an
+        N-row batch (one prefill), then each ``generate_next_token`` decodes one token of every session.
+        EOS cannot be fed back per row in a batch, so ``min_length`` holds it off instead: every
+        session produces exactly ``max_new_tokens``."""
+        import numpy as np
+
+        n, length = len(prompts), len(prompts[0]) if prompts else 0
+        if not length or max_new_tokens < 1 or any(len(p) != length for p in prompts):
+            raise RunnerError("parallel sessions need prompts of one length (at least one token) and max_new_tokens >= 1")
+        self._check_room(0, length, max_new_tokens)
+        self._generator, self._last = None, None  # extend() does not continue a batch
+        params = self._og.GeneratorParams(self._model)
+        try:
+            params.set_search_options(max_length=self._n_ctx, do_sample=False, batch_size=n,
+                                      min_length=length + max_new_tokens,
+                                      past_present_share_buffer=self._opts.get("past_present_share_buffer", True))
+            generator = self._og.Generator(self._model, params)
+            generator.append_tokens(np.asarray(prompts, dtype=np.int32))
+            self.session_generated = [[] for _ in prompts]
+            for _ in range(max_new_tokens):
+                generator.generate_next_token()
+                picked = generator.get_next_tokens()  # waits for the step, as the single-session loop does
+                stamp = time.perf_counter()
+                for s, token in enumerate(picked):
+                    self.session_generated[s].append(int(token))
+                for s in range(n):
+                    yield s, stamp
+        except RunnerError:
+            raise
+        except Exception as exc:
+            raise RunnerError(f"onnxruntime-genai failed while generating {n} sessions: {exc}") from exc
+        self._filled = length + max_new_tokens - 1
+
+    def session_kv_bytes(self) -> int | None:
+        """K and V of every layer for the positions one session filled, from genai_config.json and the KV dtype."""
+        layers, heads, head_size = self._kv_shape
+        elem = {"f32": 4, "f16": 2, "bf16": 2}.get(self._kv_type_name or "")
+        if not (layers and heads and head_size and elem and self._filled):
+            return None
+        return 2 * layers * heads * head_size * elem * self._filled
 
     @property
     def last_token(self) -> int | None:

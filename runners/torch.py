@@ -118,6 +118,8 @@ class TorchRunner(Runner):
         self._static = True
         self._n_ctx = 0
         self._pos = 0  # tokens in the cache
+        self._kv_token_bytes = 0  # KV bytes per filled position of one session
+        self.session_generated: list[list[int]] = []  # per session, by the last generate_parallel()
         self._last: int | None = None  # the last picked token, not yet fed to the model
         self._cache_kw = "cache"
         self._logits_kw = "logits_to_keep"
@@ -200,6 +202,11 @@ class TorchRunner(Runner):
         self._logits_kw = "logits_to_keep" if "logits_to_keep" in params else "num_logits_to_keep"
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self._cache = self._new_cache(text_config, n_ctx, dtype)
+        heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        # K and V of every layer for one position: what one filled cell of one session costs
+        self._kv_token_bytes = (2 * text_config.num_hidden_layers * heads * head_dim
+                                * torch.tensor([], dtype=dtype).element_size())
         placement = self._placement()
         self._cuda_indices = sorted({int(d.partition(":")[2] or 0) for d in placement if d.startswith("cuda")} |
                                     ({device.index or 0} if device.type == "cuda" else set()))
@@ -265,7 +272,7 @@ class TorchRunner(Runner):
             # the first forward, the warm-up, instead.)
             heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
             head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-            cache.early_initialization(1, heads, head_dim, dtype, self._device)
+            cache.early_initialization(max(1, self.parallel), heads, head_dim, dtype, self._device)
         return cache
 
     # --- placement: what lives where -----------------------------------------------
@@ -384,6 +391,58 @@ class TorchRunner(Runner):
         self._last = None
         self.generated = []
         yield from self._stream(first, max_new_tokens)
+
+    def generate_parallel(self, prompts: list[list[int]], max_new_tokens: int) -> Iterator[tuple[int, float]]:
+        """A batch of N: the prompts (of equal length: no padding, so every row does the same work)
+        prefilled in one forward, then one forward of N tokens per step."""
+        import torch
+
+        n = len(prompts)
+        if not 1 <= n <= max(1, self.parallel):
+            raise RunnerError(f"{n} sessions, but the model was loaded for {self.parallel}")
+        if not prompts[0] or max_new_tokens < 1 or any(len(p) != len(prompts[0]) for p in prompts):
+            raise RunnerError("parallel sessions need prompts of one length (at least one token) and max_new_tokens >= 1")
+        self._check_room(len(prompts[0]) + max_new_tokens - 1)
+        self._reset()
+        self.generated = []
+        self.session_generated = [[] for _ in prompts]  # token ids per session, for checks
+        with torch.inference_mode():
+            logits = self._forward_batch([list(p) for p in prompts])
+            for i in range(max_new_tokens):
+                picked = logits.argmax(dim=-1).tolist()  # .tolist() waits for the device
+                self._sync()
+                for s, token in enumerate(picked):
+                    self.session_generated[s].append(int(token))
+                stamp = time.perf_counter()
+                for s in range(n):
+                    yield s, stamp
+                if i + 1 < max_new_tokens:
+                    logits = self._forward_batch([[t] for t in picked])
+        self._last = None  # sessions are not continued with extend()
+
+    def _forward_batch(self, rows: list[list[int]]) -> Any:
+        """Feed one equal-length row per session at the current position; the last logits of each."""
+        import torch
+
+        width = len(rows[0])
+        ids = torch.tensor(rows, dtype=torch.long, device=self._device)
+        positions = torch.arange(self._pos, self._pos + width, device=self._device)
+        kwargs: dict[str, Any] = {self._cache_kw: self._cache, "position_ids": positions.expand(len(rows), -1),
+                                  "use_cache": True, self._logits_kw: 1}
+        if self._cache_position:
+            kwargs["cache_position"] = positions
+        out = self._model(input_ids=ids, **kwargs)
+        self._pos += width
+        if not self._static:
+            returned = getattr(out, "cache", None)
+            returned = returned if returned is not None else getattr(out, "past_key_values", None)
+            if returned is not None:
+                self._cache = returned
+        return out.logits[:, -1, :]
+
+    def session_kv_bytes(self) -> int | None:
+        """KV bytes of the positions one session has filled (layers x K and V x heads x head_dim x dtype)."""
+        return self._kv_token_bytes * self._pos if self._model is not None else None
 
     def detokenize(self, tokens: list[int]) -> str:
         return self._tokenizer.decode(list(tokens), skip_special_tokens=True)

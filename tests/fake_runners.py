@@ -244,3 +244,30 @@ def probe_facts_crash() -> dict[str, Any]:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     os.kill(os.getpid(), signal.SIGSEGV)
     return {}
+
+
+class FakeParallelRunner(FakeRunner):
+    """N sessions: the prompts prefilled one after another (each session's first token right after
+    its own prefill), then one step of ``token_delay`` per token for all sessions together."""
+
+    loaded_for = 0  # the ``parallel`` the last load saw
+
+    def load(self, artifact: Path, n_ctx: int, options: dict[str, Any]) -> LoadInfo:
+        FakeParallelRunner.loaded_for = self.parallel
+        self._filled = 0
+        return super().load(artifact, n_ctx, options)
+
+    def generate_parallel(self, prompts: list[list[int]], max_new_tokens: int) -> Iterator[tuple[int, float]]:
+        if len(prompts) > self.parallel:
+            raise RunnerError(f"{len(prompts)} sessions, loaded for {self.parallel}")
+        for s, prompt in enumerate(prompts):
+            time.sleep(self._opts["prefill_delay"] * len(prompt))
+            yield s, time.perf_counter()
+        for _ in range(max_new_tokens - 1):
+            time.sleep(self._opts["token_delay"])
+            for s in range(len(prompts)):
+                yield s, time.perf_counter()
+        self._filled = len(prompts[0]) + max_new_tokens - 1
+
+    def session_kv_bytes(self) -> int | None:
+        return 1000 * self._filled

@@ -108,6 +108,7 @@ def test_scenario_field_defaults_are_the_parsers(tiny_gguf):
     assert table["budget"] == "none" and s.budgets == [None]
     assert table["quality"] == "none" and s.quality is None
     assert table["workflow"] == "none" and s.workflows is None
+    assert s.parallel == [yaml.safe_load(table["parallel"])]
     assert table["models"] == REQUIRED
     model = {f.name: f.default for f in MODEL_ENTRY_FIELDS}
     assert yaml.safe_load(model["options"]) == s.models[0].options

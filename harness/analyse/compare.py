@@ -136,11 +136,12 @@ def _key_options_sql() -> str:
 USED_COLUMNS = ("artifact_sha256", "artifact_name", "model_label", "runtime", "runtime_version", "options_json",
                 "n_ctx", "prompt_tokens", "gen_tokens", "budget_bytes", "budget_method", "budget_requested_bytes",
                 "ram_bytes", "sys_mem_total_bytes", "case_label", "case_key", "run_id", "fit_class", "status",
-                "machine_class", "machine_id", "schema_version", "turn", "workflow_json", "noise_flag") \
+                "machine_class", "machine_id", "schema_version", "turn", "workflow_json", "noise_flag", "parallel") \
     + tuple(m for m, *_ in METRICS)
 # Absent from older files without anything to note: before workflows every row is case-level,
 # and the requested budget is read from the budget columns (REQUESTED_BUDGET_SQL).
-SILENTLY_MISSING = ("turn", "workflow_json", "budget_requested_bytes", "noise_flag")  # noise_flag: schema 1.4
+# noise_flag and parallel: schema 1.4 (before it, one session and no noise record)
+SILENTLY_MISSING = ("turn", "workflow_json", "budget_requested_bytes", "noise_flag", "parallel")
 
 
 def _source(con: duckdb.DuckDBPyConnection, files: str,
@@ -187,7 +188,8 @@ def aggregate(con: duckdb.DuckDBPyConnection, side: Side, name: str) -> None:
     try:
         con.execute(f"""
             CREATE OR REPLACE TEMP TABLE {name} AS
-            WITH src AS (SELECT *, {_key_options_sql()} AS key_options, {REQUESTED_BUDGET_SQL} AS budget FROM {source}),
+            WITH src AS (SELECT *, {_key_options_sql()} AS key_options, {REQUESTED_BUDGET_SQL} AS budget,
+                                coalesce(parallel, 1) AS sessions FROM {source}),
             measured AS (SELECT {keys}, {", ".join(f"max({m}) AS {m}" for m in case_metrics)}
                          FROM src GROUP BY {keys}, run_id, case_key, machine_id),
             per_case AS (SELECT {keys}, {", ".join(_stats(m, m) for m in case_metrics)} FROM measured GROUP BY {keys}),
@@ -252,8 +254,9 @@ def _ci_pct(n: int, mean: float, var: float) -> float | None:
 # ``workflow_json`` and ``turn``: a workflow matches only the same session shape, turn by turn; its
 # case-level rows match as whole cases. Files older than workflows read both as NULL (single-turn).
 # ``budget``: the requested budget (REQUESTED_BUDGET_SQL), null when none was asked.
+# ``sessions``: parallel sessions (schema 1.4; older files are one session), so 4 users never match 1.
 KEY = ("artifact_sha256", "runtime", "key_options", "n_ctx", "prompt_tokens", "gen_tokens", "budget",
-       "workflow_json", "turn")
+       "workflow_json", "turn", "sessions")
 
 
 def metric_row(case: str, metric: str, b: dict[str, Any], c: dict[str, Any], threshold_pct: float) -> dict[str, Any] | None:

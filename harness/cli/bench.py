@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from harness.benchsweep import BENCH_FIELDS, FLAGS, Sweep, bench_records, expand, parse_list
 from harness.cli.options import COOLDOWN_OPTION, EXIT_INTERRUPTED, UsageError, sigterm_as_interrupt
-from harness.cli.present import bench_columns, case_line, make_bench_printer, make_console, measurement_warnings
+from harness.cli.present import bench_columns, case_line, make_bench_printer, make_console, measurement_warnings, serving_answers
 from harness.cli.run import keep_pandas_out
 from harness.measure import machine as machine_mod
 from harness.preflight import check_output_dir, check_scenario
@@ -53,6 +53,9 @@ def _flag_options(command):
 @click.option("-c", "--ctx-size", "n_ctx", type=click.IntRange(min=16),
               help="context size; at least n_prompt + n_gen + n_depth (the default)")
 @_flag_options
+@click.option("-npl", "--parallel", "parallel", default="1", show_default=True, metavar="LIST",
+              help="sessions at once on one loaded model, each with its own prompt and context (llama-batched-bench's "
+                   "-npl); adds all-sessions tg t/s, p90 TTFT and the serving verdict (docs/concurrency.md)")
 @click.option("--runtime", help="runner to use instead of the one the artifact's format implies")
 @click.option("-r", "--repetitions", type=click.IntRange(min=1, max=10_000), default=5, show_default=True)
 @click.option("-o", "--output", "output", type=click.Choice(OUTPUTS), default="md", show_default=True,
@@ -62,7 +65,7 @@ def _flag_options(command):
 @click.option("--timeout", type=click.FloatRange(min=1), default=600, show_default=True, help="seconds per case")
 @COOLDOWN_OPTION
 def bench(models: tuple[str, ...], n_prompt: str, n_gen: str, n_depth: str, n_ctx: int | None, runtime: str | None,
-          repetitions: int, output: str, output_dir: Path, timeout: float, cooldown: float | None,
+          parallel: str, repetitions: int, output: str, output_dir: Path, timeout: float, cooldown: float | None,
           **flags: str | None) -> None:
     """Measure like llama-bench: every comma list sweeps, one isolated, sampled case per combination.
 
@@ -74,7 +77,7 @@ def bench(models: tuple[str, ...], n_prompt: str, n_gen: str, n_depth: str, n_ct
         models=[Path(m) for text in models for m in parse_list("-m", text, str)],
         n_prompt=parse_list("-p", n_prompt, minimum=0), n_gen=parse_list("-n", n_gen, minimum=2),
         n_depth=parse_list("-d", n_depth, minimum=0), n_ctx=n_ctx, runtime=runtime, repetitions=repetitions,
-        timeout=timeout,
+        timeout=timeout, parallel=parse_list("-npl", parallel, minimum=1),
         flags={f.field: parse_list(f.flag, flags[f.field], f.parse) for f in FLAGS if flags.get(f.field) is not None},
     )
     cases, scenarios = expand(sweep)
@@ -115,4 +118,6 @@ def bench(models: tuple[str, ...], n_prompt: str, n_gen: str, n_depth: str, n_ct
     printer.footer()
     for line in measurement_warnings(done):
         err.print(line)
+    for line in serving_answers(done):
+        err.print(escape(line))
     err.print(escape(f"results: {writer.results_path}"))

@@ -282,7 +282,17 @@ def case_line(r, total: int) -> str:
         gpu += f", {mib(first['offload_host_bytes'])} MiB of weights on the host"
     return Markup(f"{head}: [green]ok[/] {fit_markup(fit)} · TTFT {ttft.median * 1000:,.0f} ms, decode "
                   f"{dec.median:,.1f} tok/s, peak RSS {mib(r.peak_rss)} MiB (VmHWM {mib(r.vmhwm)}){gpu}, "
-                  f"{r.wall_s:.1f} s{quality_text(first)}")
+                  f"{r.wall_s:.1f} s{quality_text(first)}{serving_text(r)}")
+
+
+def serving_text(r) -> str:
+    """' · serving: fits 4 users at context 2048: ...' for a case of parallel sessions."""
+    from harness.fit import case_serving
+
+    if r.case.parallel <= 1:
+        return ""
+    fits, reason = case_serving(r.rows)
+    return f" · [{'green' if fits else 'yellow'}]serving: {escape(reason)}[/]"
 
 
 def quality_text(row: dict) -> str:
@@ -333,6 +343,7 @@ def summary_table(console: Console, results: list) -> None:
                Column("peak_rss_bytes", "peak MiB", mib, right=True), Column("vmhwm_bytes", "HWM MiB", mib, right=True),
                Column("read_bytes", "read MiB", mib, right=True)]
     print_rows("table", columns, records, title="fitbench summary (medians over repetitions)", console=console)
+    serving_table(console, results)
     for line in measurement_warnings(results):
         console.print(line)
     quality_table(console, results)
@@ -351,6 +362,63 @@ def measurement_warnings(results: list) -> list[str]:
         notes = list(dict.fromkeys(n for row in flagged for n in (row.get("measurement_note") or "").split("; ") if n))
         lines.append(f"[yellow]warning[/]: case {r.case.index + 1} ({escape(r.case.label)}) {'+'.join(kinds)}: "
                      + escape("; ".join(notes[:4])))
+    return lines
+
+
+def serving_table(console: Console, results: list) -> None:
+    """Parallel sessions (docs/concurrency.md): per-user and all-sessions rates, p90 TTFT, KV per session,
+    the serving verdict; then the most users served per model and context. Only when a case had N > 1."""
+    from harness.fit import case_serving
+    from harness.metrics import summarize
+
+    if not any(r.case.parallel > 1 for r in results):
+        return
+    records = []
+    for r in results:
+        ok_rows = [row for row in r.rows if row["status"] == "ok" and row.get("turn") is None]
+
+        def med(key: str, ok_rows: list = ok_rows) -> float | None:
+            found = summarize([row.get(key) for row in ok_rows])
+            return None if found is None else found.median
+
+        fits, reason = case_serving(r.rows)
+        records.append({"index": r.case.index + 1, "users": r.case.parallel, "n_ctx": r.case.n_ctx,
+                        "ttft_p90_s": med("ttft_p90_s"), "user": med("user_decode_tok_s"),
+                        "all": med("aggregate_decode_tok_s"), "kv": med("kv_session_bytes"),
+                        "peak_rss_bytes": r.peak_rss, "serving": fits, "reason": reason})
+    columns = [Column("index", "#", right=True), Column("users", right=True), Column("n_ctx", "ctx", right=True),
+               Column("ttft_p90_s", "p90 TTFT ms", lambda v: f"{v * 1000:,.0f}", right=True),
+               Column("user", "tok/s/user", lambda v: f"{v:,.1f}", right=True),
+               Column("all", "tok/s all", lambda v: f"{v:,.1f}", right=True),
+               Column("kv", "KV/session MiB", lambda v: f"{v / 2**20:,.1f}", right=True),
+               Column("peak_rss_bytes", "peak MiB", mib, right=True),
+               Column("serving", "serves", lambda v: "yes" if v else "no",
+                      style=lambda v: "green" if v else "yellow"),
+               Column("reason", "serving verdict", wrap=True)]
+    print_rows("table", columns, records, title="serving: parallel sessions (medians over repetitions)",
+               console=console)
+    for line in serving_answers(results):
+        console.print(escape(line))
+
+
+def serving_answers(results: list) -> list[str]:
+    """'model (runtime): fits 4 users at context 2048 (tried 1, 2, 4, 8)' per model, options, context and
+    prompt: the most users served with every smaller count tried served too (fit.max_users)."""
+    from harness.fit import case_serving, max_users
+
+    groups: dict[tuple, dict[int, bool | None]] = {}
+    for r in results:
+        key = (r.case.model_label, r.case.runtime, json.dumps(r.case.options, sort_keys=True), r.case.n_ctx,
+               r.case.prompt_tokens, r.case.budget_bytes)
+        groups.setdefault(key, {})[r.case.parallel] = case_serving(r.rows)[0]
+    lines = []
+    for (model, runtime, _, n_ctx, _, _), by_users in groups.items():
+        if max(by_users) <= 1:
+            continue
+        best = max_users(by_users)
+        answer = (f"fits {best} user{'s' if best != 1 else ''} at context {n_ctx:,}" if best else
+                  f"does not fit {min(by_users)} user{'s' if min(by_users) != 1 else ''} at context {n_ctx:,}")
+        lines.append(f"{model} ({runtime}): {answer} (tried {', '.join(map(str, sorted(by_users)))})")
     return lines
 
 
@@ -505,7 +573,20 @@ def bench_columns(shown_options: list[str], fmt_name: str = "md", all_fields: tu
         Column("peak_rss_bytes", "peak MiB", show=mib, right=True),
         Column("ttft_ms", "TTFT ms", show=number("{:,.1f}"), right=True),
         fit_column(),
+        *(SERVING_BENCH_COLUMNS if "pl" in shown_options else []),
     ]
+
+
+def _serving_mark(value: Any) -> str:
+    return {True: "yes", False: "no"}.get(value, "-")
+
+
+# `bench --parallel`: all sessions together (llama-batched-bench's S_TG), p90 TTFT and the serving verdict
+SERVING_BENCH_COLUMNS = (
+    Column("speed_tg", "all t/s", show=number("{:,.2f}"), right=True),
+    Column("ttft_p90_ms", "p90 TTFT ms", show=number("{:,.1f}"), right=True),
+    Column("serving_fits", "serves", label=lambda r: _serving_mark(r.get("serving_fits"))),
+)
 
 
 def make_bench_printer(fmt_name: str, console: Console | None = None) -> Printer:

@@ -31,13 +31,13 @@ from harness.cli.options import (
     with_overrides,
 )
 from harness.cli.present import Markup, case_line, fit_markup, make_console, mib, summary_table
-from harness.fit import case_verdict
+from harness.fit import case_serving, case_verdict
 from harness.fitsearch import search, workflow_at
 from harness.measure import machine as machine_mod
 from harness.preflight import check_output_dir, check_scenario
 from harness.results import ResultWriter
 from harness.resume import RunLock, latest_results, load_for_resume
-from harness.scenario import load_scenario, parse_scenario
+from harness.scenario import MAX_PARALLEL, load_scenario, parse_scenario
 from harness.suite import ArtifactHashes, CaseResult, SuiteInterrupted, new_run_id, record, run_case, run_suite
 from harness.workflow import Workflow, parse_workflow_option
 
@@ -180,10 +180,15 @@ def _run_cases(console, sc, cases: list, total: int, artifacts: dict, writer: Re
 @click.option("--workflow", "workflow_text", metavar="chat:TURNS|document:QUESTIONS|SCENARIO",
               help="probe with a multi-turn session filling each context (replies of --gen-tokens), or the first "
                    "workflow of a scenario file; the verdict is the worst turn's")
+@click.option("--users", "users_text", metavar="LIST",
+              help="parallel sessions, e.g. 1,2,4: the largest context per user count, each probe judged by the "
+                   "serving verdict (docs/concurrency.md); a count's search stops at the previous count's answer")
 def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, gen_tokens: int, repetitions: int,
         min_context: int, max_context: int | None, step: int, options: tuple[str, ...], thresholds: tuple[str, ...],
-        timeout: float, output_dir: Path, workflow_text: str | None) -> None:
-    """Find the largest context at which ARTIFACT still fits (and where it turns tight, slow, spill, no_fit)."""
+        timeout: float, output_dir: Path, workflow_text: str | None, users_text: str | None) -> None:
+    """Find the largest context at which ARTIFACT still fits (and where it turns tight, slow, spill, no_fit).
+
+    With --users, the same per user count: "fits 4 users at context C"."""
     keep_pandas_out()
     info = inspect_artifact(artifact)
     runtime = runtime or FORMAT_RUNTIMES.get(info.format)
@@ -203,6 +208,9 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
     if thresholds:
         sc = replace(sc, thresholds=threshold_options(sc.thresholds, thresholds))
     wf = _workflow_option(workflow_text, gen_tokens) if workflow_text else None
+    users = _users_option(users_text) if users_text else [1]
+    if wf is not None and users != [1]:
+        raise UsageError("--users and --workflow: parallel sessions are single-prompt sessions; use one of them")
     if wf is not None:
         try:
             workflow_at(wf, smallest, fill)  # the smallest probe must hold the session
@@ -224,12 +232,14 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
     hashes = ArtifactHashes()
     count = 0
 
+    n_users = 1
+
     def probe(n_ctx: int) -> tuple[str | None, str]:
         nonlocal count
         probe_sc = replace(sc, contexts=[n_ctx])
         if wf is not None:
             probe_sc = replace(probe_sc, workflows=[workflow_at(wf, n_ctx, fill)])
-        case = replace(probe_sc.cases()[0], index=count)
+        case = replace(probe_sc.cases()[0], index=count, parallel=n_users)
         count += 1
         with console.status(escape(f"probing context {n_ctx:,} ({case.label})")):
             try:
@@ -238,17 +248,50 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
                 record(writer, stop.args[0], run_id)
                 raise
         record(writer, result, run_id)
-        cls, reason = case_verdict(result.rows)
+        cls, reason = users_verdict(result.rows, n_users)
         console.print(Markup(f"  ctx {n_ctx:>6,}: {fit_markup(cls)} - {escape(reason)}"))
         return cls, reason
 
+    answers = []
+    ceiling = limit
     try:
-        found = search(probe, smallest, limit, step)
+        for n_users in users:
+            if len(users) > 1:
+                console.print(escape(f"{n_users} user{'s' if n_users != 1 else ''}:"))
+            found = search(probe, min(smallest, ceiling), ceiling, step)
+            answers.append((n_users, found))
+            if found.max_fit is None:
+                break  # more users cannot fit where fewer did not
+            ceiling = found.max_fit  # more users never fit a larger context
     except (SuiteInterrupted, KeyboardInterrupt):
         make_console(stderr=True).print("fitbench: interrupted; the probes so far are saved")
         sys.exit(EXIT_INTERRUPTED)
-    console.print(Markup(f"[bold]{escape(artifact.name)}[/]: {escape(found.summary())}"))
+    for n_users, found in answers:
+        who = f" with {n_users} user{'s' if n_users != 1 else ''}" if users != [1] else ""
+        console.print(Markup(f"[bold]{escape(artifact.name)}[/]{escape(who)}: {escape(found.summary())}"))
     console.print(escape(f"results: {writer.results_path}"))
+
+
+def users_verdict(rows: list[dict], n_users: int) -> tuple[str | None, str]:
+    """A probe's class: the case's fit class; with parallel sessions, a case that fits in memory but
+    misses the serving targets (p90 TTFT, tok/s per user) is ``slow``, with the serving reason."""
+    cls, reason = case_verdict(rows)
+    if n_users <= 1:
+        return cls, reason
+    serves, serving_reason = case_serving(rows)
+    if serves is False and cls in ("fits", "tight"):
+        return "slow", serving_reason
+    return cls, serving_reason or reason
+
+
+def _users_option(text: str) -> list[int]:
+    try:
+        values = sorted({int(x) for x in text.replace(" ", "").split(",") if x})
+    except ValueError:
+        raise UsageError(f"--users {text!r}: give comma-separated user counts like 1,2,4") from None
+    if not values or values[0] < 1 or values[-1] > MAX_PARALLEL:
+        raise UsageError(f"--users {text!r}: user counts go from 1 to {MAX_PARALLEL}")
+    return values
 
 
 def _workflow_option(text: str, reply_tokens: int) -> Workflow:

@@ -155,6 +155,11 @@ SHARED_RESULT_COLUMNS: dict[str, Shared] = _list(
     ("mem_bandwidth_gbs", KEEP, _MACHINE),
     ("mem_bandwidth_source", CODE, "how the bandwidth was measured (a probe, a GPU's spec figure)"),
     *((name, KEEP, _FIGURE) for name in ("roofline_bytes_per_token", "roofline_tok_s", "roofline_efficiency")),
+    ("parallel", KEEP, _CONFIG + " (sessions at once; contribute sends only one-session rows today)"),
+    *((name, KEEP, _FIGURE) for name in ("ttft_p50_s", "ttft_p90_s", "user_decode_tok_s", "user_decode_min_tok_s",
+                                         "aggregate_decode_tok_s", "kv_session_bytes", "serving_fits")),
+    *((name, JSON, _FIGURE) for name in ("session_ttft_s_json", "session_decode_tok_s_json")),
+    ("serving_reason", TEXT, "the serving verdict in words"),
 )
 
 # Result columns that never leave the machine, and why (every result column is on one list or the other).

@@ -180,6 +180,8 @@ def _read_results(path: Path, ident: Identity, report: Report) -> tuple[list[dic
     rows, left_out = [], 0
     known = {c.name for c in RESULT_COLUMNS}  # columns of a newer fitbench are not ours to vouch for
     for raw in table.to_pylist():
+        if (raw.get("parallel") or 1) > 1:
+            continue  # the upstream keys fits by one session: N users at once would read as one user's fit
         raw = {k: json_value(v) for k, v in raw.items() if k in known}
         raw["schema_version"] = SCHEMA_VERSION  # older minor files are read as the current minor
         row = anonymise_row(raw, ident, report)

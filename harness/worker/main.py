@@ -121,6 +121,7 @@ def child_main(conn: Any, spec: WorkerSpec) -> None:
 
         status = "load_error"
         runner = get_runner_class(spec.runtime)()
+        runner.parallel = max(1, spec.parallel)  # room for every session's KV at load
         runner.prepare()
         t0 = time.perf_counter()
         try:
@@ -149,19 +150,22 @@ def child_main(conn: Any, spec: WorkerSpec) -> None:
             _wait_for_exit(conn)
             return
 
-        if spec.warmup:
+        parallel = spec.parallel > 1 and session is None
+        if parallel:
+            run_parallel(conn, runner, spec, prompt)
+        elif spec.warmup:
             w0 = time.perf_counter()
             for _ in range(spec.warmup):
                 for _stamp in runner.generate(prompt, min(WARMUP_GEN_TOKENS, spec.gen_tokens)):
                     pass
             conn.send(Warmup(t0=w0, t1=time.perf_counter()))
 
-        for rep in range(spec.repetitions if session is None else 0):
+        for rep in range(spec.repetitions if session is None and not parallel else 0):
             stamps: list[float] = []
             t_start = time.perf_counter()
             for stamp in runner.generate(prompt, spec.gen_tokens):
                 stamps.append(stamp)
-            conn.send(Rep(repetition=rep, t_start=t_start, stamps=stamps))
+            conn.send(Rep(repetition=rep, t_start=t_start, stamps=stamps, kv_session_bytes=_kv_bytes(runner)))
         if session is not None and spec.workflow is not None:
             for rep in range(spec.repetitions):
                 play_session(conn, runner, rep, *session, spec.workflow.reply_tokens, spec.workflow.reuse_cache)
@@ -185,6 +189,37 @@ def child_main(conn: Any, spec: WorkerSpec) -> None:
             status = "load_error"
         tail = "".join(traceback.format_exception(exc)[-3:]).strip().replace("\n", " | ")
         _report(conn, status, f"{type(exc).__name__}: {exc}" if str(exc) else tail, tail)
+
+
+def run_parallel(conn: Any, runner: Any, spec: WorkerSpec, first_prompt: list[int]) -> None:
+    """Warm-up and timed repetitions of ``spec.parallel`` sessions at once: each session its own
+    prompt of the same length (its own seed), all handed over together."""
+    prompts = [first_prompt] + [build_prompt(runner.tokenize, len(first_prompt), SEED + i)
+                                for i in range(1, spec.parallel)]
+    if spec.warmup:
+        w0 = time.perf_counter()
+        for _ in range(spec.warmup):
+            for _item in runner.generate_parallel(prompts, min(WARMUP_GEN_TOKENS, spec.gen_tokens)):
+                pass
+        conn.send(Warmup(t0=w0, t1=time.perf_counter()))
+    for rep in range(spec.repetitions):
+        sessions: list[list[float]] = [[] for _ in prompts]
+        stamps: list[float] = []
+        t_start = time.perf_counter()
+        for index, stamp in runner.generate_parallel(prompts, spec.gen_tokens):
+            sessions[index].append(stamp)
+            stamps.append(stamp)
+        conn.send(Rep(repetition=rep, t_start=t_start, stamps=sorted(stamps), sessions=sessions,
+                      kv_session_bytes=_kv_bytes(runner)))
+
+
+def _kv_bytes(runner: Any) -> int | None:
+    """The runner's KV bytes per session, when it tells; a failure costs the column only."""
+    try:
+        value = runner.session_kv_bytes()
+    except Exception:  # noqa: BLE001
+        return None
+    return int(value) if isinstance(value, (int, float)) and value >= 0 else None
 
 
 def _wait_for_exit(conn: Any) -> None:
