@@ -73,6 +73,11 @@ DTYPE_NAMES = {"float32": "f32", "float": "f32", "f32": "f32", "F32": "f32",
 # onnxruntime: interpreter + onnxruntime(-genai), CPU (the prepacked weight copy is counted apart).
 RUNTIME_OVERHEAD = {"llama.cpp": 66 << 20, "torch": 380 << 20, "onnxruntime": 43 << 20}
 DEFAULT_OVERHEAD = 64 << 20
+# Activations per token, in units of the MLP width and the hidden size (fitted, see the module doc).
+LLAMA_ACT_FFN, LLAMA_ACT_HIDDEN = 0.0, 0.0
+TORCH_ACT_FFN, TORCH_ACT_HIDDEN = 0.0, 0.0
+# Bytes of an untied, mmapped GGUF embedding matrix made resident per prompt token (fitted).
+MMAP_TOUCH_PER_TOKEN = 4096
 ONNX_FP16_PROVIDERS = {"cuda", "dml", "webgpu", "nvtensorrtrtx"}  # builds whose I/O (and KV) is float16
 
 
@@ -83,13 +88,18 @@ class EstimateError(FitbenchError, ValueError):
 @dataclass
 class Estimate:
     weights_bytes: int
-    kv_bytes: int
+    kv_bytes: int  # every layer's KV: kv_full_bytes + kv_swa_bytes
     compute_bytes: int
     overhead_bytes: int
+    output_bytes: int = 0  # logits (and outputs) held for the vocabulary
+    kv_full_bytes: int = 0  # in full-attention layers
+    kv_swa_bytes: int = 0  # in sliding-window layers (their window, or all of n_ctx when the runtime keeps all)
+    kv_cells_full: int = 0  # positions a full layer holds
+    kv_cells_swa: int = 0  # positions a sliding-window layer holds (0: none)
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.overhead_bytes
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.output_bytes + self.overhead_bytes
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total_bytes": self.total_bytes}
@@ -101,9 +111,10 @@ def estimate(info: ArtifactInfo, n_ctx: int, runtime: str = "llama.cpp", kv_type
     """The estimated peak of ``info`` in ``runtime`` at ``n_ctx`` with ``fill`` of it prompted.
 
     ``options`` are the case's runner options: they give the KV type (llama.cpp ``type_k``/``type_v``),
-    flash attention, the micro-batch, the load dtype (torch, MLX ``dtype``) and the ONNX provider.
-    ``kv_type``, ``flash_attn``, ``n_ubatch`` and ``dtype`` given here override them (``kv_type`` is then
-    both K and V); left out, each comes from the options, else the runtime's default."""
+    flash attention, the micro-batch, ``swa_full`` (llama.cpp), ``static_cache`` (torch), the load
+    dtype (torch, MLX ``dtype``) and the ONNX provider. ``kv_type``, ``flash_attn``, ``n_ubatch`` and
+    ``dtype`` given here override them (``kv_type`` is then both K and V); left out, each comes from
+    the options, else the runtime's default."""
     opts = dict(options or {})
     needed = {"n_layers": info.n_layers, "n_heads": info.n_heads, "embedding_length": info.embedding_length}
     missing = [k for k, v in needed.items() if not v]
@@ -111,20 +122,105 @@ def estimate(info: ArtifactInfo, n_ctx: int, runtime: str = "llama.cpp", kv_type
         raise EstimateError(f"{info.name} lacks {', '.join(missing)} in its metadata; cannot estimate its KV cache")
     target = load_dtype(info, runtime, dtype if dtype is not None else opts.get("dtype"), opts)
     k_type, v_type = _kv_types(info, runtime, kv_type, opts, target)
-    head_dim = info.head_dim or info.embedding_length // info.n_heads
-    kv_heads = info.n_kv_heads or info.n_heads
-    kv = info.n_layers * n_ctx * kv_heads * head_dim * (KV_BYTES[k_type] + KV_BYTES[v_type])
     filled = max(1, int(n_ctx * fill))
-    ubatch = min(n_ubatch or int(opts.get("n_ubatch") or 512), filled)
+    batch = n_ubatch or int(opts.get("n_ubatch") or 512)
+    ubatch = min(batch, filled)
     flash = bool(opts.get("flash_attn", False)) if flash_attn is None else flash_attn
-    compute = 0 if flash else 2 * ubatch * filled * info.n_heads * 4
+    full_cells, swa_cells = kv_cells(info, runtime, n_ctx, filled, opts, batch)
+    n_swa = info.layout.n_swa_layers if info.layout else 0
+    per_cell = kv_row_bytes(info) * (KV_BYTES[k_type] + KV_BYTES[v_type])
+    kv_full = int((info.n_layers - n_swa) * full_cells * per_cell)
+    kv_swa = int(n_swa * swa_cells * per_cell)
+    compute = compute_bytes(info, runtime, filled, ubatch, full_cells, flash, target)
+    output = output_bytes(info, runtime, filled, opts)
     overhead = RUNTIME_OVERHEAD.get(runtime, DEFAULT_OVERHEAD)
+    if runtime == "onnxruntime" and str(opts.get("provider") or "cpu") == "cpu":
+        overhead += info.size_bytes  # the CPU kernels' prepacked copy of the weights
+    return Estimate(weights_bytes=resident_weights(info, runtime, target, filled, opts), kv_bytes=kv_full + kv_swa,
+                    compute_bytes=int(compute), overhead_bytes=overhead, output_bytes=int(output),
+                    kv_full_bytes=kv_full, kv_swa_bytes=kv_swa, kv_cells_full=full_cells,
+                    kv_cells_swa=swa_cells if n_swa else 0)
+
+
+def kv_row_bytes(info: ArtifactInfo) -> int:
+    """Elements of K (= of V) per position per layer: KV heads x head dim. Grouped-query (and
+    multi-query) attention is why KV heads, not attention heads, count; the head dim is the
+    model's own (Gemma's 256 is not hidden/heads)."""
+    head_dim = info.head_dim or info.embedding_length // info.n_heads
+    return (info.n_kv_heads or info.n_heads) * head_dim
+
+
+def kv_cells(info: ArtifactInfo, runtime: str, n_ctx: int, filled: int, opts: Mapping[str, Any],
+             n_ubatch: int) -> tuple[int, int]:
+    """Positions a full-attention layer and a sliding-window layer hold in ``runtime``.
+
+    llama.cpp pads n_ctx to 256 cells; its SWA cache is the window plus a micro-batch, padded to 256,
+    unless ``swa_full`` (llama.cpp's and llama-cpp-python's default!) keeps all n_ctx. torch's
+    StaticCache gives a sliding layer min(window, n_ctx) at load; a DynamicCache grows with the
+    prompt. MLX as fitbench runs it caps every layer at n_ctx (one rotating cache per layer, window
+    ignored) and grows in steps of 256. onnxruntime-genai preallocates n_ctx for every layer."""
+    window = info.layout.sliding_window if info.layout else None
+    if runtime == "llama.cpp":
+        full = _pad(n_ctx, 256)
+        keep_all = opts.get("swa_full")
+        swa = full if keep_all is None or bool(keep_all) or not window else min(full, _pad(window + n_ubatch, 256))
+        return full, swa
+    if runtime == "torch":
+        held = n_ctx if opts.get("static_cache", True) else filled
+        return held, min(window, held) if window else held
+    if runtime == "mlx":
+        held = min(n_ctx, _pad(filled, 256))
+        return held, held
+    return n_ctx, n_ctx
+
+
+def _pad(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def compute_bytes(info: ArtifactInfo, runtime: str, filled: int, ubatch: int, kv_cells_full: int, flash: bool,
+                  target: str | None) -> float:
+    """Activations of the largest step: a llama.cpp micro-batch over the filled KV (scores and their
+    softmax, unless flash attention; the MLP's and attention's activations), torch's one-shot
+    prefill of the whole prompt (its MLP activations in the load dtype)."""
+    hidden = info.embedding_length or 0
+    ffn = (info.layout.ffn_length if info.layout else None) or 4 * hidden
+    if runtime == "llama.cpp":
+        kv_seen = min(kv_cells_full, _pad(filled, 256))
+        scores = 0 if flash else 2 * ubatch * kv_seen * info.n_heads * 4
+        return scores + ubatch * (LLAMA_ACT_FFN * ffn + LLAMA_ACT_HIDDEN * hidden) * 4
+    if runtime == "torch":
+        per = KV_BYTES[target] if target else 4
+        return filled * (TORCH_ACT_FFN * ffn + TORCH_ACT_HIDDEN * hidden) * per
+    if runtime in ("onnxruntime", "mlx"):
+        return 0 if flash else 2 * ubatch * filled * info.n_heads * 4
+    return 2 * ubatch * filled * info.n_heads * 4
+
+
+def output_bytes(info: ArtifactInfo, runtime: str, filled: int, opts: Mapping[str, Any]) -> float:
+    """Logits held for the vocabulary, float32 (onnxruntime-genai: its I/O type). llama.cpp,
+    torch and MLX as fitbench runs them ask for the last position's only (llama.cpp's output
+    buffer is n_outputs x n_vocab; torch's ``logits_to_keep=1``); onnxruntime-genai returns every
+    prompt position's at prefill: prompt tokens x vocabulary, often more than the KV cache."""
+    vocab = info.vocab_size or 0
     if runtime == "onnxruntime":
-        compute += filled * (info.vocab_size or 0) * KV_BYTES[_onnx_io_type(info)]  # logits of every prompt position
-        if str(opts.get("provider") or "cpu") == "cpu":
-            overhead += info.size_bytes  # the CPU kernels' prepacked copy of the weights
-    return Estimate(weights_bytes=_weights_bytes(info, target), kv_bytes=int(kv), compute_bytes=int(compute),
-                    overhead_bytes=overhead)
+        return filled * vocab * KV_BYTES[_onnx_io_type(info)]
+    outputs = filled if opts.get("logits_all") else 1
+    return outputs * vocab * 4
+
+
+def resident_weights(info: ArtifactInfo, runtime: str, target: str | None, filled: int,
+                     opts: Mapping[str, Any]) -> int:
+    """Weight bytes resident in memory. A mixture of experts holds every expert (the file has them
+    all). llama.cpp mmaps a GGUF: an *untied* token-embedding matrix is only read row by row (one
+    row per prompt token, and the pages the kernel maps around each), so most of it never becomes
+    resident; a tied one is the output head too and is read whole."""
+    weights = _weights_bytes(info, target)
+    if (runtime == "llama.cpp" and info.format == "gguf" and info.embedding_bytes and info.layout
+            and info.layout.tied_embeddings is False and opts.get("use_mmap", True)):
+        touched = min(info.embedding_bytes, filled * MMAP_TOUCH_PER_TOKEN)
+        weights -= info.embedding_bytes - touched
+    return weights
 
 
 def stored_dtype(info: ArtifactInfo) -> str | None:

@@ -108,7 +108,8 @@ def test_onnx_counts_float32_kv_all_prompt_logits_and_the_prepacked_weights(tmp_
     cpu = inspect_artifact(onnx_folder(tmp_path))
     e = estimate(cpu, 2048, "onnxruntime", fill=0.5)
     assert e.kv_bytes == LAYERS * 2048 * KV_HEADS * HEAD_DIM * 8  # float32 K and V
-    assert e.compute_bytes == 2 * 512 * 1024 * HEADS * 4 + 1024 * VOCAB * 4  # scores + logits per prompt token
+    assert e.compute_bytes == 2 * 512 * 1024 * HEADS * 4  # attention scores of a micro-batch
+    assert e.output_bytes == 1024 * VOCAB * 4  # float32 logits for every prompt token
     assert e.overhead_bytes == (43 << 20) + cpu.size_bytes  # the CPU kernels' prepacked copy
     assert estimate(cpu, 2048, "onnxruntime", fill=0.5, options={"provider": "cuda"}).overhead_bytes == 43 << 20
     gpu = inspect_artifact(onnx_folder(tmp_path / "g", [{"cuda": {}}]))
