@@ -31,7 +31,19 @@ from tiny_models import SPECS, build_in_child, find_converter, measure_peaks  # 
 SAMPLES = [("SmolLM2-135M-Instruct.Q4_1.gguf", "llama.cpp", {}),
            ("SmolLM2-135M-Instruct-hf", "torch", {"device": "cpu"}),
            ("SmolLM2-135M-Instruct-onnx-int4", "onnxruntime", {}),
-           ("SmolLM2-135M-Instruct-mlx", "mlx", {})]
+           ("SmolLM2-135M-Instruct-mlx-q4", "mlx", {})]
+
+
+def existing(models_dir: Path, names: list[str], gguf: bool) -> dict[str, Path]:
+    """Tiny models already built in ``models_dir`` (and their GGUFs where a conversion worked)."""
+    made = {}
+    for n in names:
+        folder = models_dir / f"tiny-{n}-hf"
+        if (folder / "model.safetensors").is_file():
+            made[n] = folder
+            if gguf and (models_dir / f"tiny-{n}.f16.gguf").is_file():
+                made[n + ".gguf"] = models_dir / f"tiny-{n}.f16.gguf"
+    return made
 
 
 def runnable(runtime: str) -> bool:
@@ -57,19 +69,25 @@ def main() -> None:
     models_dir = args.models_dir or Path(tempfile.mkdtemp(prefix="fitbench-tiny-"))
     t0 = time.time()
     gguf = not args.no_gguf and find_converter() is not None
-    made = build_in_child(models_dir, names, gguf=gguf)
-    print(f"built {', '.join(sorted(made))} in {models_dir} ({time.time() - t0:.0f} s)", flush=True)
-    runs: list[tuple[Path, str, dict]] = []
+    made = existing(models_dir, names, gguf)
+    missing = [n for n in names if n not in made]
+    if missing:
+        made.update(build_in_child(models_dir, missing, gguf=gguf))
+    print(f"models {', '.join(sorted(made))} in {models_dir} ({time.time() - t0:.0f} s)", flush=True)
+    # Most telling first (a long run stopped early keeps the most): every architecture in torch,
+    # then in llama.cpp (Gemma 3 also with its SWA cache trimmed to the window), then the sample.
+    runs: list[tuple[Path, str, dict]] = [(made[n], "torch", {"device": "cpu", "n_threads": 1}) for n in names]
     for name in names:
-        runs.append((made[name], "torch", {"device": "cpu", "n_threads": 1}))
         if name + ".gguf" in made:
             runs.append((made[name + ".gguf"], "llama.cpp", {"n_threads": 1}))
-            if name in ("gemma3",):  # the window kept to its size, not llama.cpp's default full-size SWA cache
+            if made[name].joinpath("config.json").read_text().count("sliding_window_pattern"):
                 runs.append((made[name + ".gguf"], "llama.cpp", {"n_threads": 1, "swa_full": False}))
     if not args.no_sample:
         runs += [(ROOT / "models" / a, rt, {**o, "n_threads": 1}) for a, rt, o in SAMPLES
                  if (ROOT / "models" / a).exists()]
-    rows = []
+    rows: list[dict] = []
+    path = args.out / "estimate_accuracy.json"
+    args.out.mkdir(parents=True, exist_ok=True)
     for artifact, runtime, options in runs:
         if not runnable(runtime):
             print(f"skip {artifact.name} in {runtime}: runtime not available here", flush=True)
@@ -82,6 +100,12 @@ def main() -> None:
                   f"estimate {r['estimate']['total_bytes'] / 2**20:7.1f} MiB, measured "
                   f"{(r['measured_peak_bytes'] or 0) / 2**20:7.1f} MiB  {err}", flush=True)
         rows += got
+        write(path, rows, contexts, t0)  # after every artifact: a long run interrupted keeps what it measured
+    print(json.dumps(write(path, rows, contexts, t0), default=str))
+    print(f"wrote {path}")
+
+
+def write(path: Path, rows: list[dict], contexts: list[int], t0: float) -> dict:
     errors = [abs(r["error"]) for r in rows if r["error"] is not None]
     worst = max((r for r in rows if r["error"] is not None), key=lambda r: abs(r["error"]), default=None)
     summary = {"cases": len(rows), "measured": len(errors), "max_abs_error": max(errors, default=None),
@@ -89,11 +113,8 @@ def main() -> None:
                "worst": {k: worst[k] for k in ("artifact", "runtime", "options", "n_ctx", "error")} if worst else None,
                "within_10pct": sum(e <= 0.10 for e in errors),
                "load_avg": os.getloadavg(), "wall_s": round(time.time() - t0, 1), "contexts": contexts, "fill": 0.5}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "estimate_accuracy.json"
     path.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1, default=str))
-    print(json.dumps(summary, default=str))
-    print(f"wrote {path}")
+    return summary
 
 
 if __name__ == "__main__":

@@ -71,11 +71,16 @@ DTYPE_NAMES = {"float32": "f32", "float": "f32", "f32": "f32", "F32": "f32",
 # sample on CPU with dtype auto (peaks 687 and 739 MiB at 512 and 2048 half
 # filled; the estimate is within 3 % of each).
 # onnxruntime: interpreter + onnxruntime(-genai), CPU (the prepacked weight copy is counted apart).
-RUNTIME_OVERHEAD = {"llama.cpp": 66 << 20, "torch": 380 << 20, "onnxruntime": 43 << 20}
+RUNTIME_OVERHEAD = {"llama.cpp": 78 << 20, "torch": 380 << 20, "onnxruntime": 43 << 20}
 DEFAULT_OVERHEAD = 64 << 20
-# Activations per token, in units of the MLP width and the hidden size (fitted, see the module doc).
-LLAMA_ACT_FFN, LLAMA_ACT_HIDDEN = 0.0, 0.0
-TORCH_ACT_FFN, TORCH_ACT_HIDDEN = 0.0, 0.0
+# llama.cpp's compute buffer at a micro-batch, without flash attention: the KQ scores in float32 (the
+# softmax runs in place) and their float16 copy for the product with V: 6 bytes per score; and the
+# filled K and V as the attention reads them, 14 bytes per cell and KV element (fitted on the sample
+# and a Gemma 3-style model, see the module doc).
+LLAMA_SCORE_BYTES, LLAMA_KV_READ_BYTES = 6, 14
+# torch's one-shot prefill: activations per prompt token, in units of the MLP width and hidden size
+# times the load dtype's bytes (fitted on Gemma 3-, Mistral- and Mixtral-style models and the sample).
+TORCH_ACT_FFN, TORCH_ACT_HIDDEN = 8.0, 8.0
 # Bytes of an untied, mmapped GGUF embedding matrix made resident per prompt token (fitted).
 MMAP_TOUCH_PER_TOKEN = 4096
 ONNX_FP16_PROVIDERS = {"cuda", "dml", "webgpu", "nvtensorrtrtx"}  # builds whose I/O (and KV) is float16
@@ -187,8 +192,8 @@ def compute_bytes(info: ArtifactInfo, runtime: str, filled: int, ubatch: int, kv
     ffn = (info.layout.ffn_length if info.layout else None) or 4 * hidden
     if runtime == "llama.cpp":
         kv_seen = min(kv_cells_full, _pad(filled, 256))
-        scores = 0 if flash else 2 * ubatch * kv_seen * info.n_heads * 4
-        return scores + ubatch * (LLAMA_ACT_FFN * ffn + LLAMA_ACT_HIDDEN * hidden) * 4
+        scores = 0 if flash else LLAMA_SCORE_BYTES * ubatch * kv_seen * info.n_heads
+        return scores + LLAMA_KV_READ_BYTES * kv_seen * kv_row_bytes(info)
     if runtime == "torch":
         per = KV_BYTES[target] if target else 4
         return filled * (TORCH_ACT_FFN * ffn + TORCH_ACT_HIDDEN * hidden) * per

@@ -84,8 +84,9 @@ def test_llama_cpp_kv_types_and_flash_attention_come_from_the_options(tmp_path):
     assert estimate(info, 1024, "llama.cpp", fill=0.5).total_bytes == old.total_bytes
     q8 = estimate(info, 1024, "llama.cpp", fill=0.5, options={"type_k": "q8_0", "type_v": "f16", "flash_attn": True})
     per_pos = LAYERS * HEADS * HEAD_DIM  # no KV heads in the tiny GGUF: all heads
-    assert q8.kv_bytes == int(1024 * per_pos * (34 / 32 + 2)) and q8.compute_bytes == 0
-    assert old.compute_bytes == 2 * 512 * 512 * HEADS * 4
+    kv_read = 14 * 512 * HEADS * HEAD_DIM  # the filled K and V as attention reads them, per layer
+    assert q8.kv_bytes == int(1024 * per_pos * (34 / 32 + 2)) and q8.compute_bytes == kv_read  # no scores
+    assert old.compute_bytes == 6 * 512 * 512 * HEADS + kv_read  # float32 scores + their float16 copy
     with pytest.raises(EstimateError, match="unknown KV type 'q3'"):
         estimate(info, 1024, options={"type_k": "q3"})
     with pytest.raises(EstimateError, match="unknown dtype 'int3'"):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_HF = ROOT / "models" / "SmolLM2-135M-Instruct-hf"
+SAMPLE_GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 SEED = 1234
 
@@ -67,9 +68,12 @@ def build(out_dir: Path, name: str) -> Path:
     tmp = folder.with_suffix(".part")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
-    for f in TOKENIZER_FILES:
-        if (SAMPLE_HF / f).is_file():
-            shutil.copy(SAMPLE_HF / f, tmp / f)
+    if (SAMPLE_HF / "tokenizer.json").is_file():
+        for f in TOKENIZER_FILES:
+            if (SAMPLE_HF / f).is_file():
+                shutil.copy(SAMPLE_HF / f, tmp / f)
+    else:  # only the sample GGUF so far: its tokenizer, through transformers' GGUF reader
+        transformers.AutoTokenizer.from_pretrained(str(SAMPLE_GGUF.parent), gguf_file=SAMPLE_GGUF.name).save_pretrained(tmp)
     tmp.rename(folder)
     return folder
 
@@ -108,8 +112,15 @@ def measure_peaks(artifact: Path, runtime: str, contexts: list[int], options: di
                   fill: float = 0.5, gen_tokens: int = 4, out_dir: Path | None = None) -> list[dict]:
     """Run ``artifact`` in ``runtime`` at each context (``fill`` of it prompted) through fitbench's own
     case machinery (a worker process per case, the sampler, result rows) and return, per context,
-    the measured peak RSS next to the estimate for the same case."""
+    the measured peak RSS next to the estimate for the same case. Result files stay in ``out_dir``;
+    a context already measured there (same artifact, runtime, options, prompt) is not run again, so
+    a changed estimator is re-checked against the same measurements for free."""
+    import hashlib
+    import json
     import tempfile
+    import uuid
+
+    import pyarrow.parquet as pq
 
     from harness.estimate import estimate_case
     from harness.measure.machine import fingerprint
@@ -118,17 +129,28 @@ def measure_peaks(artifact: Path, runtime: str, contexts: list[int], options: di
     from harness.scenario import parse_scenario
     from harness.suite import run_suite
 
+    options = options or {}
     s = parse_scenario({"name": "estimate-check", "models": [{"artifact": str(artifact), "runtime": runtime,
-                                                               "label": artifact.name, "options": options or {}}],
+                                                               "label": artifact.name, "options": options}],
                         "contexts": contexts, "fill": fill, "gen_tokens": gen_tokens, "warmup": 0,
                         "repetitions": 1, "timeout": 300, "sampler_interval_ms": 5})
     artifacts = check_scenario(s)
     out = Path(out_dir or tempfile.mkdtemp(prefix="fitbench-estimate-"))
-    writer = ResultWriter(out / f"{artifact.name}-{runtime}.parquet")
-    results = run_suite(s.cases(), artifacts, fingerprint(), writer, "estimate-check", force=True)
+    stem = f"{artifact.name}-{runtime}-{hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]}"
+    done: dict[str, dict] = {}
+    for f in sorted(out.glob(f"{stem}-*.parquet")):
+        if not f.name.endswith(".timeline.parquet"):
+            for row in pq.read_table(f).to_pylist():
+                if row.get("status") == "ok" and row.get("peak_rss_bytes"):
+                    done[row["case_key"]] = row
+    todo = [c for c in s.cases() if c.key not in done]
+    if todo:
+        writer = ResultWriter(out / f"{stem}-{uuid.uuid4().hex[:6]}.parquet")
+        for result in run_suite(todo, artifacts, fingerprint(), writer, "estimate-check", force=True):
+            done[result.case.key] = result.rows[-1]
     rows = []
-    for result in results:
-        case, row = result.case, result.rows[-1]
+    for case in s.cases():
+        row = done.get(case.key, {})
         e = estimate_case(case, artifacts[case.artifact])
         peak = row.get("peak_rss_bytes")
         rows.append({"artifact": artifact.name, "runtime": runtime, "n_ctx": case.n_ctx,
