@@ -102,7 +102,29 @@ def main() -> None:
         rows += got
         write(path, rows, contexts, t0)  # after every artifact: a long run interrupted keeps what it measured
     print(json.dumps(write(path, rows, contexts, t0), default=str))
+    print(markdown(rows, contexts))
     print(f"wrote {path}")
+
+
+def markdown(rows: list[dict], contexts: list[int]) -> str:
+    """The table for docs/catalog.md: estimate / measured MiB and the error, per context."""
+    groups: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(r["options"].items()) if k not in ("n_threads", "device"))
+        groups.setdefault((r["artifact"], r["runtime"], opts), {})[r["n_ctx"]] = r
+    head = "| artifact | runtime | options | " + " | ".join(f"{c:,}" for c in contexts) + " |"
+    lines = [head, "|---" * (3 + len(contexts)) + "|"]
+    for (art, rt, opts), by_ctx in groups.items():
+        cells = []
+        for c in contexts:
+            r = by_ctx.get(c)
+            if r is None or r["error"] is None:
+                cells.append("-")
+            else:
+                cells.append(f"{r['estimate']['total_bytes'] / 2**20:,.0f} / {r['measured_peak_bytes'] / 2**20:,.0f} "
+                             f"({r['error']:+.1%})")
+        lines.append(f"| {art} | {rt} | {opts or '-'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def write(path: Path, rows: list[dict], contexts: list[int], t0: float) -> dict:

@@ -1,10 +1,12 @@
 """Predict a case's peak memory from the artifact's own metadata, before running it.
 
-    peak ~ runtime overhead + weights + KV cache + compute buffers
+    peak ~ weights + KV (full layers) + KV (sliding-window layers) + logits + compute buffers + overhead
 
 - weights: the artifact's tensor bytes *as the runtime holds them*. A GGUF
   or ONNX artifact is held as the file is (mmapped or read, resident once
-  touched). A Hugging Face folder is cast at load to the runner's dtype:
+  touched), except that llama.cpp only reads an *untied* token-embedding
+  matrix row by row (mostly never resident). A mixture of experts holds
+  every expert. A Hugging Face folder is cast at load to the runner's dtype:
   torch's ``dtype`` option (``auto`` = the checkpoint's own, float32 where
   config.json names none), MLX's ``dtype`` (``auto`` = float32 on the CPU
   backend). So a float32 load of a bf16 folder holds twice the file:
@@ -12,25 +14,41 @@
   dtype read from config.json (``torch_dtype``/``dtype``) or, failing that,
   the safetensors headers. Quantized folders (MLX q4, a
   ``quantization_config``) keep their packed weights: not scaled.
-- KV cache: layers x n_ctx x KV heads x head dim x (bytes per K element +
-  bytes per V element). Grouped-query attention is why KV heads, not
-  attention heads, count here. The element type is the runtime's: llama.cpp
+- KV cache, per layer type (``harness.layout`` says which layers slide):
+  positions held x KV heads x head dim x (bytes per K element + bytes per V
+  element). A full-attention layer holds n_ctx (llama.cpp: padded to 256;
+  MLX: what is filled); a sliding-window layer its window where the runtime
+  trims it (torch's caches; llama.cpp only with ``swa_full=false``, window +
+  n_ubatch), else n_ctx (``kv_cells``). Grouped-query attention is why KV heads,
+  not attention heads, count here. The element type is the runtime's: llama.cpp
   ``type_k``/``type_v``; torch and MLX the load dtype; onnxruntime-genai the
   model's I/O dtype (float32 for CPU builds, float16 for CUDA/DirectML
   ones), preallocated for the whole n_ctx (``past_present_share_buffer``).
-- compute buffers: the attention scores of one micro-batch and their
-  softmax, 2 x n_ubatch x (filled context) x heads x 4 bytes (llama.cpp
-  without flash attention; with it they are not materialised). onnxruntime-genai
-  also returns float32 logits for *every* prompt position at prefill:
-  prompt tokens x vocabulary x 4 bytes, far more than the KV cache at
-  long prompts (llama.cpp and the torch runner keep the last position only).
+- logits: float32 over the vocabulary per output position: the last one
+  in llama.cpp (n_outputs x n_vocab), torch (``logits_to_keep=1``) and MLX as
+  fitbench runs them, every prompt position in onnxruntime-genai (prompt
+  tokens x vocabulary x 4 bytes, far more than the KV cache at long prompts).
+- compute buffers at the chosen batch: llama.cpp's micro-batch (n_ubatch)
+  over the filled cells: the float32 KQ scores and their float16 copy for the
+  product with V, 6 x n_ubatch x filled x heads bytes (none with flash
+  attention), plus the filled K and V as attention reads them, 14 bytes per
+  cell and KV element. torch prefills the whole prompt in one forward: its
+  activations, 8 x (MLP width + hidden) elements of the load dtype per prompt
+  token. Both fitted on real runs (below).
 - runtime overhead: interpreter, runtime libraries, thread pools and the
-  fixed part of the compute graph: 66 MiB for llama-cpp-python on CPU,
-  fitted on the sample model (peaks of 180, 247 and 470 MiB at contexts 512,
-  2048 and 8192 half filled; the estimate is within 3 % of each).
-  onnxruntime on CPU also prepacks every weight for its matmul kernels, a
-  second copy as large as the weights (measured: 92 MiB with prepacking off,
-  209 MiB on, for the sample's 82 MiB int4 graph).
+  fixed part of the compute graph: 78 MiB for llama-cpp-python on CPU, 380
+  MiB for torch + transformers. onnxruntime on CPU also prepacks every
+  weight for its matmul kernels, a second copy as large as the weights
+  (measured: 92 MiB with prepacking off, 209 MiB on, for the sample's 82 MiB
+  int4 graph).
+
+Fitted on real runs of five architectures (bench/estimate_accuracy.py: small
+random-weight Gemma 3 (five of six layers sliding), Mistral (all sliding),
+Qwen2 (use_sliding_window), Mixtral-style MoE models built on the spot, and
+the sample): llama.cpp on the sample, peaks of 180, 247 and 470 MiB at
+contexts 512, 2048 and 8192 half filled, and on the Gemma 3-style GGUF with
+and without ``swa_full`` at 512-4096; torch on every tiny architecture.
+docs/catalog.md has the table.
 
 Fitted for onnxruntime-genai on the int4 CPU sample (ru_maxrss of a bare
 process; n_ctx/prompt tokens -> measured vs this estimate): 512/256 282 vs
@@ -40,9 +58,10 @@ estimate said 267 MiB where 574 were measured at 2048.
 
 What it still leaves out: transient copies during a dtype cast at load (a
 float32 load of a bf16 file may hold both for a moment), allocator slack,
-activations other than attention scores (about 46 KiB per prompt token on
-the ONNX sample, inside the fit above), GPU placement (everything is
-counted as host memory), and a quality probe's arrays.
+onnxruntime's activations other than attention scores (about 46 KiB per
+prompt token on the ONNX sample, inside the fit above), sliding windows in
+onnxruntime-genai, GPU placement (everything is counted as host memory),
+and a quality probe's arrays.
 
 The point is not to replace measurement but to say, before a case runs,
 whether it can possibly fit, and to report how far the guess was off once

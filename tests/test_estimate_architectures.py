@@ -27,7 +27,7 @@ def tiny(tmp_path_factory):
         pytest.skip("sample model missing (make setup): its tokenizer is the tiny models' tokenizer")
     pytest.importorskip("transformers")
     out = tmp_path_factory.mktemp("tiny")
-    return build_in_child(out, ["gemma3", "mistral"], gguf=find_converter() is not None)
+    return build_in_child(out, ["gemma3", "mistral"], gguf=["gemma3"] if find_converter() is not None else [])
 
 
 def check(rows: list[dict]) -> None:
@@ -59,5 +59,11 @@ def test_llama_cpp_estimates_hold_with_and_without_a_full_size_swa_cache(tiny, t
     if "gemma3.gguf" not in tiny:
         pytest.skip("llama.cpp's convert_hf_to_gguf.py not found (FITBENCH_LLAMA_CONVERT or .cache/llama.cpp)")
     pytest.importorskip("llama_cpp")
-    for options in ({"n_threads": 1}, {"n_threads": 1, "swa_full": False}):
-        check(measure_peaks(tiny["gemma3.gguf"], "llama.cpp", CONTEXTS, options, out_dir=tmp_path))
+    default = measure_peaks(tiny["gemma3.gguf"], "llama.cpp", [4096], {"n_threads": 1}, out_dir=tmp_path)
+    trimmed = measure_peaks(tiny["gemma3.gguf"], "llama.cpp", [4096], {"n_threads": 1, "swa_full": False},
+                            out_dir=tmp_path)
+    check(default + trimmed)
+    # llama.cpp's default keeps all n_ctx in the sliding layers; trimmed to the window it measurably holds less
+    assert default[0]["estimate"]["kv_swa_bytes"] > 2 * trimmed[0]["estimate"]["kv_swa_bytes"]
+    assert trimmed[0]["measured_peak_bytes"] < default[0]["measured_peak_bytes"] - (
+        default[0]["estimate"]["kv_swa_bytes"] - trimmed[0]["estimate"]["kv_swa_bytes"]) / 2

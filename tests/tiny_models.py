@@ -6,7 +6,7 @@ weights are tens of MiB, small enough for a shared 2-core box. Optionally conver
 llama.cpp's own convert_hf_to_gguf.py (from the llama-cpp-python sdist, see ``find_converter``).
 
 Run as a script to build in a child process (keeps torch out of the caller):
-``python tests/tiny_models.py OUT_DIR NAME [NAME ...] [--gguf]``.
+``python tests/tiny_models.py OUT_DIR NAME[+gguf] ...`` (``+gguf``: convert that one to GGUF too).
 """
 
 from __future__ import annotations
@@ -88,17 +88,19 @@ def find_converter() -> Path | None:
 
 def to_gguf(folder: Path, converter: Path) -> Path:
     out = folder.with_name(folder.name.removesuffix("-hf") + ".f16.gguf")
-    if not out.is_file():
+    if not out.is_file():  # the converter uses its own gguf-py (next to it), which matches it
         subprocess.run([sys.executable, str(converter), str(folder), "--outtype", "f16", "--outfile",
-                        str(out) + ".part"], check=True, capture_output=True, text=True)  # the converter's own gguf-py: it matches it
+                        str(out) + ".part"], check=True, capture_output=True, text=True)
         Path(str(out) + ".part").rename(out)
     return out
 
 
-def build_in_child(out_dir: Path, names: list[str], gguf: bool = False, timeout: float = 600) -> dict[str, Path]:
-    """Build (and with ``gguf`` convert) in a child interpreter; returns name -> folder and name.gguf -> file
-    for what was made. torch stays out of the calling process."""
-    cmd = [sys.executable, str(Path(__file__)), str(out_dir), *names, *(["--gguf"] if gguf else [])]
+def build_in_child(out_dir: Path, names: list[str], gguf: bool | list[str] = False,
+                   timeout: float = 600) -> dict[str, Path]:
+    """Build (and convert to GGUF: all with ``gguf=True``, or the names listed) in a child interpreter;
+    returns name -> folder and name.gguf -> file for what was made. torch stays out of the caller."""
+    wanted = set(names if gguf is True else gguf or [])
+    cmd = [sys.executable, str(Path(__file__)), str(out_dir), *(n + ("+gguf" if n in wanted else "") for n in names)]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=timeout)
     made = {}
     for line in done.stdout.split():
@@ -161,14 +163,14 @@ def measure_peaks(artifact: Path, runtime: str, contexts: list[int], options: di
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    out = Path(args[0])
+    out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
-    converter = find_converter() if "--gguf" in sys.argv else None
-    for n in args[1:]:
+    converter = find_converter()
+    for arg in sys.argv[2:]:  # NAME, or NAME+gguf to convert it too
+        n, _, convert = arg.partition("+")
         f = build(out, n)
         print(f)
-        if converter is not None:
+        if convert and converter is not None:
             try:
                 print(to_gguf(f, converter))
             except subprocess.CalledProcessError as exc:
