@@ -99,7 +99,7 @@ DEFAULT_OVERHEAD = 64 << 20
 LLAMA_SCORE_BYTES, LLAMA_KV_READ_BYTES = 6, 14
 # torch's one-shot prefill: activations per prompt token, in units of the MLP width and hidden size
 # times the load dtype's bytes (fitted on Gemma 3-, Mistral- and Mixtral-style models and the sample).
-TORCH_ACT_FFN, TORCH_ACT_HIDDEN = 8.0, 8.0
+TORCH_ACT_FFN, TORCH_ACT_HIDDEN = 5.0, 5.0
 # Bytes of an untied, mmapped GGUF embedding matrix made resident per prompt token (fitted).
 MMAP_TOUCH_PER_TOKEN = 4096
 ONNX_FP16_PROVIDERS = {"cuda", "dml", "webgpu", "nvtensorrtrtx"}  # builds whose I/O (and KV) is float16
