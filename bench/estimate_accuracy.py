@@ -8,7 +8,7 @@ contexts (half filled), next to the sample model in every runtime available here
 the estimate's breakdown, the measured peak RSS and the error; the summary the largest error.
 
 Usage: python bench/estimate_accuracy.py [--out results/bench] [--contexts 512,1024,2048,4096]
-       [--models-dir DIR] [--only gemma3,qwen2] [--no-sample] [--no-gguf]
+       [--models-dir DIR] [--only gemma3,qwen2] [--no-sample] [--no-gguf] [--no-run]
 Writes OUT/estimate_accuracy.json.
 """
 
@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from tiny_models import SPECS, build_in_child, find_converter, measure_peaks  # noqa: E402
 
-SAMPLES = [("SmolLM2-135M-Instruct.Q4_1.gguf", "llama.cpp", {}),
-           ("SmolLM2-135M-Instruct-hf", "torch", {"device": "cpu"}),
+SAMPLES = [("SmolLM2-135M-Instruct.Q4_1.gguf", "llama.cpp", {"n_threads": 1}),
+           ("SmolLM2-135M-Instruct-hf", "torch", {"device": "cpu", "n_threads": 1}),
            ("SmolLM2-135M-Instruct-onnx-int4", "onnxruntime", {}),
            ("SmolLM2-135M-Instruct-mlx-q4", "mlx", {})]
 
@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated tiny architectures (default: all of " + ", ".join(SPECS) + ")")
     ap.add_argument("--no-sample", action="store_true", help="leave the sample model out")
     ap.add_argument("--no-gguf", action="store_true", help="do not convert the tiny models to GGUF")
+    ap.add_argument("--no-run", action="store_true",
+                    help="run nothing: re-estimate the cases already measured in --models-dir")
     args = ap.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
     names = args.only.split(",") if args.only else list(SPECS)
@@ -71,19 +73,20 @@ def main() -> None:
     gguf = not args.no_gguf and find_converter() is not None
     made = existing(models_dir, names, gguf)
     missing = [n for n in names if n not in made]
-    if missing:
+    if missing and not args.no_run:
         made.update(build_in_child(models_dir, missing, gguf=gguf))
     print(f"models {', '.join(sorted(made))} in {models_dir} ({time.time() - t0:.0f} s)", flush=True)
     # Most telling first (a long run stopped early keeps the most): every architecture in torch,
     # then in llama.cpp (Gemma 3 also with its SWA cache trimmed to the window), then the sample.
-    runs: list[tuple[Path, str, dict]] = [(made[n], "torch", {"device": "cpu", "n_threads": 1}) for n in names]
+    runs: list[tuple[Path, str, dict]] = [(made[n], "torch", {"device": "cpu", "n_threads": 1}) for n in names
+                                          if n in made]
     for name in names:
         if name + ".gguf" in made:
             runs.append((made[name + ".gguf"], "llama.cpp", {"n_threads": 1}))
             if made[name].joinpath("config.json").read_text().count("sliding_window_pattern"):
                 runs.append((made[name + ".gguf"], "llama.cpp", {"n_threads": 1, "swa_full": False}))
     if not args.no_sample:
-        runs += [(ROOT / "models" / a, rt, {**o, "n_threads": 1}) for a, rt, o in SAMPLES
+        runs += [(ROOT / "models" / a, rt, o) for a, rt, o in SAMPLES
                  if (ROOT / "models" / a).exists()]
     rows: list[dict] = []
     path = args.out / "estimate_accuracy.json"
@@ -92,7 +95,8 @@ def main() -> None:
         if not runnable(runtime):
             print(f"skip {artifact.name} in {runtime}: runtime not available here", flush=True)
             continue
-        got = measure_peaks(artifact, runtime, contexts, options, out_dir=models_dir)
+        got = [r for r in measure_peaks(artifact, runtime, contexts, options, out_dir=models_dir, run=not args.no_run)
+               if r["status"] is not None]
         for r in got:
             r["options"] = options
             err = f"{r['error']:+.1%}" if r["error"] is not None else r["status"]

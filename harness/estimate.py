@@ -33,8 +33,10 @@
   product with V, 6 x n_ubatch x filled x heads bytes (none with flash
   attention), plus the filled K and V as attention reads them, 14 bytes per
   cell and KV element. torch prefills the whole prompt in one forward: its
-  activations, 8 x (MLP width + hidden) elements of the load dtype per prompt
-  token. Both fitted on real runs (below).
+  activations, 5 x (MLP width + hidden) elements of the load dtype per prompt
+  token, or, if larger, the load-time fusing of a mixture of experts'
+  per-expert tensors (every expert held twice for a moment). Fitted on real
+  runs (below).
 - runtime overhead: interpreter, runtime libraries, thread pools and the
   fixed part of the compute graph: 78 MiB for llama-cpp-python on CPU, 380
   MiB for torch + transformers. onnxruntime on CPU also prepacks every
@@ -215,7 +217,13 @@ def compute_bytes(info: ArtifactInfo, runtime: str, filled: int, ubatch: int, kv
         return scores + LLAMA_KV_READ_BYTES * kv_seen * kv_row_bytes(info)
     if runtime == "torch":
         per = KV_BYTES[target] if target else 4
-        return filled * (TORCH_ACT_FFN * ffn + TORCH_ACT_HIDDEN * hidden) * per
+        prefill = filled * (TORCH_ACT_FFN * ffn + TORCH_ACT_HIDDEN * hidden) * per
+        # transformers (5) fuses a mixture of experts' per-expert checkpoint tensors into one tensor per
+        # layer at load: for a moment every expert's weights are held twice (measured on a Mixtral-style
+        # model: +70 MiB for 72 MiB of experts). Before the KV cache exists, so the larger of the two.
+        experts = info.layout.n_experts if info.layout else None
+        fusing = info.n_layers * experts * 3 * hidden * ffn * per if experts and info.format == "hf" else 0
+        return max(prefill, fusing)
     if runtime in ("onnxruntime", "mlx"):
         return 0 if flash else 2 * ubatch * filled * info.n_heads * 4
     return 2 * ubatch * filled * info.n_heads * 4

@@ -11,7 +11,9 @@ measured peak RSS at every context.
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +21,8 @@ from tests.tiny_models import SAMPLE_GGUF, build_in_child, find_converter, measu
 
 TOLERANCE = 0.10
 CONTEXTS = [512, 4096]
+# About two minutes on a quiet 2-core machine; a loaded one (the worker imports torch per case) needs more.
+pytestmark = [pytest.mark.model, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +30,9 @@ def tiny(tmp_path_factory):
     if not SAMPLE_GGUF.exists():
         pytest.skip("sample model missing (make setup): its tokenizer is the tiny models' tokenizer")
     pytest.importorskip("transformers")
-    out = tmp_path_factory.mktemp("tiny")
+    # FITBENCH_TINY_MODELS: a folder to build them in and reuse (bench/estimate_accuracy.py --models-dir)
+    out = Path(os.environ["FITBENCH_TINY_MODELS"]) if os.environ.get("FITBENCH_TINY_MODELS") else \
+        tmp_path_factory.mktemp("tiny")
     return build_in_child(out, ["gemma3", "mistral"], gguf=["gemma3"] if find_converter() is not None else [])
 
 
@@ -38,7 +44,6 @@ def check(rows: list[dict]) -> None:
             f"vs measured {r['measured_peak_bytes'] / 2**20:.0f} MiB ({r['error']:+.1%})")
 
 
-@pytest.mark.model
 @pytest.mark.parametrize("name", ["gemma3", "mistral"])
 def test_torch_estimates_hold_for_sliding_window_architectures(tiny, name, tmp_path):
     from harness.artifact import inspect_artifact
@@ -54,7 +59,6 @@ def test_torch_estimates_hold_for_sliding_window_architectures(tiny, name, tmp_p
     assert (full - longest["measured_peak_bytes"]) / longest["measured_peak_bytes"] > TOLERANCE
 
 
-@pytest.mark.model
 def test_llama_cpp_estimates_hold_with_and_without_a_full_size_swa_cache(tiny, tmp_path):
     if "gemma3.gguf" not in tiny:
         pytest.skip("llama.cpp's convert_hf_to_gguf.py not found (FITBENCH_LLAMA_CONVERT or .cache/llama.cpp)")

@@ -155,3 +155,12 @@ def test_experts_and_logits(tmp_path):
     cfg = from_config({**BASE, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2,
                        "tie_word_embeddings": False, "intermediate_size": 1024})
     assert (cfg.n_experts, cfg.n_experts_used, cfg.tied_embeddings, cfg.ffn_length) == (4, 2, False, 1024)
+
+
+def test_torch_counts_the_load_time_fusing_of_expert_tensors(tmp_path):
+    moe = inspect_artifact(hf(tmp_path, "x", model_type="mixtral", num_local_experts=4, num_experts_per_tok=2,
+                              intermediate_size=1024, tie_word_embeddings=False))
+    dense = inspect_artifact(hf(tmp_path, "d", model_type="mistral", intermediate_size=1024))
+    fusing = 12 * 4 * 3 * 512 * 1024 * 2  # layers x experts x (gate, up, down) x hidden x width x bf16
+    assert estimate(moe, 512, "torch", fill=0.5).compute_bytes == fusing
+    assert estimate(dense, 512, "torch", fill=0.5).compute_bytes == 256 * 5 * (1024 + 512) * 2  # prefill only

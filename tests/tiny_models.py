@@ -111,12 +111,13 @@ def build_in_child(out_dir: Path, names: list[str], gguf: bool | list[str] = Fal
 
 
 def measure_peaks(artifact: Path, runtime: str, contexts: list[int], options: dict | None = None,
-                  fill: float = 0.5, gen_tokens: int = 4, out_dir: Path | None = None) -> list[dict]:
+                  fill: float = 0.5, gen_tokens: int = 4, out_dir: Path | None = None,
+                  run: bool = True) -> list[dict]:
     """Run ``artifact`` in ``runtime`` at each context (``fill`` of it prompted) through fitbench's own
     case machinery (a worker process per case, the sampler, result rows) and return, per context,
     the measured peak RSS next to the estimate for the same case. Result files stay in ``out_dir``;
     a context already measured there (same artifact, runtime, options, prompt) is not run again, so
-    a changed estimator is re-checked against the same measurements for free."""
+    a changed estimator is re-checked against the same measurements for free (``run=False``: only that)."""
     import hashlib
     import json
     import tempfile
@@ -146,7 +147,7 @@ def measure_peaks(artifact: Path, runtime: str, contexts: list[int], options: di
                 if row.get("status") == "ok" and row.get("peak_rss_bytes"):
                     done[row["case_key"]] = row
     todo = [c for c in s.cases() if c.key not in done]
-    if todo:
+    if todo and run:
         writer = ResultWriter(out / f"{stem}-{uuid.uuid4().hex[:6]}.parquet")
         for result in run_suite(todo, artifacts, fingerprint(), writer, "estimate-check", force=True):
             done[result.case.key] = result.rows[-1]
