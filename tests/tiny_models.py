@@ -136,7 +136,7 @@ def measure_peaks(artifact: Path, runtime: str, contexts: list[int], options: di
     s = parse_scenario({"name": "estimate-check", "models": [{"artifact": str(artifact), "runtime": runtime,
                                                                "label": artifact.name, "options": options}],
                         "contexts": contexts, "fill": fill, "gen_tokens": gen_tokens, "warmup": 0,
-                        "repetitions": 1, "timeout": 300, "sampler_interval_ms": 5})
+                        "repetitions": 1, "timeout": 1200, "sampler_interval_ms": 5})
     artifacts = check_scenario(s)
     out = Path(out_dir or tempfile.mkdtemp(prefix="fitbench-estimate-"))
     stem = f"{artifact.name}-{runtime}-{hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]}"
@@ -155,7 +155,7 @@ def measure_peaks(artifact: Path, runtime: str, contexts: list[int], options: di
     for case in s.cases():
         row = done.get(case.key, {})
         e = estimate_case(case, artifacts[case.artifact])
-        peak = row.get("peak_rss_bytes")
+        peak = row.get("peak_rss_bytes") if row.get("status") == "ok" else None  # a timeout's peak is partial
         rows.append({"artifact": artifact.name, "runtime": runtime, "n_ctx": case.n_ctx,
                      "prompt_tokens": case.prompt_tokens, "status": row.get("status"), "error_text": row.get("error"),
                      "measured_peak_bytes": peak, "vmhwm_bytes": row.get("vmhwm_bytes"), "estimate": e.to_dict(),
