@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from harness.errors import FitbenchError
+from harness.layout import Layout, from_config, from_gguf
 
 GGUF_MAGIC = b"GGUF"
 
@@ -44,6 +45,9 @@ class ArtifactInfo:
     head_dim: int | None = None
     vocab_size: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    # sliding-window layers, experts, tied embeddings (harness.layout); None = all layers full, dense
+    layout: Layout | None = None
+    embedding_bytes: int | None = None  # GGUF: the token embedding matrix's bytes in the file
 
     @property
     def name(self) -> str:
@@ -203,6 +207,8 @@ def _inspect_safetensors_folder(path: Path, files: list[Path], size: int) -> Art
         head_dim=head_dim,
         vocab_size=_int(text.get("vocab_size")),
         metadata={"files": len(files), "weights": len(weights)},
+        layout=from_config({**text, "tie_word_embeddings": text.get("tie_word_embeddings",
+                                                                    config.get("tie_word_embeddings"))}),
     )
 
 
@@ -320,6 +326,7 @@ def _inspect_gguf(path: Path) -> ArtifactInfo:
 
     n_params = 0
     data_end = 0  # a GGUF without tensors (vocab-only) has no data section
+    embedding_bytes = None
     for name, dims, ttype, offset in tensors:
         n_elements = 1
         for d in dims:
@@ -331,6 +338,8 @@ def _inspect_gguf(path: Path) -> ArtifactInfo:
             raise ArtifactError(f"{path}: tensor {name} has unknown type {ttype}; "
                                 "fitbench's gguf package may be too old") from None
         data_end = max(data_end, data_start + offset + n_elements // block * type_size)
+        if name == "token_embd.weight":
+            embedding_bytes = n_elements // block * type_size
     if data_end > size:
         raise ArtifactError(
             f"{path} is truncated: its tensors need {data_end:,} bytes but the file has {size:,}; re-download it"
@@ -369,5 +378,7 @@ def _inspect_gguf(path: Path) -> ArtifactInfo:
         head_dim=head_dim if isinstance(head_dim, int) else None,
         vocab_size=vocab if isinstance(vocab, int) else None,
         metadata=small_meta,
+        layout=from_gguf(meta, arch, arch_key("block_count"), {t[0] for t in tensors}),
+        embedding_bytes=embedding_bytes,
     )
 

@@ -1,10 +1,11 @@
 """Predict a case's peak memory from the artifact's own metadata, before running it.
 
-    peak ~ runtime overhead + weights + KV cache + compute buffers
+    peak ~ weights + KV (full layers) + KV (sliding-window layers) + logits + compute buffers + overhead
 
 - weights: the artifact's tensor bytes *as the runtime holds them*. A GGUF
   or ONNX artifact is held as the file is (mmapped or read, resident once
-  touched). A Hugging Face folder is cast at load to the runner's dtype:
+  touched; llama.cpp's mmap prefetches the whole file, an untied embedding
+  matrix included). A mixture of experts holds every expert. A Hugging Face folder is cast at load to the runner's dtype:
   torch's ``dtype`` option (``auto`` = the checkpoint's own, float32 where
   config.json names none), MLX's ``dtype`` (``auto`` = float32 on the CPU
   backend). So a float32 load of a bf16 folder holds twice the file:
@@ -12,25 +13,43 @@
   dtype read from config.json (``torch_dtype``/``dtype``) or, failing that,
   the safetensors headers. Quantized folders (MLX q4, a
   ``quantization_config``) keep their packed weights: not scaled.
-- KV cache: layers x n_ctx x KV heads x head dim x (bytes per K element +
-  bytes per V element). Grouped-query attention is why KV heads, not
-  attention heads, count here. The element type is the runtime's: llama.cpp
+- KV cache, per layer type (``harness.layout`` says which layers slide):
+  positions held x KV heads x head dim x (bytes per K element + bytes per V
+  element). A full-attention layer holds n_ctx (llama.cpp: padded to 256;
+  MLX: what is filled); a sliding-window layer its window where the runtime
+  trims it (torch's caches; llama.cpp only with ``swa_full=false``, window +
+  n_ubatch), else n_ctx (``kv_cells``). Grouped-query attention is why KV heads,
+  not attention heads, count here. The element type is the runtime's: llama.cpp
   ``type_k``/``type_v``; torch and MLX the load dtype; onnxruntime-genai the
   model's I/O dtype (float32 for CPU builds, float16 for CUDA/DirectML
   ones), preallocated for the whole n_ctx (``past_present_share_buffer``).
-- compute buffers: the attention scores of one micro-batch and their
-  softmax, 2 x n_ubatch x (filled context) x heads x 4 bytes (llama.cpp
-  without flash attention; with it they are not materialised). onnxruntime-genai
-  also returns float32 logits for *every* prompt position at prefill:
-  prompt tokens x vocabulary x 4 bytes, far more than the KV cache at
-  long prompts (llama.cpp and the torch runner keep the last position only).
+- logits: float32 over the vocabulary per output position: the last one
+  in llama.cpp (n_outputs x n_vocab), torch (``logits_to_keep=1``) and MLX as
+  fitbench runs them, every prompt position in onnxruntime-genai (prompt
+  tokens x vocabulary x 4 bytes, far more than the KV cache at long prompts).
+- compute buffers at the chosen batch: llama.cpp's micro-batch (n_ubatch)
+  over the filled cells: the float32 KQ scores and their float16 copy for the
+  product with V, 6 x n_ubatch x filled x heads bytes (none with flash
+  attention), plus the filled K and V as attention reads them, 14 bytes per
+  cell and KV element. torch prefills the whole prompt in one forward: its
+  activations, 5 x (MLP width + hidden) elements of the load dtype per prompt
+  token, or, if larger, the load-time fusing of a mixture of experts'
+  per-expert tensors (every expert held twice for a moment). Fitted on real
+  runs (below).
 - runtime overhead: interpreter, runtime libraries, thread pools and the
-  fixed part of the compute graph: 66 MiB for llama-cpp-python on CPU,
-  fitted on the sample model (peaks of 180, 247 and 470 MiB at contexts 512,
-  2048 and 8192 half filled; the estimate is within 3 % of each).
-  onnxruntime on CPU also prepacks every weight for its matmul kernels, a
-  second copy as large as the weights (measured: 92 MiB with prepacking off,
-  209 MiB on, for the sample's 82 MiB int4 graph).
+  fixed part of the compute graph: 78 MiB for llama-cpp-python on CPU, 380
+  MiB for torch + transformers. onnxruntime on CPU also prepacks every
+  weight for its matmul kernels, a second copy as large as the weights
+  (measured: 92 MiB with prepacking off, 209 MiB on, for the sample's 82 MiB
+  int4 graph).
+
+Fitted on real runs of five architectures (bench/estimate_accuracy.py: small
+random-weight Gemma 3 (five of six layers sliding), Mistral (all sliding),
+Qwen2 (use_sliding_window), Mixtral-style MoE models built on the spot, and
+the sample): llama.cpp on the sample, peaks of 180, 247 and 470 MiB at
+contexts 512, 2048 and 8192 half filled, and on the Gemma 3-style GGUF with
+and without ``swa_full`` at 512-4096; torch on every tiny architecture.
+docs/catalog.md has the table.
 
 Fitted for onnxruntime-genai on the int4 CPU sample (ru_maxrss of a bare
 process; n_ctx/prompt tokens -> measured vs this estimate): 512/256 282 vs
@@ -40,9 +59,10 @@ estimate said 267 MiB where 574 were measured at 2048.
 
 What it still leaves out: transient copies during a dtype cast at load (a
 float32 load of a bf16 file may hold both for a moment), allocator slack,
-activations other than attention scores (about 46 KiB per prompt token on
-the ONNX sample, inside the fit above), GPU placement (everything is
-counted as host memory), and a quality probe's arrays.
+onnxruntime's activations other than attention scores (about 46 KiB per
+prompt token on the ONNX sample, inside the fit above), sliding windows in
+onnxruntime-genai, GPU placement (everything is counted as host memory),
+and a quality probe's arrays.
 
 The point is not to replace measurement but to say, before a case runs,
 whether it can possibly fit, and to report how far the guess was off once
@@ -71,8 +91,16 @@ DTYPE_NAMES = {"float32": "f32", "float": "f32", "f32": "f32", "F32": "f32",
 # sample on CPU with dtype auto (peaks 687 and 739 MiB at 512 and 2048 half
 # filled; the estimate is within 3 % of each).
 # onnxruntime: interpreter + onnxruntime(-genai), CPU (the prepacked weight copy is counted apart).
-RUNTIME_OVERHEAD = {"llama.cpp": 66 << 20, "torch": 380 << 20, "onnxruntime": 43 << 20}
+RUNTIME_OVERHEAD = {"llama.cpp": 78 << 20, "torch": 380 << 20, "onnxruntime": 43 << 20}
 DEFAULT_OVERHEAD = 64 << 20
+# llama.cpp's compute buffer at a micro-batch, without flash attention: the KQ scores in float32 (the
+# softmax runs in place) and their float16 copy for the product with V: 6 bytes per score; and the
+# filled K and V as the attention reads them, 14 bytes per cell and KV element (fitted on the sample
+# and a Gemma 3-style model, see the module doc).
+LLAMA_SCORE_BYTES, LLAMA_KV_READ_BYTES = 6, 14
+# torch's one-shot prefill: activations per prompt token, in units of the MLP width and hidden size
+# times the load dtype's bytes (fitted on Gemma 3-, Mistral- and Mixtral-style models and the sample).
+TORCH_ACT_FFN, TORCH_ACT_HIDDEN = 5.0, 5.0
 ONNX_FP16_PROVIDERS = {"cuda", "dml", "webgpu", "nvtensorrtrtx"}  # builds whose I/O (and KV) is float16
 
 
@@ -83,13 +111,18 @@ class EstimateError(FitbenchError, ValueError):
 @dataclass
 class Estimate:
     weights_bytes: int
-    kv_bytes: int
+    kv_bytes: int  # every layer's KV: kv_full_bytes + kv_swa_bytes
     compute_bytes: int
     overhead_bytes: int
+    output_bytes: int = 0  # logits (and outputs) held for the vocabulary
+    kv_full_bytes: int = 0  # in full-attention layers
+    kv_swa_bytes: int = 0  # in sliding-window layers (their window, or all of n_ctx when the runtime keeps all)
+    kv_cells_full: int = 0  # positions a full layer holds
+    kv_cells_swa: int = 0  # positions a sliding-window layer holds (0: none)
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.overhead_bytes
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.output_bytes + self.overhead_bytes
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total_bytes": self.total_bytes}
@@ -101,9 +134,10 @@ def estimate(info: ArtifactInfo, n_ctx: int, runtime: str = "llama.cpp", kv_type
     """The estimated peak of ``info`` in ``runtime`` at ``n_ctx`` with ``fill`` of it prompted.
 
     ``options`` are the case's runner options: they give the KV type (llama.cpp ``type_k``/``type_v``),
-    flash attention, the micro-batch, the load dtype (torch, MLX ``dtype``) and the ONNX provider.
-    ``kv_type``, ``flash_attn``, ``n_ubatch`` and ``dtype`` given here override them (``kv_type`` is then
-    both K and V); left out, each comes from the options, else the runtime's default."""
+    flash attention, the micro-batch, ``swa_full`` (llama.cpp), ``static_cache`` (torch), the load
+    dtype (torch, MLX ``dtype``) and the ONNX provider. ``kv_type``, ``flash_attn``, ``n_ubatch`` and
+    ``dtype`` given here override them (``kv_type`` is then both K and V); left out, each comes from
+    the options, else the runtime's default."""
     opts = dict(options or {})
     needed = {"n_layers": info.n_layers, "n_heads": info.n_heads, "embedding_length": info.embedding_length}
     missing = [k for k, v in needed.items() if not v]
@@ -111,20 +145,106 @@ def estimate(info: ArtifactInfo, n_ctx: int, runtime: str = "llama.cpp", kv_type
         raise EstimateError(f"{info.name} lacks {', '.join(missing)} in its metadata; cannot estimate its KV cache")
     target = load_dtype(info, runtime, dtype if dtype is not None else opts.get("dtype"), opts)
     k_type, v_type = _kv_types(info, runtime, kv_type, opts, target)
-    head_dim = info.head_dim or info.embedding_length // info.n_heads
-    kv_heads = info.n_kv_heads or info.n_heads
-    kv = info.n_layers * n_ctx * kv_heads * head_dim * (KV_BYTES[k_type] + KV_BYTES[v_type])
     filled = max(1, int(n_ctx * fill))
-    ubatch = min(n_ubatch or int(opts.get("n_ubatch") or 512), filled)
+    batch = n_ubatch or int(opts.get("n_ubatch") or 512)
+    ubatch = min(batch, filled)
     flash = bool(opts.get("flash_attn", False)) if flash_attn is None else flash_attn
-    compute = 0 if flash else 2 * ubatch * filled * info.n_heads * 4
+    full_cells, swa_cells = kv_cells(info, runtime, n_ctx, filled, opts, batch)
+    n_swa = info.layout.n_swa_layers if info.layout else 0
+    per_cell = kv_row_bytes(info) * (KV_BYTES[k_type] + KV_BYTES[v_type])
+    kv_full = int((info.n_layers - n_swa) * full_cells * per_cell)
+    kv_swa = int(n_swa * swa_cells * per_cell)
+    compute = compute_bytes(info, runtime, filled, ubatch, full_cells, flash, target)
+    output = output_bytes(info, runtime, filled, opts)
     overhead = RUNTIME_OVERHEAD.get(runtime, DEFAULT_OVERHEAD)
+    if runtime == "onnxruntime" and str(opts.get("provider") or "cpu") == "cpu":
+        overhead += info.size_bytes  # the CPU kernels' prepacked copy of the weights
+    return Estimate(weights_bytes=resident_weights(info, runtime, target, filled, opts), kv_bytes=kv_full + kv_swa,
+                    compute_bytes=int(compute), overhead_bytes=overhead, output_bytes=int(output),
+                    kv_full_bytes=kv_full, kv_swa_bytes=kv_swa, kv_cells_full=full_cells,
+                    kv_cells_swa=swa_cells if n_swa else 0)
+
+
+def kv_row_bytes(info: ArtifactInfo) -> int:
+    """Elements of K (= of V) per position per layer: KV heads x head dim. Grouped-query (and
+    multi-query) attention is why KV heads, not attention heads, count; the head dim is the
+    model's own (Gemma's 256 is not hidden/heads)."""
+    head_dim = info.head_dim or info.embedding_length // info.n_heads
+    return (info.n_kv_heads or info.n_heads) * head_dim
+
+
+def kv_cells(info: ArtifactInfo, runtime: str, n_ctx: int, filled: int, opts: Mapping[str, Any],
+             n_ubatch: int) -> tuple[int, int]:
+    """Positions a full-attention layer and a sliding-window layer hold in ``runtime``.
+
+    llama.cpp pads n_ctx to 256 cells; its SWA cache is the window plus a micro-batch, padded to 256,
+    unless ``swa_full`` (llama.cpp's and llama-cpp-python's default!) keeps all n_ctx. torch's
+    StaticCache gives a sliding layer min(window, n_ctx) at load; a DynamicCache grows with the
+    prompt. MLX as fitbench runs it caps every layer at n_ctx (one rotating cache per layer, window
+    ignored) and grows in steps of 256. onnxruntime-genai preallocates n_ctx for every layer."""
+    window = info.layout.sliding_window if info.layout else None
+    if runtime == "llama.cpp":
+        full = _pad(n_ctx, 256)
+        keep_all = opts.get("swa_full")
+        swa = full if keep_all is None or bool(keep_all) or not window else min(full, _pad(window + n_ubatch, 256))
+        return full, swa
+    if runtime == "torch":
+        held = n_ctx if opts.get("static_cache", True) else filled
+        return held, min(window, held) if window else held
+    if runtime == "mlx":
+        held = min(n_ctx, _pad(filled, 256))
+        return held, held
+    return n_ctx, n_ctx
+
+
+def _pad(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def compute_bytes(info: ArtifactInfo, runtime: str, filled: int, ubatch: int, kv_cells_full: int, flash: bool,
+                  target: str | None) -> float:
+    """Activations of the largest step: a llama.cpp micro-batch over the filled KV (scores and their
+    softmax, unless flash attention; the MLP's and attention's activations), torch's one-shot
+    prefill of the whole prompt (its MLP activations in the load dtype)."""
+    hidden = info.embedding_length or 0
+    ffn = (info.layout.ffn_length if info.layout else None) or 4 * hidden
+    if runtime == "llama.cpp":
+        kv_seen = min(kv_cells_full, _pad(filled, 256))
+        scores = 0 if flash else LLAMA_SCORE_BYTES * ubatch * kv_seen * info.n_heads
+        return scores + LLAMA_KV_READ_BYTES * kv_seen * kv_row_bytes(info)
+    if runtime == "torch":
+        per = KV_BYTES[target] if target else 4
+        prefill = filled * (TORCH_ACT_FFN * ffn + TORCH_ACT_HIDDEN * hidden) * per
+        # transformers (5) fuses a mixture of experts' per-expert checkpoint tensors into one tensor per
+        # layer at load: for a moment every expert's weights are held twice (measured on a Mixtral-style
+        # model: +70 MiB for 72 MiB of experts). Before the KV cache exists, so the larger of the two.
+        experts = info.layout.n_experts if info.layout else None
+        fusing = info.n_layers * experts * 3 * hidden * ffn * per if experts and info.format == "hf" else 0
+        return max(prefill, fusing)
+    if runtime in ("onnxruntime", "mlx"):
+        return 0 if flash else 2 * ubatch * filled * info.n_heads * 4
+    return 2 * ubatch * filled * info.n_heads * 4
+
+
+def output_bytes(info: ArtifactInfo, runtime: str, filled: int, opts: Mapping[str, Any]) -> float:
+    """Logits held for the vocabulary, float32 (onnxruntime-genai: its I/O type). llama.cpp,
+    torch and MLX as fitbench runs them ask for the last position's only (llama.cpp's output
+    buffer is n_outputs x n_vocab; torch's ``logits_to_keep=1``); onnxruntime-genai returns every
+    prompt position's at prefill: prompt tokens x vocabulary, often more than the KV cache."""
+    vocab = info.vocab_size or 0
     if runtime == "onnxruntime":
-        compute += filled * (info.vocab_size or 0) * KV_BYTES[_onnx_io_type(info)]  # logits of every prompt position
-        if str(opts.get("provider") or "cpu") == "cpu":
-            overhead += info.size_bytes  # the CPU kernels' prepacked copy of the weights
-    return Estimate(weights_bytes=_weights_bytes(info, target), kv_bytes=int(kv), compute_bytes=int(compute),
-                    overhead_bytes=overhead)
+        return filled * vocab * KV_BYTES[_onnx_io_type(info)]
+    outputs = filled if opts.get("logits_all") else 1
+    return outputs * vocab * 4
+
+
+def resident_weights(info: ArtifactInfo, runtime: str, target: str | None, filled: int,
+                     opts: Mapping[str, Any]) -> int:
+    """Weight bytes resident in memory: all of them. A mixture of experts holds every expert (the file
+    has them all, few run per token). llama.cpp mmaps a GGUF with MAP_POPULATE (prefetch), so even an
+    untied token-embedding matrix, read only row by row, is resident: measured on a Mistral-style GGUF,
+    counting it out made the estimate 18 % low."""
+    return _weights_bytes(info, target)
 
 
 def stored_dtype(info: ArtifactInfo) -> str | None:

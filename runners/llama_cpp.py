@@ -110,6 +110,8 @@ class LlamaCppRunner(Runner):
         "use_mmap": Option(bool, True, "mmap the weights (pages can be evicted and re-read)"),
         "use_mlock": Option(bool, False, "lock the weights in RAM"),
         "offload_kqv": Option(bool, True, "keep the KV cache on the GPU with the layers"),
+        "swa_full": Option(bool, True, "full-size KV for sliding-window layers (llama.cpp's default); false: "
+                                       "only the window + a micro-batch (Gemma 2/3 and other SWA models)"),
     }
 
     def __init__(self) -> None:
@@ -166,6 +168,7 @@ class LlamaCppRunner(Runner):
                     use_mmap=opts["use_mmap"],
                     use_mlock=opts["use_mlock"],
                     offload_kqv=opts["offload_kqv"],
+                    swa_full=opts["swa_full"],
                     verbose=False,
                 )
         except Exception as exc:

@@ -84,8 +84,9 @@ def test_llama_cpp_kv_types_and_flash_attention_come_from_the_options(tmp_path):
     assert estimate(info, 1024, "llama.cpp", fill=0.5).total_bytes == old.total_bytes
     q8 = estimate(info, 1024, "llama.cpp", fill=0.5, options={"type_k": "q8_0", "type_v": "f16", "flash_attn": True})
     per_pos = LAYERS * HEADS * HEAD_DIM  # no KV heads in the tiny GGUF: all heads
-    assert q8.kv_bytes == int(1024 * per_pos * (34 / 32 + 2)) and q8.compute_bytes == 0
-    assert old.compute_bytes == 2 * 512 * 512 * HEADS * 4
+    kv_read = 14 * 512 * HEADS * HEAD_DIM  # the filled K and V as attention reads them, per layer
+    assert q8.kv_bytes == int(1024 * per_pos * (34 / 32 + 2)) and q8.compute_bytes == kv_read  # no scores
+    assert old.compute_bytes == 6 * 512 * 512 * HEADS + kv_read  # float32 scores + their float16 copy
     with pytest.raises(EstimateError, match="unknown KV type 'q3'"):
         estimate(info, 1024, options={"type_k": "q3"})
     with pytest.raises(EstimateError, match="unknown dtype 'int3'"):
@@ -108,7 +109,8 @@ def test_onnx_counts_float32_kv_all_prompt_logits_and_the_prepacked_weights(tmp_
     cpu = inspect_artifact(onnx_folder(tmp_path))
     e = estimate(cpu, 2048, "onnxruntime", fill=0.5)
     assert e.kv_bytes == LAYERS * 2048 * KV_HEADS * HEAD_DIM * 8  # float32 K and V
-    assert e.compute_bytes == 2 * 512 * 1024 * HEADS * 4 + 1024 * VOCAB * 4  # scores + logits per prompt token
+    assert e.compute_bytes == 2 * 512 * 1024 * HEADS * 4  # attention scores of a micro-batch
+    assert e.output_bytes == 1024 * VOCAB * 4  # float32 logits for every prompt token
     assert e.overhead_bytes == (43 << 20) + cpu.size_bytes  # the CPU kernels' prepacked copy
     assert estimate(cpu, 2048, "onnxruntime", fill=0.5, options={"provider": "cuda"}).overhead_bytes == 43 << 20
     gpu = inspect_artifact(onnx_folder(tmp_path / "g", [{"cuda": {}}]))

@@ -178,13 +178,22 @@ def estimate_cmd(artifact: Path, contexts: str, runtime: str | None, kv_type: st
         records.append({"n_ctx": n, **e.to_dict(), "budget_bytes": budget_bytes, "fit_class": verdict.fit_class,
                         "fit_reason": verdict.reason, "measured_peak_bytes": m,
                         "error": (e.total_bytes - m) / m if m else None})
+    # The breakdown: KV by layer type (full attention; sliding window, which holds its window unless
+    # the runtime keeps all), logits for the vocabulary, compute buffers at the batch, fixed overhead.
+    swa = bool(info.layout and info.layout.n_swa_layers)
     columns = [Column("n_ctx", show=number("{:,}"), right=True),
                *[Column(f"{part}_bytes", f"{title} MiB", mib, right=True)
-                 for part, title in (("weights", "weights"), ("kv", "KV"), ("compute", "compute"),
-                                     ("overhead", "overhead"), ("total", "total"))],
+                 for part, title in (("weights", "weights"), ("kv_full", "KV full"),
+                                     *((("kv_swa", "KV SWA"),) if swa else ()), ("output", "logits"),
+                                     ("compute", "compute"), ("overhead", "overhead"), ("total", "total"))],
                fit_column("fit_class", "verdict"), Column("measured_peak_bytes", "measured MiB", mib, right=True),
                Column("error", show=number("{:+.1%}"), right=True)]
     kv_text = kv_type or "the runtime's default"
+    if swa:
+        kv_text += (f"; {info.layout.n_swa_layers} of {info.n_layers} layers slide over "
+                    f"{info.layout.sliding_window:,} tokens")
+    if info.layout and info.layout.n_experts:
+        kv_text += f"; {info.layout.n_experts} experts resident"
     print_rows(fmt, columns, records,
                title=f"estimate: {info.name} in {runtime}, KV {kv_text}"
                      f"{', flash attention' if flash_attn else ''}{_options_text(runner_options)}, "

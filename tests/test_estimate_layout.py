@@ -1,0 +1,163 @@
+"""estimate across architectures: KV by layer type (sliding window or full), per runtime; logits;
+untied embeddings in a mmapped GGUF; experts. Metadata from config.json and GGUF keys."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.artifact import inspect_artifact
+from harness.estimate import estimate
+from harness.layout import from_config, period_pattern
+
+BASE = {"num_hidden_layers": 12, "num_attention_heads": 8, "num_key_value_heads": 4, "hidden_size": 512,
+        "vocab_size": 1000, "max_position_embeddings": 8192, "torch_dtype": "bfloat16"}
+
+
+def hf(tmp_path: Path, name: str, **config) -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**BASE, **config}))
+    n = 64 * 2
+    raw = json.dumps({"w": {"dtype": "BF16", "shape": [64], "data_offsets": [0, n]}}).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * n)
+    return folder
+
+
+@pytest.mark.parametrize("config, sliding", [
+    ({"model_type": "llama"}, 0),
+    ({"model_type": "mistral", "sliding_window": 4096}, 12),  # Mistral: every layer
+    ({"model_type": "mistral", "sliding_window": None}, 0),
+    ({"model_type": "gemma2", "sliding_window": 4096}, 6),  # alternating, layer 0 slides
+    ({"model_type": "gemma3_text", "sliding_window": 512, "sliding_window_pattern": 6}, 10),
+    ({"model_type": "gemma3_text", "sliding_window": 512,
+      "layer_types": ["sliding_attention"] * 5 + ["full_attention"] + ["sliding_attention"] * 5 + ["full_attention"]}, 10),
+    ({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False, "max_window_layers": 4}, 0),
+    ({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": True, "max_window_layers": 4}, 8),
+])
+def test_sliding_layers_are_read_as_transformers_builds_its_caches(config, sliding):
+    layout = from_config({**BASE, **config})
+    assert layout.n_swa_layers == sliding
+    assert (layout.sliding_window is not None) == bool(sliding)
+
+
+def test_period_pattern_is_llama_cpps():
+    assert period_pattern(6, 2) == (True, False) * 3  # gemma2: the second of each pair is global
+    assert period_pattern(12, 6).count(False) == 2 and period_pattern(12, 6)[5] is False
+    assert period_pattern(8, 4, dense_first=True) == (False, True, True, True) * 2
+    assert period_pattern(3, 0) == (True,) * 3
+
+
+def test_torch_static_cache_holds_the_window_in_sliding_layers(tmp_path):
+    info = inspect_artifact(hf(tmp_path, "g3", model_type="gemma3_text", sliding_window=256, head_dim=128,
+                               sliding_window_pattern=6))
+    e = estimate(info, 4096, "torch", fill=0.5)
+    row = 4 * 128 * 2 * 2  # KV heads x head_dim (not 512/8) x (K + V) x bf16
+    assert e.kv_full_bytes == 2 * 4096 * row and e.kv_swa_bytes == 10 * 256 * row
+    assert e.kv_bytes == e.kv_full_bytes + e.kv_swa_bytes
+    small = estimate(info, 128, "torch", fill=0.5)  # a window longer than the context holds the context
+    assert small.kv_swa_bytes == 10 * 128 * row and small.kv_cells_swa == 128
+    dynamic = estimate(info, 4096, "torch", fill=0.5, options={"static_cache": False})
+    assert dynamic.kv_full_bytes == 2 * 2048 * row  # a DynamicCache holds the prompt, not n_ctx
+
+
+def test_without_sliding_layers_everything_is_full(tmp_path):
+    info = inspect_artifact(hf(tmp_path, "q", model_type="qwen2", sliding_window=256, use_sliding_window=False))
+    e = estimate(info, 2048, "torch")
+    assert e.kv_swa_bytes == 0 and e.kv_cells_swa == 0 and e.kv_full_bytes == 12 * 2048 * 4 * 64 * 2 * 2
+
+
+def test_onnx_and_mlx_keep_full_kv_in_sliding_layers(tmp_path):
+    info = inspect_artifact(hf(tmp_path, "m", model_type="mistral", sliding_window=256))
+    assert estimate(info, 2048, "torch").kv_cells_swa == 256
+    mlx = estimate(info, 2048, "mlx", fill=0.25)  # fitbench's MLX runner caps every layer at n_ctx; grows with use
+    assert mlx.kv_cells_swa == mlx.kv_cells_full == 512
+
+
+def gguf_file(tmp_path: Path, arch: str, tied: bool, window: int | None = None, pattern=None,
+              experts: int | None = None) -> Path:
+    import gguf
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / f"{arch}-{'tied' if tied else 'untied'}.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(12)
+    w.add_embedding_length(512)
+    w.add_head_count(8)
+    w.add_head_count_kv(4)
+    w.add_key_length(128)
+    w.add_value_length(128)
+    w.add_context_length(8192)
+    w.add_vocab_size(1000)
+    if window:
+        w.add_sliding_window(window)
+    if pattern is not None:
+        w.add_uint32(f"{arch}.attention.sliding_window_pattern", pattern) if isinstance(pattern, int) else \
+            w.add_array(f"{arch}.attention.sliding_window_pattern", pattern)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(2)
+    w.add_tensor("token_embd.weight", np.zeros((1000, 512), dtype=np.float16))
+    if not tied:
+        w.add_tensor("output.weight", np.zeros((1000, 512), dtype=np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_sliding_window_uses_llama_cpps_pattern_and_swa_full(tmp_path):
+    info = inspect_artifact(gguf_file(tmp_path, "gemma3", tied=True, window=512))
+    assert info.layout.n_swa_layers == 10 and info.layout.sliding_window == 512
+    row = 4 * 128 * 2 * 2  # f16 K and V
+    kept = estimate(info, 4000, "llama.cpp", fill=0.5)  # llama.cpp's default swa_full: all n_ctx, padded to 256
+    assert kept.kv_cells_full == kept.kv_cells_swa == 4096 and kept.kv_bytes == 12 * 4096 * row
+    trimmed = estimate(info, 4000, "llama.cpp", fill=0.5, options={"swa_full": False})
+    assert trimmed.kv_cells_swa == 1024  # window 512 + micro-batch 512, padded to 256
+    assert trimmed.kv_swa_bytes == 10 * 1024 * row and trimmed.kv_full_bytes == 2 * 4096 * row
+    # a GGUF's own pattern (an array) wins over the architecture's default
+    own = inspect_artifact(gguf_file(tmp_path / "p", "gemma3", tied=True, window=512, pattern=[True, False] * 6))
+    assert own.layout.n_swa_layers == 6
+
+
+def test_gguf_without_a_window_key_keeps_full_kv_even_for_a_mistral_conversion(tmp_path):
+    info = inspect_artifact(gguf_file(tmp_path, "llama", tied=False))
+    assert info.layout.n_swa_layers == 0
+    e = estimate(info, 2048, "llama.cpp", options={"swa_full": False})
+    assert e.kv_swa_bytes == 0 and e.kv_full_bytes == 12 * 2048 * 4 * 128 * 4
+
+
+def test_an_untied_mmapped_embedding_is_counted_whole(tmp_path):
+    # llama.cpp's mmap prefetches the file (MAP_POPULATE): measured resident, though read row by row
+    untied = inspect_artifact(gguf_file(tmp_path / "u", "llama", tied=False))
+    assert untied.layout.tied_embeddings is False and untied.embedding_bytes == 1000 * 512 * 2
+    assert estimate(untied, 512, "llama.cpp", fill=1 / 512).weights_bytes == untied.size_bytes
+    assert inspect_artifact(gguf_file(tmp_path, "llama", tied=True)).layout.tied_embeddings is True
+
+
+def test_experts_and_logits(tmp_path):
+    moe = inspect_artifact(gguf_file(tmp_path, "llama", tied=True, experts=8))
+    assert moe.layout.n_experts == 8 and moe.layout.n_experts_used == 2
+    assert estimate(moe, 512, "llama.cpp").weights_bytes == moe.size_bytes  # every expert resident
+    info = inspect_artifact(hf(tmp_path, "l", model_type="llama"))
+    last = estimate(info, 2048, "torch", fill=0.5)
+    assert last.output_bytes == 1000 * 4  # logits_to_keep=1: the last position's float32 logits
+    every = estimate(info, 2048, "torch", fill=0.5, options={"logits_all": True})
+    assert every.output_bytes == 1024 * 1000 * 4
+    cfg = from_config({**BASE, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2,
+                       "tie_word_embeddings": False, "intermediate_size": 1024})
+    assert (cfg.n_experts, cfg.n_experts_used, cfg.tied_embeddings, cfg.ffn_length) == (4, 2, False, 1024)
+
+
+def test_torch_counts_the_load_time_fusing_of_expert_tensors(tmp_path):
+    moe = inspect_artifact(hf(tmp_path, "x", model_type="mixtral", num_local_experts=4, num_experts_per_tok=2,
+                              intermediate_size=1024, tie_word_embeddings=False))
+    dense = inspect_artifact(hf(tmp_path, "d", model_type="mistral", intermediate_size=1024))
+    fusing = 12 * 4 * 3 * 512 * 1024 * 2  # layers x experts x (gate, up, down) x hidden x width x bf16
+    assert estimate(moe, 512, "torch", fill=0.5).compute_bytes == fusing
+    assert estimate(dense, 512, "torch", fill=0.5).compute_bytes == 256 * 5 * (1024 + 512) * 2  # prefill only
