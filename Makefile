@@ -69,7 +69,7 @@ quick: setup
 	$(VENV)/bin/fitbench run scenarios/quick.yaml -o results
 
 # pytest exits 5 when it collects no tests: that is a failure, not a pass.
-test: setup
+test: setup $(LLAMA_SRC)
 	$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
