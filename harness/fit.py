@@ -268,6 +268,19 @@ def classify(row: dict, budget_bytes: int, t: Thresholds = Thresholds()) -> Verd
     return Verdict(fit_class, reason, memory, headroom, speed, offload)
 
 
+def predicted_verdict(peak_bytes: float, ttft_s: float | None, decode_tok_s: float | None, budget_bytes: int,
+                      t: Thresholds = Thresholds()) -> Verdict:
+    """The verdict a case would get with these predicted figures (``harness.fitpredict``): judged by
+    ``classify`` like a measured row, so a prediction and a measurement mean the same class."""
+    row = {"status": "ok", "peak_rss_bytes": int(peak_bytes), "ttft_s": ttft_s, "decode_tok_s": decode_tok_s}
+    return classify(row, budget_bytes, t)
+
+
+def rank(cls: str | None) -> int:
+    """Position in ORDER, fits first; no verdict (a crash, an error) ranks below no_fit."""
+    return ORDER.index(cls) if cls in ORDER else len(ORDER)
+
+
 def quality_misses(row: dict, t: Thresholds) -> list[str]:
     """The quality targets a row misses, in words; targets whose figure is missing are skipped."""
     missed = []

@@ -183,6 +183,7 @@ class OnnxGenaiRunner(Runner):
         if isinstance(trained, int) and n_ctx > trained:
             raise LoadError(f"n_ctx {n_ctx} is beyond the model's context_length {trained} in genai_config.json")
         decoder = model_cfg.get("decoder", {})
+        kv_type = self._kv_type()
         device = str(self._model.device_type).lower()  # what the session really runs on (CPU, CUDA, DML, ...)
         return LoadInfo(
             device=provider if provider != "cpu" else device,
@@ -193,13 +194,20 @@ class OnnxGenaiRunner(Runner):
                               if opts["past_present_share_buffer"] else "KV tensors grow with the sequence up to max_length")),
             n_layers_total=decoder.get("num_hidden_layers"),
             n_layers_device=decoder.get("num_hidden_layers") if provider != "cpu" else 0,
-            kv_type=self._kv_type(),
+            kv_type=kv_type,
+            kv_type_k=kv_type, kv_type_v=kv_type, attn_impl=_attention_op(artifact),
             n_threads=opts["intra_op_num_threads"],
             extra={"provider": provider, "execution_provider": PROVIDERS[provider][0],
                    "model_device_type": str(self._model.device_type), "max_length": n_ctx,
                    "past_present_share_buffer": opts["past_present_share_buffer"],
                    "onnxruntime_version": dist_version(*ORT_DISTS)},
         )
+
+    @classmethod
+    def kv_settings(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Nothing to choose: onnxruntime-genai's model builder fixes the KV dtype (the model's I/O
+        dtype) and the attention operator when it exports the model; LoadInfo reports both."""
+        return {}
 
     def _kv_type(self) -> str | None:
         """The KV cache dtype is the model's I/O dtype (the builder uses one for both); read it
@@ -311,3 +319,20 @@ class OnnxGenaiRunner(Runner):
         self._generator = None
         self._tokenizer = None
         self._model = None
+
+
+ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "PagedAttention", "Attention")
+
+
+def _attention_op(artifact: Path) -> str | None:
+    """The attention operator the builder put in the graph (GroupQueryAttention for its decoder
+    models), found by name in the graph file: the weights are external data, the graph is small."""
+    try:
+        genai = json.loads((artifact / "genai_config.json").read_text())
+        graph = artifact / genai["model"]["decoder"]["filename"]
+        if graph.stat().st_size > 64 << 20:  # weights inside the graph file: not worth reading here
+            return None
+        data = graph.read_bytes()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return next((op for op in ATTENTION_OPS if op.encode() in data), None)

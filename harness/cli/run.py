@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from harness.artifact import inspect_artifact
+from harness.cli.fitpredicted import CalibrationFailed, answer_lines, duration, predicted_fit
 from harness.cli.options import (
     EXIT_INTERRUPTED,
     FORMAT_RUNTIMES,
@@ -175,11 +177,21 @@ def _run_cases(console, sc, cases: list, total: int, artifacts: dict, writer: Re
               show_default=True)
 @click.option("--workflow", "workflow_text", metavar="chat:TURNS|document:QUESTIONS|SCENARIO",
               help="probe with a multi-turn session filling each context (replies of --gen-tokens), or the first "
-                   "workflow of a scenario file; the verdict is the worst turn's")
+                   "workflow of a scenario file; the verdict is the worst turn's (always --method search)")
+@click.option("--method", type=click.Choice(["predict", "search"]), default="predict", show_default=True,
+              help="predict: three short calibration cases predict every context, full runs confirm only the "
+                   "boundaries; search: a full run at every probed context (doubling, then bisection)")
+@click.option("--confirm/--no-confirm", "confirm_runs", default=True, show_default=True,
+              help="with --method predict: confirm each predicted boundary with full runs (--no-confirm: "
+                   "answer from the prediction alone, three short cases)")
 def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, gen_tokens: int, repetitions: int,
         min_context: int, max_context: int | None, step: int, options: tuple[str, ...], thresholds: tuple[str, ...],
-        timeout: float, output_dir: Path, workflow_text: str | None) -> None:
-    """Find the largest context at which ARTIFACT still fits (and where it turns tight, slow, spill, no_fit)."""
+        timeout: float, output_dir: Path, workflow_text: str | None, method: str, confirm_runs: bool) -> None:
+    """Find the largest context at which ARTIFACT still fits, and the largest that is tight, slow or spills.
+
+    By default the memory and speed of every context are predicted from three short calibration cases, and
+    full runs confirm only the boundaries; the answer prints both the prediction and the measurement.
+    """
     keep_pandas_out()
     info = inspect_artifact(artifact)
     runtime = runtime or FORMAT_RUNTIMES.get(info.format)
@@ -220,30 +232,53 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
     hashes = ArtifactHashes()
     count = 0
 
-    def probe(n_ctx: int) -> tuple[str | None, str]:
+    def run_one(case) -> tuple[list[dict], float]:
         nonlocal count
-        probe_sc = replace(sc, contexts=[n_ctx])
-        if wf is not None:
-            probe_sc = replace(probe_sc, workflows=[workflow_at(wf, n_ctx, fill)])
-        case = replace(probe_sc.cases()[0], index=count)
+        case = replace(case, index=count)
         count += 1
-        with console.status(escape(f"probing context {n_ctx:,} ({case.label})")):
+        with console.status(escape(f"running {case.label}")):
             try:
                 result = run_case(case, artifacts[case.artifact], mach, run_id, hashes)
             except SuiteInterrupted as stop:
                 record(writer, stop.args[0], run_id)
                 raise
         record(writer, result, run_id)
-        cls, reason = case_verdict(result.rows)
+        return result.rows, result.wall_s
+
+    def probe(n_ctx: int) -> tuple[str | None, str]:
+        probe_sc = replace(sc, contexts=[n_ctx])
+        if wf is not None:
+            probe_sc = replace(probe_sc, workflows=[workflow_at(wf, n_ctx, fill)])
+        rows, _ = run_one(probe_sc.cases()[0])
+        cls, reason = case_verdict(rows)
         console.print(f"  ctx {n_ctx:>6,}: {fit_markup(cls)} - {escape(reason)}")
         return cls, reason
 
+    started = time.perf_counter()
     try:
-        found = search(probe, smallest, limit, step)
+        if method == "predict" and wf is None:
+            try:
+                answer = predicted_fit(console, sc.cases()[0], run_one, limit, smallest, step,
+                                       budget_bytes or mach.ram_bytes, confirm_runs)
+            except CalibrationFailed as exc:
+                make_console(stderr=True).print(escape(f"fitbench fit: {exc}; searching with full runs instead"))
+                answer = None
+        else:
+            answer = None
+        found = search(probe, smallest, limit, step) if answer is None else None
     except (SuiteInterrupted, KeyboardInterrupt):
         make_console(stderr=True).print("fitbench: interrupted; the probes so far are saved")
         sys.exit(EXIT_INTERRUPTED)
-    console.print(f"[bold]{escape(artifact.name)}[/]: {escape(found.summary())}")
+    if answer is not None:
+        for line in answer_lines(answer):
+            console.print(escape(line))
+        console.print(escape(f"{count} case(s) run ({len(answer.calibration)} short calibration, "
+                             f"{len(answer.points)} full) for {len(answer.predicted)} contexts predicted, "
+                             f"in {duration(time.perf_counter() - started)}"))
+        console.print(f"[bold]{escape(artifact.name)}[/]: {escape(answer.summary())}")
+    else:
+        console.print(escape(f"{count} full case(s) run in {duration(time.perf_counter() - started)}"))
+        console.print(f"[bold]{escape(artifact.name)}[/]: {escape(found.summary())}")
     console.print(escape(f"results: {writer.results_path}"))
 
 
