@@ -82,7 +82,8 @@ class Model:
 
     @classmethod
     def from_points(cls, points: list[Point], gen_tokens: int) -> Model:
-        """Two fills at one context and one fill at another context (``calibration_plan``)."""
+        """Two fills at one context and one fill at another context (``calibration_plan``), each run
+        without a warm-up."""
         same_ctx = sorted((p for p in points if p.n_ctx == points[0].n_ctx), key=lambda p: p.filled)
         lo, hi = same_ctx[0], same_ctx[-1]
         c = max(0.0, (hi.peak_bytes - lo.peak_bytes) / (hi.filled - lo.filled)) if hi.filled > lo.filled else 0.0
@@ -95,7 +96,7 @@ class Model:
         k1, k2 = _through_origin_quadratic([(p.filled, p.ttft_s) for p in points if p.ttft_s])
         u, v = _line([(p.filled + gen_tokens / 2, 1.0 / p.decode_tok_s) for p in points if p.decode_tok_s])
         model = cls(a, b, c, k1, k2, u, v)
-        spent = [p.wall_s - (model.wall(p.filled, gen_tokens) - model.overhead_s) for p in points if p.wall_s]
+        spent = [p.wall_s - (model.wall(p.filled, gen_tokens, warmup=0) - model.overhead_s) for p in points if p.wall_s]
         return cls(a, b, c, k1, k2, u, v, max(0.0, sum(spent) / len(spent)) if spent else 0.0)
 
 

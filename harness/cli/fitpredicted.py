@@ -68,9 +68,10 @@ def predicted_fit(console: Any, case0: Case, run: Callable[[Case], tuple[list[di
     answer = Answer(limit=limit)
     plan = calibration_plan(smallest, limit)
     for i, (n_ctx, prompt) in enumerate(plan):
-        # Unconstrained: a budget would evict weights and hide the growth being measured.
+        # Unconstrained: a budget would evict weights and hide the growth being measured. No warm-up:
+        # memory needs none, and it would prefill the prompt twice.
         case = replace(case0, n_ctx=n_ctx, prompt_tokens=prompt, fill=None, gen_tokens=CALIBRATION_GEN_TOKENS,
-                       repetitions=1, budget_bytes=None)
+                       repetitions=1, warmup=0, budget_bytes=None)
         err.print(escape(f"fit: calibration {i + 1}/{len(plan)}: {prompt:,} tokens at context {n_ctx:,}"))
         rows, wall = run(case)
         point = point_from(case, rows, wall)
