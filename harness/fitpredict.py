@@ -17,11 +17,12 @@ their depths (seconds per token = u + v * depth).
 
 Every context of the grid then gets a predicted verdict (``fit.predicted_verdict``,
 the same rules as a measured row). For each class the answer names (fits, tight,
-slow, spill) the largest context with that class or better is confirmed by full
-runs: at the predicted boundary and its grid neighbour above; when a full run
-disagrees, the search gallops from there and bisects on full runs, so a wrong
-prediction costs runs, never a wrong answer. Speed at depth is measured only in
-these full runs, near the boundaries the answer prints.
+slow, spill) the largest context with that class or better is known by prediction;
+the confirmed ones (by default the max fit context; ``--confirm all`` for every
+class) by full runs: at the predicted boundary and its grid neighbour above; when a
+full run disagrees, the search gallops from there and bisects on full runs, so a
+wrong prediction costs runs, never a wrong answer. Speed at depth is measured only
+in these full runs, near the boundaries the answer prints.
 
 The search assumes fit only worsens with context (as ``fitsearch`` does).
 """
@@ -34,6 +35,7 @@ from typing import Callable
 from harness.fit import rank
 
 ANSWER_CLASSES = ("fits", "tight", "slow", "spill")
+CONFIRM = {"max-fit": ("fits",), "all": ANSWER_CLASSES, "none": ()}  # --confirm: classes whose boundary full runs confirm
 CALIBRATION_CTX = 2048  # big enough that fills pass llama.cpp's 512-token micro-batch: growth is linear there
 
 
@@ -195,12 +197,14 @@ def predicted_boundaries(predicted: dict[int, str | None]) -> dict[str, int | No
     return out
 
 
-def expected_runs(predicted: dict[int, str | None]) -> list[int]:
-    """The full runs a right prediction needs: each boundary and its grid neighbour above
+def expected_runs(predicted: dict[int, str | None], classes: tuple[str, ...] = ANSWER_CLASSES) -> list[int]:
+    """The full runs a right prediction needs: each confirmed boundary and its grid neighbour above
     (the smallest context when nothing is predicted good)."""
     contexts = sorted(predicted)
     runs: set[int] = set()
-    for guess in predicted_boundaries(predicted).values():
+    for cls, guess in predicted_boundaries(predicted).items():
+        if cls not in classes:
+            continue
         if guess is None:
             runs.add(contexts[0])
         else:
@@ -209,9 +213,12 @@ def expected_runs(predicted: dict[int, str | None]) -> list[int]:
     return sorted(runs)
 
 
-def confirm(predicted: dict[int, str | None], full: Callable[[int], Point], answer: Answer) -> None:
-    """Fill ``answer.boundaries``: for each answer class, the largest grid context measured with that
-    class or better, found by full runs started at the predicted boundary."""
+def confirm(predicted: dict[int, str | None], full: Callable[[int], Point], answer: Answer,
+            classes: tuple[str, ...] = ANSWER_CLASSES) -> None:
+    """Fill ``answer.boundaries``: for each answer class in ``classes``, the largest grid context measured
+    with that class or better, found by full runs started at the predicted boundary. The other classes
+    keep their predicted boundary (never below a better class's confirmed one), and say so, unless a
+    full run already measured that context."""
     contexts = sorted(predicted)
 
     def measured(n: int) -> str | None:
@@ -219,18 +226,21 @@ def confirm(predicted: dict[int, str | None], full: Callable[[int], Point], answ
             answer.points[n] = full(n)
         return answer.points[n].fit_class
 
+    floor: int | None = None  # the largest context a better class reaches
     for cls, guess in predicted_boundaries(predicted).items():
-        idx = _largest_good(contexts, contexts.index(guess) if guess is not None else -1,
-                            lambda i, cls=cls: rank(measured(contexts[i])) <= rank(cls))
-        n = contexts[idx] if idx >= 0 else None
-        answer.boundaries.append(Boundary(cls, n, guess, "full run", n is not None and measured(n) == cls))
-
-
-def predicted_only(predicted: dict[int, str | None], answer: Answer) -> None:
-    """The boundaries as predicted, without full runs (``fitbench fit --no-confirm``)."""
-    for cls, guess in predicted_boundaries(predicted).items():
-        answer.boundaries.append(Boundary(cls, guess, guess, "prediction",
-                                          guess is not None and predicted[guess] == cls))
+        if cls in classes:
+            idx = _largest_good(contexts, contexts.index(guess) if guess is not None else -1,
+                                lambda i, cls=cls: rank(measured(contexts[i])) <= rank(cls))
+            n = contexts[idx] if idx >= 0 else None
+            answer.boundaries.append(Boundary(cls, n, guess, "full run", n is not None and measured(n) == cls))
+        else:
+            n = guess if floor is None or (guess is not None and guess > floor) else floor
+            point = answer.points.get(n) if n is not None else None
+            seen = point.fit_class if point is not None else predicted.get(n) if n is not None else None
+            answer.boundaries.append(Boundary(cls, n, guess, "full run" if point is not None else "prediction",
+                                              n is not None and seen == cls))
+        if n is not None:
+            floor = n if floor is None else max(floor, n)
 
 
 def _largest_good(contexts: list[int], start: int, good: Callable[[int], bool]) -> int:

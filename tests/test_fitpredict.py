@@ -15,7 +15,6 @@ from harness.fitpredict import (
     expected_runs,
     grid,
     predicted_boundaries,
-    predicted_only,
 )
 
 MiB = 2**20
@@ -119,10 +118,30 @@ def test_prediction_only_names_the_predicted_boundaries():
     contexts = grid(512, 8192, 256)
     predicted = {n: classes_by({"tight": 3000, "spill": 4000})(n) for n in contexts}
     answer = Answer(limit=8192)
-    predicted_only(predicted, answer)
+    confirm(predicted, lambda n: pytest.fail("no full run without confirmation"), answer, classes=())
     assert [(b.cls, b.n_ctx, b.how) for b in answer.boundaries][:2] == [("fits", 2816, "prediction"),
                                                                         ("tight", 3840, "prediction")]
     assert predicted_boundaries(predicted)["spill"] == 8192
+
+
+def test_confirming_the_max_fit_only_leaves_the_others_predicted_but_consistent():
+    contexts = grid(512, 8192, 256)
+    predicted = {n: classes_by({"tight": 2000, "spill": 2600})(n) for n in contexts}
+    true = classes_by({"tight": 3000, "spill": 4000})
+    calls = []
+
+    def full(n):
+        calls.append(n)
+        return Point(n, int(0.9 * n), 0.0, fit_class=true(n))
+
+    answer = Answer(limit=8192)
+    confirm(predicted, full, answer, classes=("fits",))
+    by = {b.cls: b for b in answer.boundaries}
+    assert by["fits"].n_ctx == 2816 and by["fits"].how == "full run"
+    # tight was predicted to end at 2560, below the confirmed max fit: it cannot end before 2816
+    assert by["tight"].n_ctx == 2816 and by["tight"].how == "full run" and not by["tight"].occurs
+    assert by["spill"].how == "prediction" and by["spill"].n_ctx == 8192 and by["spill"].occurs
+    assert len(calls) == len(set(calls)) <= 6  # gallops up from the low guess, then bisects
 
 
 # -- the command, end to end with a runner that writes KV as it prefills -------------------------------
@@ -152,7 +171,7 @@ def test_fit_command_predicts_then_confirms_the_boundaries(tmp_path):
 
     art = write_tiny_gguf(tmp_path / "t.gguf", context_length=4096)
     result = fitbench("fit", str(art), "--runtime", "fake_runners:FakeKvRunner", "--option", "kv_kib_per_token=32",
-                      "--budget", "96MiB", "-n", "4", "-o", str(tmp_path / "out"),
+                      "--budget", "96MiB", "-n", "4", "--confirm", "all", "-o", str(tmp_path / "out"),
                       env={"FITBENCH_ENFORCE_BUDGET": "0"})
     assert result.returncode == 0, result.stderr
     assert "calibration 3/3" in result.stderr and " left " in result.stderr  # progress with time left, on stderr

@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from harness.cli.present import fit_markup, make_console, mib
 from harness.fit import case_verdict, judged_peak, predicted_verdict
-from harness.fitpredict import Answer, Model, Point, calibration_plan, confirm, expected_runs, grid, predicted_only
+from harness.fitpredict import CONFIRM, Answer, Model, Point, calibration_plan, confirm, expected_runs, grid
 from harness.scenario import Case
 
 CALIBRATION_GEN_TOKENS = 8  # enough decode steps for a rate; the prefill is what calibration is for
@@ -60,7 +60,7 @@ def duration(seconds: float) -> str:
 
 
 def predicted_fit(console: Any, case0: Case, run: Callable[[Case], tuple[list[dict], float]], limit: int,
-                  smallest: int, step: int, budget_bytes: int, confirm_runs: bool) -> Answer:
+                  smallest: int, step: int, budget_bytes: int, confirm_what: str) -> Answer:
     """Calibrate, predict every context, confirm the boundaries. ``run(case) -> (rows, wall_s)`` runs
     and records one case; ``budget_bytes`` is what verdicts are judged against."""
     err = make_console(stderr=True)
@@ -94,12 +94,9 @@ def predicted_fit(console: Any, case0: Case, run: Callable[[Case], tuple[list[di
                               case0.thresholds)
         predicted[n] = v.fit_class
         answer.predicted[n] = (v.fit_class, model.peak(n, filled), v.fit_reason)
-    if not confirm_runs:
-        predicted_only(predicted, answer)
-        return answer
-
+    classes = CONFIRM[confirm_what]
     clock = Clock(model, case0.fill, case0.gen_tokens, case0.warmup, case0.repetitions)
-    planned = expected_runs(predicted)
+    planned = expected_runs(predicted, classes)
     done: list[int] = []
 
     def full(n: int) -> Point:
@@ -117,7 +114,7 @@ def predicted_fit(console: Any, case0: Case, run: Callable[[Case], tuple[list[di
                       f"measured {mib(point.peak_bytes)} MiB)[/]")
         return point
 
-    confirm(predicted, full, answer)
+    confirm(predicted, full, answer, classes)
     return answer
 
 

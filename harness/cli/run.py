@@ -181,12 +181,13 @@ def _run_cases(console, sc, cases: list, total: int, artifacts: dict, writer: Re
 @click.option("--method", type=click.Choice(["predict", "search"]), default="predict", show_default=True,
               help="predict: three short calibration cases predict every context, full runs confirm only the "
                    "boundaries; search: a full run at every probed context (doubling, then bisection)")
-@click.option("--confirm/--no-confirm", "confirm_runs", default=True, show_default=True,
-              help="with --method predict: confirm each predicted boundary with full runs (--no-confirm: "
-                   "answer from the prediction alone, three short cases)")
+@click.option("--confirm", "confirm_what", type=click.Choice(["max-fit", "all", "none"]), default="max-fit",
+              show_default=True,
+              help="with --method predict: which predicted boundaries full runs confirm: the max fit context, "
+                   "every class's (tight, slow and spill too), or none (the answer from three short cases)")
 def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, gen_tokens: int, repetitions: int,
         min_context: int, max_context: int | None, step: int, options: tuple[str, ...], thresholds: tuple[str, ...],
-        timeout: float, output_dir: Path, workflow_text: str | None, method: str, confirm_runs: bool) -> None:
+        timeout: float, output_dir: Path, workflow_text: str | None, method: str, confirm_what: str) -> None:
     """Find the largest context at which ARTIFACT still fits, and the largest that is tight, slow or spills.
 
     By default the memory and speed of every context are predicted from three short calibration cases, and
@@ -259,7 +260,7 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
         if method == "predict" and wf is None:
             try:
                 answer = predicted_fit(console, sc.cases()[0], run_one, limit, smallest, step,
-                                       budget_bytes or mach.ram_bytes, confirm_runs)
+                                       budget_bytes or mach.ram_bytes, confirm_what)
             except CalibrationFailed as exc:
                 make_console(stderr=True).print(escape(f"fitbench fit: {exc}; searching with full runs instead"))
                 answer = None
