@@ -37,26 +37,55 @@ def _flag_bool(text: str) -> bool:
     return value
 
 
+def _mlx_kv_bits(text: str) -> int | None:
+    """-ctk/-ctv for MLX: q8_0/q8 -> 8-bit, q4_0/q4 -> 4-bit group quantization (mlx-lm's own format,
+    not llama.cpp's blocks); f16/f32/bf16 -> an unquantized cache in the model's compute dtype."""
+    text = str(text).lower()
+    if text in ("f16", "f32", "bf16"):
+        return None
+    bits = text.removesuffix("_0").removesuffix("_1").removeprefix("q")
+    if not bits.isdigit():
+        raise BenchError(f"{text!r} is not a KV type MLX can use (q8_0, q4_0, q8, q4 or f16)")
+    return int(bits)
+
+
 @dataclass(frozen=True)
 class Flag:
-    """A llama-bench flag that becomes a runner option: its option name per runtime."""
+    """A llama-bench flag that becomes a runner option: its option name per runtime, with a value
+    translation where the runtime spells the setting differently (torch -fa 0 is eager attention)."""
 
     flag: str
     field: str  # llama-bench's JSON field name
     title: str  # llama-bench's markdown column heading
     parse: Callable[[str], Any]
-    runtimes: dict[str, str]  # runtime -> runner option
+    runtimes: dict[str, str | tuple[str, Callable[[Any], Any]]]  # runtime -> runner option [, value map]
     default: Any = None  # llama.cpp runner's default: a column only shows values other than this
+    lacks: dict[str, str] = field(default_factory=dict)  # runtime -> why it has no such setting
+
+    def option_for(self, runtime: str) -> tuple[str, Callable[[Any], Any]] | None:
+        target = self.runtimes.get(runtime)
+        if target is None:
+            return None
+        return (target, lambda v: v) if isinstance(target, str) else target
 
 
+ONNX_FIXED = ("onnxruntime-genai fixes the KV type and the attention operator when the model is built "
+              "(onnxruntime_genai.models.builder); build another model instead")
 FLAGS: tuple[Flag, ...] = (
     Flag("-t", "n_threads", "threads", int,
          {"llama.cpp": "n_threads", "torch": "n_threads", "onnxruntime": "intra_op_num_threads"}),
     Flag("-b", "n_batch", "n_batch", int, {"llama.cpp": "n_batch"}, 2048),
     Flag("-ngl", "n_gpu_layers", "ngl", int, {"llama.cpp": "n_gpu_layers"}, 0),
-    Flag("-fa", "flash_attn", "fa", _flag_bool, {"llama.cpp": "flash_attn"}, False),
-    Flag("-ctk", "type_k", "type_k", str, {"llama.cpp": "type_k"}, "f16"),
-    Flag("-ctv", "type_v", "type_v", str, {"llama.cpp": "type_v"}, "f16"),
+    Flag("-fa", "flash_attn", "fa", _flag_bool,
+         {"llama.cpp": "flash_attn", "torch": ("attn_implementation", lambda on: "sdpa" if on else "eager")}, False,
+         lacks={"mlx": "mlx always runs its fused attention (mx.fast.scaled_dot_product_attention)",
+                "onnxruntime": ONNX_FIXED}),
+    Flag("-ctk", "type_k", "type_k", str, {"llama.cpp": "type_k", "mlx": ("kv_bits", _mlx_kv_bits)}, "f16",
+         lacks={"torch": "torch keeps the KV cache in the model's dtype; choose that with the scenario option dtype",
+                "onnxruntime": ONNX_FIXED}),
+    Flag("-ctv", "type_v", "type_v", str, {"llama.cpp": "type_v", "mlx": ("kv_bits", _mlx_kv_bits)}, "f16",
+         lacks={"torch": "torch keeps the KV cache in the model's dtype; choose that with the scenario option dtype",
+                "onnxruntime": ONNX_FIXED}),
 )
 FLAG_BY_FIELD = {f.field: f for f in FLAGS}
 
@@ -118,20 +147,28 @@ def runner_options(sweep: Sweep, runtime: str) -> dict[str, Any]:
     except UnknownRunner as exc:
         raise BenchError(f"--runtime: {exc}") from None
     options: dict[str, Any] = {}
+    set_by: dict[str, str] = {}
     for name, values in sweep.flags.items():
         flag = FLAG_BY_FIELD[name]
-        option = flag.runtimes.get(cls.name) or flag.runtimes.get(runtime)
-        if option is None or option not in cls.options:
+        target = flag.option_for(cls.name) or flag.option_for(runtime)
+        if target is None or target[0] not in cls.options:
             if values == [flag.default]:  # e.g. `-fa 0` for onnxruntime: asks for nothing the runtime lacks
                 continue
-            has = ", ".join(sorted(flag.runtimes))
-            raise BenchError(f"{flag.flag}: runtime {runtime!r} has no such option (only {has})")
+            why = flag.lacks.get(cls.name) or f"no such option (only {', '.join(sorted(flag.runtimes))})"
+            raise BenchError(f"{flag.flag}: runtime {cls.name!r} cannot set it: {why}")
+        option, translate = target
+        converted = []
         for value in values:
             try:
-                cls.validate_options({option: value})
-            except OptionError as exc:
+                converted.append(translate(value))
+                cls.validate_options({option: converted[-1]})
+            except (OptionError, BenchError) as exc:
                 raise BenchError(f"{flag.flag} {value}: {exc}") from None
-        options[option] = values if len(values) > 1 else values[0]
+        merged = converted if len(converted) > 1 else converted[0]
+        if option in options and options[option] != merged:  # MLX quantizes K and V together: one kv_bits
+            raise BenchError(f"{flag.flag}: runtime {cls.name!r} sets {set_by[option]} and {flag.flag} with one "
+                             f"option ({option}); give both the same values")
+        options[option], set_by[option] = merged, flag.flag
     return options
 
 
@@ -228,8 +265,10 @@ def bench_records(bc: BenchCase, rows: list[dict], results_file: str) -> list[di
         "model_size": first.get("artifact_size_bytes"), "model_n_params": first.get("artifact_n_params"),
         "backends": case.runtime,
         "n_batch": opts.get("n_batch"), "n_threads": first.get("n_threads") or opts.get("n_threads"),
-        "type_k": opts.get("type_k") or (kv[0] or None), "type_v": opts.get("type_v") or (kv[-1] or None),
-        "n_gpu_layers": opts.get("n_gpu_layers"), "flash_attn": opts.get("flash_attn"),
+        "type_k": first.get("kv_type_k") or opts.get("type_k") or (kv[0] or None),
+        "type_v": first.get("kv_type_v") or opts.get("type_v") or (kv[-1] or None),
+        "n_gpu_layers": opts.get("n_gpu_layers"),
+        "flash_attn": first.get("flash_attn") if first.get("flash_attn") is not None else opts.get("flash_attn"),
         "n_depth": bc.n_depth,
         "test_time": started.isoformat() if hasattr(started, "isoformat") else started,
         "peak_rss_bytes": max(peaks) if peaks else None,

@@ -82,6 +82,9 @@ from harness.errors import FitbenchError
 # bytes per element of llama.cpp KV cache types (block formats: block bytes / 32)
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
             "q5_0": 22 / 32, "q5_1": 24 / 32, "iq4_nl": 18 / 32}
+# MLX group quantization (kv_bits, group 64): packed bits plus a scale and a bias per group in the
+# compute dtype (f32 on the CPU backend, taken as the upper bound). Only for runtime mlx.
+MLX_KV_BYTES = {f"q{bits}": bits / 8 + 8 / 64 for bits in (2, 3, 4, 6, 8)}
 # Float dtypes by every name they go by: runner options (torch names), config.json, safetensors headers.
 DTYPE_NAMES = {"float32": "f32", "float": "f32", "f32": "f32", "F32": "f32",
                "bfloat16": "bf16", "bf16": "bf16", "BF16": "bf16",
@@ -151,7 +154,8 @@ def estimate(info: ArtifactInfo, n_ctx: int, runtime: str = "llama.cpp", kv_type
     flash = bool(opts.get("flash_attn", False)) if flash_attn is None else flash_attn
     full_cells, swa_cells = kv_cells(info, runtime, n_ctx, filled, opts, batch)
     n_swa = info.layout.n_swa_layers if info.layout else 0
-    per_cell = kv_row_bytes(info) * (KV_BYTES[k_type] + KV_BYTES[v_type])
+    per = {**KV_BYTES, **MLX_KV_BYTES}  # MLX's kv_bits types (q8, q4) beside llama.cpp's
+    per_cell = kv_row_bytes(info) * (per[k_type] + per[v_type])
     kv_full = int((info.n_layers - n_swa) * full_cells * per_cell)
     kv_swa = int(n_swa * swa_cells * per_cell)
     compute = compute_bytes(info, runtime, filled, ubatch, full_cells, flash, target)
@@ -314,6 +318,10 @@ def _kv_types(info: ArtifactInfo, runtime: str, kv_type: str | None, opts: Mappi
         k, v = str(opts.get("type_k") or "f16"), str(opts.get("type_v") or "f16")
     elif runtime == "onnxruntime":
         k = v = _onnx_io_type(info)
+    elif runtime == "mlx" and opts.get("kv_bits"):
+        k = v = f"q{int(opts['kv_bits'])}"
+        if k in MLX_KV_BYTES:
+            return k, v
     elif target is not None:  # torch, MLX: the KV cache is in the dtype the model computes in
         k = v = target
     else:

@@ -342,6 +342,8 @@ def measurement_flags(row: dict, t: Thresholds = Thresholds()) -> MeasurementFla
             noisy = True
             notes.append(f"decode 95% CI ±{ci / mean:.1%} of the mean (max_ci ±{t.max_ci:.0%})")
     return MeasurementFlags(drifted, noisy, "; ".join(notes) or None)
+
+
 SERVING_MEMORY = ("resident", "tight")  # the sessions' KV and weights stay in fast memory
 
 
@@ -395,6 +397,19 @@ def max_users(by_users: dict[int, bool | None]) -> int | None:
             break
         best = n
     return best
+
+
+def predicted_verdict(peak_bytes: float, ttft_s: float | None, decode_tok_s: float | None, budget_bytes: int,
+                      t: Thresholds = Thresholds()) -> Verdict:
+    """The verdict a case would get with these predicted figures (``harness.fitpredict``): judged by
+    ``classify`` like a measured row, so a prediction and a measurement mean the same class."""
+    row = {"status": "ok", "peak_rss_bytes": int(peak_bytes), "ttft_s": ttft_s, "decode_tok_s": decode_tok_s}
+    return classify(row, budget_bytes, t)
+
+
+def rank(cls: str | None) -> int:
+    """Position in ORDER, fits first; no verdict (a crash, an error) ranks below no_fit."""
+    return ORDER.index(cls) if cls in ORDER else len(ORDER)
 
 
 def quality_misses(row: dict, t: Thresholds) -> list[str]:

@@ -30,6 +30,7 @@ SCHEMA_VERSION = "1.4"  # 1.1: budget and fit columns; 1.2: runtime allocator, G
 # 1.3: load_peak_rss_bytes, budget_requested_bytes, budget_note, budget_peak_bytes, machine_id in the timeline;
 # 1.4: drift, noise record, confidence interval, roofline columns; frequency/temperature/steal in the timeline
 #      and parallel sessions (parallel, ttft_p50/p90, user/aggregate decode, kv_session_bytes, serving verdict)
+#      and KV cache and attention kernel (kv_type_k, kv_type_v, attn_impl, flash_attn)
 METADATA_KEY = b"fitbench.schema_version"
 
 STATUSES = ("ok", "load_error", "runtime_error", "oom", "killed", "crashed", "timeout", "stopped", "unavailable",
@@ -84,6 +85,14 @@ RESULT_COLUMNS: list[Column] = _cols(
     ("n_layers_total", I, "layers in the model as the runtime counts them"),
     ("n_layers_device", I, "layers placed on the accelerator"),
     ("kv_type", S, "KV cache element types, K/V"),
+    ("kv_type_k", S, "K cache element type in llama.cpp's names (f32, f16, bf16, q8_0, q4_0, ...; MLX group "
+                     "quantization: q8, q4): asked for by the options, as reported by the runtime once loaded "
+                     "(schema 1.4)"),
+    ("kv_type_v", S, "V cache element type, as kv_type_k (schema 1.4)"),
+    ("attn_impl", S, "attention kernel: llama.cpp flash | standard; torch attn_implementation (sdpa, eager, ...); "
+                     "MLX sdpa | quantized_sdpa; ONNX the graph's operator, e.g. GroupQueryAttention (schema 1.4)"),
+    ("flash_attn", B, "a fused attention kernel that never materialises the scores (llama.cpp flash_attn; "
+                      "torch anything but eager; MLX sdpa) (schema 1.4)"),
     ("n_threads", I, "CPU threads the runtime used"),
     # case
     ("n_ctx", I, "configured context requested by the scenario"),

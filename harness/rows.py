@@ -38,7 +38,7 @@ from harness.measure.energy import interpolate
 from harness.metrics import ci95, parallel_timing, percentile, rate_drift, timing
 from harness.protocol import CaseEvents, Rep, Turn
 from harness.results import SCHEMA_VERSION
-from runners.base import MEMORY_STATS_KEYS
+from runners.base import KV_SETTING_KEYS, MEMORY_STATS_KEYS, OptionError, UnknownRunner, get_runner_class
 
 if TYPE_CHECKING:
     from harness.artifact import ArtifactInfo
@@ -104,10 +104,22 @@ def base_row(case: Case, machine: Machine, run_id: str, started_at: datetime | N
             "artifact_n_kv_heads": art.n_kv_heads, "artifact_context_length": art.context_length,
             "artifact_n_heads": art.n_heads, "artifact_head_dim": art.head_dim,
         })
+    row.update(requested_kv_settings(case))
     if case.workflow is not None:
         row.update(turns=case.workflow.turns, workflow_kind=case.workflow.kind,
                    workflow_json=json.dumps(case.workflow.to_dict(), sort_keys=True))
     return row
+
+
+def requested_kv_settings(case: Case) -> Row:
+    """kv_type_k, kv_type_v, attn_impl, flash_attn as the case's options ask for them (the runner
+    maps its own options onto these columns), so a case that fails to load still says what it
+    tried; a loaded case's rows then carry what the runtime reports."""
+    try:
+        asked = get_runner_class(case.runtime).kv_settings(case.options)
+    except (UnknownRunner, OptionError):
+        asked = {}
+    return {key: asked.get(key) for key in KV_SETTING_KEYS}
 
 
 # -- the verdict ------------------------------------------------------------------------------------------
@@ -211,6 +223,7 @@ def _case_columns(case: Case, base: Row, ev: CaseEvents, tl: Timeline, exit_code
         "runtime_version": info.get("runtime_version"), "device": info.get("device"),
         "n_layers_total": info.get("n_layers_total"), "n_layers_device": info.get("n_layers_device"),
         "kv_type": info.get("kv_type"), "n_threads": info.get("n_threads"),
+        **{key: info[key] for key in KV_SETTING_KEYS if info.get(key) is not None},
         "n_ctx_runtime": info.get("n_ctx"), "n_ctx_meaning": info.get("n_ctx_meaning"),
         "runtime_extra_json": json.dumps(info["extra"], sort_keys=True, default=str) if info.get("extra") else None,
         "load_s": loaded.load_s if loaded else None, "case_wall_s": wall_s,

@@ -83,6 +83,14 @@ class LoadInfo:
     kv_type: str | None = None
     n_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The KV-cache and attention settings the runtime really used (see ``Runner.kv_settings``).
+    kv_type_k: str | None = None
+    kv_type_v: str | None = None
+    attn_impl: str | None = None
+    flash_attn: bool | None = None
+
+
+KV_SETTING_KEYS = ("kv_type_k", "kv_type_v", "attn_impl", "flash_attn")
 
 
 # --- availability without importing a runtime ------------------------------------------
@@ -251,6 +259,16 @@ class Runner:
                 value = _coerce(key, value, spec)
             resolved[key] = value
         return resolved
+
+    @classmethod
+    def kv_settings(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The KV-cache element types and attention kernel these options ask for, as the uniform
+        result columns ``kv_type_k``, ``kv_type_v`` (llama.cpp's names: f32, f16, bf16, q8_0, q4_0, ...;
+        MLX's group quantization as q8/q4), ``attn_impl`` (the kernel: flash, standard, sdpa, eager,
+        ...) and ``flash_attn`` (a fused kernel that never materialises the attention scores).
+        Worked out without importing the runtime, so a case that fails to load still says what it
+        asked for; the worker's LoadInfo then reports what was used. {} when the runtime says nothing."""
+        return {}
 
     def prepare(self) -> None:
         """Import the runtime (called before ``load`` is timed, so load time is the model's alone)."""

@@ -39,6 +39,7 @@ KV_TYPES = {
     "f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7,
     "q8_0": 8, "iq4_nl": 20, "bf16": 30,
 }
+FLOAT_KV = ("f32", "f16", "bf16")  # the V cache types llama.cpp accepts without flash attention
 INSTALL = "pip install 'fitbench[llama]'  (CUDA: CMAKE_ARGS=-DGGML_CUDA=on; Metal is on by default on macOS)"
 FACTS = "runners.llama_cpp:runtime_facts"  # run by available() in a child interpreter
 GPU_BACKENDS = ("CUDA", "Metal", "Vulkan", "ROCm", "HIP", "SYCL")
@@ -172,6 +173,10 @@ class LlamaCppRunner(Runner):
                     verbose=False,
                 )
         except Exception as exc:
+            if opts["type_v"] not in FLOAT_KV and not opts["flash_attn"]:
+                # llama.cpp refuses the context (it cannot transpose a quantized V without the fused kernel)
+                raise LoadError(f"llama.cpp: a quantized V cache ({opts['type_v']}) needs flash attention; "
+                                f"set flash_attn=true (bench: -fa 1) or type_v f16 ({exc})") from exc
             raise LoadError(f"llama.cpp could not load {artifact.name}: {exc}") from exc
 
         model = self._llama._model.model
@@ -198,7 +203,14 @@ class LlamaCppRunner(Runner):
             kv_type=f"{opts['type_k']}/{opts['type_v']}",
             n_threads=n_threads,
             extra=extra,
+            **self.kv_settings(opts),
         )
+
+    @classmethod
+    def kv_settings(cls, options: dict[str, Any]) -> dict[str, Any]:
+        opts = cls.validate_options(options)
+        return {"kv_type_k": opts["type_k"], "kv_type_v": opts["type_v"], "flash_attn": opts["flash_attn"],
+                "attn_impl": "flash" if opts["flash_attn"] else "standard"}
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._llama.tokenize(text.encode("utf-8"), add_bos=True, special=False))

@@ -69,6 +69,9 @@ class MlxRunner(Runner):
         "dtype": Option(str, "auto", "activation/KV dtype: auto = float32 on the CPU backend (its bfloat16 and "
                         "float16 are emulated, 4-5x slower), the artifact's own dtype on a GPU",
                         ("auto", "float32", "float16", "bfloat16")),
+        "kv_bits": Option(int, None, "quantize the KV cache to this many bits (mlx-lm QuantizedKVCache, "
+                          "group quantization; a quantized cache does not rotate, n_ctx is enforced)", (2, 3, 4, 6, 8)),
+        "kv_group_size": Option(int, 64, "group size of the quantized KV cache (mlx-lm's default)", (32, 64, 128)),
         "kv_cache": Option(str, "rotating", "rotating: cap the KV cache at n_ctx (max_kv_size); "
                            "unbounded: let it grow (n_ctx is then not enforced)", ("rotating", "unbounded")),
     }
@@ -126,6 +129,7 @@ class MlxRunner(Runner):
         lm_version, mx_version = _versions()
         cache = self._new_cache()
         capped = opts["kv_cache"] == "rotating"
+        float_kv = _dtype_name(_weights_dtype(self._model))  # the cache's dtype unless kv_bits quantizes it
         return LoadInfo(
             device=device,
             runtime_version=lm_version or "unknown",
@@ -135,10 +139,21 @@ class MlxRunner(Runner):
                            "mlx-lm unbounded KV cache: grows with use, n_ctx is not enforced"),
             n_layers_total=len(self._model.layers),
             n_layers_device=len(self._model.layers) if device == "gpu" else 0,
-            kv_type=_dtype_name(_weights_dtype(self._model)),
+            kv_type=f"q{opts['kv_bits']}" if opts["kv_bits"] else float_kv,
+            **{"kv_type_k": float_kv, "kv_type_v": float_kv, **self.kv_settings(opts)},
             extra={"mlx_version": mx_version, "dtype_option": opts["dtype"], "kv_cache": type(cache[0]).__name__,
                    "max_kv_size": n_ctx if capped else None, "prefill_step_size": opts["prefill_step_size"]},
         )
+
+    @classmethod
+    def kv_settings(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """MLX attention is mx.fast.scaled_dot_product_attention (fused); a quantized cache goes through
+        mlx-lm's quantized_scaled_dot_product_attention, which computes the scores explicitly."""
+        opts = cls.validate_options(options)
+        bits = opts["kv_bits"]
+        if not bits:
+            return {"attn_impl": "sdpa", "flash_attn": True}
+        return {"kv_type_k": f"q{bits}", "kv_type_v": f"q{bits}", "attn_impl": "quantized_sdpa", "flash_attn": False}
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text))
@@ -158,7 +173,8 @@ class MlxRunner(Runner):
     def _run(self, feed: list[int], max_new_tokens: int) -> Iterator[float]:
         import mlx.core as mx
 
-        if self._opts["kv_cache"] == "rotating" and self._cache[0].offset + len(feed) + max_new_tokens - 1 > self._n_ctx:
+        capped = self._opts["kv_cache"] == "rotating" or self._opts["kv_bits"]
+        if capped and self._cache[0].offset + len(feed) + max_new_tokens - 1 > self._n_ctx:
             raise RunnerError(f"context full: {self._cache[0].offset} cached + {len(feed)} new + "
                               f"{max_new_tokens - 1} to generate exceed n_ctx {self._n_ctx}")
         logits = self._prefill(mx.array(feed, dtype=mx.int32))
@@ -231,9 +247,13 @@ class MlxRunner(Runner):
             pass
 
     def _new_cache(self, capped: bool | None = None) -> list[Any]:
-        from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+        from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
 
         cache = make_prompt_cache(self._model)
+        if self._opts.get("kv_bits") and capped is not False:
+            # Quantized from the first token (mlx-lm's quantized_kv_start 0); capacity is checked in _run.
+            return [QuantizedKVCache(group_size=self._opts["kv_group_size"], bits=self._opts["kv_bits"])
+                    if type(c) is KVCache else c for c in cache]
         if capped is None:
             capped = self._opts["kv_cache"] == "rotating"
         if capped:

@@ -200,12 +200,19 @@ class OnnxGenaiRunner(Runner):
             n_layers_total=decoder.get("num_hidden_layers"),
             n_layers_device=decoder.get("num_hidden_layers") if provider != "cpu" else 0,
             kv_type=self._kv_type_name,
+            kv_type_k=self._kv_type_name, kv_type_v=self._kv_type_name, attn_impl=_attention_op(artifact),
             n_threads=opts["intra_op_num_threads"],
             extra={"provider": provider, "execution_provider": PROVIDERS[provider][0],
                    "model_device_type": str(self._model.device_type), "max_length": n_ctx,
                    "past_present_share_buffer": opts["past_present_share_buffer"],
                    "onnxruntime_version": dist_version(*ORT_DISTS)},
         )
+
+    @classmethod
+    def kv_settings(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Nothing to choose: onnxruntime-genai's model builder fixes the KV dtype (the model's I/O
+        dtype) and the attention operator when it exports the model; LoadInfo reports both."""
+        return {}
 
     def _kv_type(self) -> str | None:
         """The KV cache dtype is the model's I/O dtype (the builder uses one for both); read it
@@ -360,3 +367,20 @@ class OnnxGenaiRunner(Runner):
         self._generator = None
         self._tokenizer = None
         self._model = None
+
+
+ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "PagedAttention", "Attention")
+
+
+def _attention_op(artifact: Path) -> str | None:
+    """The attention operator the builder put in the graph (GroupQueryAttention for its decoder
+    models), found by name in the graph file: the weights are external data, the graph is small."""
+    try:
+        genai = json.loads((artifact / "genai_config.json").read_text())
+        graph = artifact / genai["model"]["decoder"]["filename"]
+        if graph.stat().st_size > 64 << 20:  # weights inside the graph file: not worth reading here
+            return None
+        data = graph.read_bytes()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return next((op for op in ATTENTION_OPS if op.encode() in data), None)

@@ -154,6 +154,16 @@ class TorchRunner(Runner):
             raise OptionError(f"option 'n_threads' must be at least 1, got {resolved['n_threads']}")
         return resolved
 
+    @classmethod
+    def kv_settings(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The KV cache is in the model's dtype (transformers has no separate cache dtype without a
+        quantization backend); the kernel is ``attn_implementation``: eager materialises the scores,
+        the others are fused (sdpa runs torch's flash-attention kernel on the CPU)."""
+        opts = cls.validate_options(options)
+        kv = KV_NAMES.get(opts["dtype"])  # auto: the checkpoint's own, known after load
+        attn = opts["attn_implementation"]
+        return {"kv_type_k": kv, "kv_type_v": kv, "attn_impl": attn, "flash_attn": attn != "eager"}
+
     # --- loading --------------------------------------------------------------------
 
     def prepare(self) -> None:
@@ -230,6 +240,7 @@ class TorchRunner(Runner):
             n_layers_device=layers_on_device,
             kv_type=f"{kv}/{kv}",
             n_threads=n_threads,
+            **{**self.kv_settings(opts), "kv_type_k": kv, "kv_type_v": kv},
             extra={"n_params": sum(p.numel() for p in model.parameters()), "dtype": str(dtype),
                    "attn_implementation": opts["attn_implementation"], "device_map": device_map,
                    "static_cache": self._static, "gpus": gpu_names,

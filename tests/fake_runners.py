@@ -52,6 +52,25 @@ class FakeRunner(Runner):
             yield time.perf_counter()
 
 
+class FakeKvRunner(FakeRunner):
+    """Writes a KV cache of ``kv_kib_per_token`` for every prompt token it processes, like llama.cpp
+    whose preallocated cache becomes resident only as it is written."""
+
+    options = {**FakeRunner.options, "kv_kib_per_token": Option(int, 64, "KiB written per processed token")}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._kv: bytearray | None = None
+
+    def generate(self, prompt_tokens: list[int], max_new_tokens: int) -> Iterator[float]:
+        self._kv = None
+        kv = bytearray((len(prompt_tokens) + max_new_tokens) * self._opts["kv_kib_per_token"] << 10)
+        for i in range(0, len(kv), 4096):
+            kv[i] = 1
+        self._kv = kv
+        return super().generate(prompt_tokens, max_new_tokens)
+
+
 class LoadFailRunner(FakeRunner):
     def load(self, artifact: Path, n_ctx: int, options: dict[str, Any]) -> LoadInfo:
         raise LoadError("fake runtime refuses this artifact")

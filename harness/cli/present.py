@@ -360,8 +360,8 @@ def measurement_warnings(results: list) -> list[str]:
             continue
         kinds = [k for k, col in (("drift", "drift_flag"), ("noisy", "noise_flag")) if any(x.get(col) for x in flagged)]
         notes = list(dict.fromkeys(n for row in flagged for n in (row.get("measurement_note") or "").split("; ") if n))
-        lines.append(f"[yellow]warning[/]: case {r.case.index + 1} ({escape(r.case.label)}) {'+'.join(kinds)}: "
-                     + escape("; ".join(notes[:4])))
+        lines.append(Markup(f"[yellow]warning[/]: case {r.case.index + 1} ({escape(r.case.label)}) "
+                            f"{'+'.join(kinds)}: " + escape("; ".join(notes[:4]))))
     return lines
 
 

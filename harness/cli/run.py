@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from harness.artifact import inspect_artifact
+from harness.cli.fitpredicted import CalibrationFailed, answer_lines, duration, predicted_fit
 from harness.cli.options import (
     COOLDOWN_OPTION,
     EXIT_INTERRUPTED,
@@ -179,16 +181,28 @@ def _run_cases(console, sc, cases: list, total: int, artifacts: dict, writer: Re
               show_default=True)
 @click.option("--workflow", "workflow_text", metavar="chat:TURNS|document:QUESTIONS|SCENARIO",
               help="probe with a multi-turn session filling each context (replies of --gen-tokens), or the first "
-                   "workflow of a scenario file; the verdict is the worst turn's")
+                   "workflow of a scenario file; the verdict is the worst turn's (always --method search)")
 @click.option("--users", "users_text", metavar="LIST",
               help="parallel sessions, e.g. 1,2,4: the largest context per user count, each probe judged by the "
-                   "serving verdict (docs/concurrency.md); a count's search stops at the previous count's answer")
+                   "serving verdict (docs/concurrency.md); a count's search stops at the previous count's answer "
+                   "(always --method search)")
+@click.option("--method", type=click.Choice(["predict", "search"]), default="predict", show_default=True,
+              help="predict: three short calibration cases predict every context, full runs confirm only the "
+                   "boundaries; search: a full run at every probed context (doubling, then bisection)")
+@click.option("--confirm", "confirm_what", type=click.Choice(["max-fit", "all", "none"]), default="max-fit",
+              show_default=True,
+              help="with --method predict: which predicted boundaries full runs confirm: the max fit context, "
+                   "every class's (tight, slow and spill too), or none (the answer from three short cases)")
 def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, gen_tokens: int, repetitions: int,
         min_context: int, max_context: int | None, step: int, options: tuple[str, ...], thresholds: tuple[str, ...],
-        timeout: float, output_dir: Path, workflow_text: str | None, users_text: str | None) -> None:
-    """Find the largest context at which ARTIFACT still fits (and where it turns tight, slow, spill, no_fit).
+        timeout: float, output_dir: Path, workflow_text: str | None, users_text: str | None, method: str,
+        confirm_what: str) -> None:
+    """Find the largest context at which ARTIFACT still fits, and the largest that is tight, slow or spills.
 
-    With --users, the same per user count: "fits 4 users at context C"."""
+    By default the memory and speed of every context are predicted from three short calibration cases, and
+    full runs confirm only the boundaries; the answer prints both the prediction and the measurement.
+    With --users, the largest context per user count: "fits 4 users at context C".
+    """
     keep_pandas_out()
     info = inspect_artifact(artifact)
     runtime = runtime or FORMAT_RUNTIMES.get(info.format)
@@ -234,41 +248,62 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
 
     n_users = 1
 
-    def probe(n_ctx: int) -> tuple[str | None, str]:
+    def run_one(case) -> tuple[list[dict], float]:
         nonlocal count
-        probe_sc = replace(sc, contexts=[n_ctx])
-        if wf is not None:
-            probe_sc = replace(probe_sc, workflows=[workflow_at(wf, n_ctx, fill)])
-        case = replace(probe_sc.cases()[0], index=count, parallel=n_users)
+        case = replace(case, index=count)
         count += 1
-        with console.status(escape(f"probing context {n_ctx:,} ({case.label})")):
+        with console.status(escape(f"running {case.label}")):
             try:
                 result = run_case(case, artifacts[case.artifact], mach, run_id, hashes)
             except SuiteInterrupted as stop:
                 record(writer, stop.args[0], run_id)
                 raise
         record(writer, result, run_id)
-        cls, reason = users_verdict(result.rows, n_users)
+        return result.rows, result.wall_s
+
+    def probe(n_ctx: int) -> tuple[str | None, str]:
+        probe_sc = replace(sc, contexts=[n_ctx])
+        if wf is not None:
+            probe_sc = replace(probe_sc, workflows=[workflow_at(wf, n_ctx, fill)])
+        rows, _ = run_one(replace(probe_sc.cases()[0], parallel=n_users))
+        cls, reason = users_verdict(rows, n_users)
         console.print(Markup(f"  ctx {n_ctx:>6,}: {fit_markup(cls)} - {escape(reason)}"))
         return cls, reason
 
-    answers = []
-    ceiling = limit
+    started = time.perf_counter()
+    answer, answers = None, []
     try:
-        for n_users in users:
-            if len(users) > 1:
-                console.print(escape(f"{n_users} user{'s' if n_users != 1 else ''}:"))
-            found = search(probe, min(smallest, ceiling), ceiling, step)
-            answers.append((n_users, found))
-            if found.max_fit is None:
-                break  # more users cannot fit where fewer did not
-            ceiling = found.max_fit  # more users never fit a larger context
+        if method == "predict" and wf is None and users == [1]:
+            try:
+                answer = predicted_fit(console, sc.cases()[0], run_one, limit, smallest, step,
+                                       budget_bytes or mach.ram_bytes, confirm_what)
+            except CalibrationFailed as exc:
+                make_console(stderr=True).print(escape(f"fitbench fit: {exc}; searching with full runs instead"))
+        if answer is None:
+            ceiling = limit
+            for n_users in users:
+                if len(users) > 1:
+                    console.print(escape(f"{n_users} user{'s' if n_users != 1 else ''}:"))
+                found = search(probe, min(smallest, ceiling), ceiling, step)
+                answers.append((n_users, found))
+                if found.max_fit is None:
+                    break  # more users cannot fit where fewer did not
+                ceiling = found.max_fit  # more users never fit a larger context
     except (SuiteInterrupted, KeyboardInterrupt):
         make_console(stderr=True).print("fitbench: interrupted; the probes so far are saved")
         sys.exit(EXIT_INTERRUPTED)
-    for n_users, found in answers:
-        who = f" with {n_users} user{'s' if n_users != 1 else ''}" if users != [1] else ""
-        console.print(Markup(f"[bold]{escape(artifact.name)}[/]{escape(who)}: {escape(found.summary())}"))
+    if answer is not None:
+        for line in answer_lines(answer):
+            console.print(escape(line))
+        console.print(escape(f"{count} case(s) run ({len(answer.calibration)} short calibration, "
+                             f"{len(answer.points)} full) for {len(answer.predicted)} contexts predicted, "
+                             f"in {duration(time.perf_counter() - started)}"))
+        console.print(Markup(f"[bold]{escape(artifact.name)}[/]: {escape(answer.summary())}"))
+    else:
+        console.print(escape(f"{count} full case(s) run in {duration(time.perf_counter() - started)}"))
+        for n_users, found in answers:
+            who = f" with {n_users} user{'s' if n_users != 1 else ''}" if users != [1] else ""
+            console.print(Markup(f"[bold]{escape(artifact.name)}[/]{escape(who)}: {escape(found.summary())}"))
     console.print(escape(f"results: {writer.results_path}"))
 
 

@@ -160,6 +160,8 @@ SHARED_RESULT_COLUMNS: dict[str, Shared] = _list(
                                          "aggregate_decode_tok_s", "kv_session_bytes", "serving_fits")),
     *((name, JSON, _FIGURE) for name in ("session_ttft_s_json", "session_decode_tok_s_json")),
     ("serving_reason", TEXT, "the serving verdict in words"),
+    *((name, CODE, _CONFIG) for name in ("kv_type_k", "kv_type_v", "attn_impl")),
+    ("flash_attn", KEEP, _CONFIG),
 )
 
 # Result columns that never leave the machine, and why (every result column is on one list or the other).
