@@ -58,11 +58,16 @@ is read only from the proxies the operator names with ``--trust-proxy``.
 Order of work for a bundle, cheapest first (ingest.py), everything past the
 header checks in a worker thread: content type, encoding and signature header
 -> body read with a byte cap and a time limit -> the HMAC of the body as sent
-(``X-Fitbench-Signature``) against the token's secret, then its rate limit and
-quota -> gzip inflated up to ``max_decoded`` -> JSON value count and depth
-bounded on the bytes, then parsed (finite numbers only) -> structure,
-the bundle's own signature, plausibility -> stored, columns newer than this
-schema dropped, each row with the server's own verdict.
+(``X-Fitbench-Signature``) against the token's secret, then its quota ->
+admission, on the event loop: one heavy job per token and ``max_ingest`` at
+once (a short wait for a slot, then 503 with Retry-After; never an unbounded
+queue), then the token's rate limit is charged -> on the heavy job's own
+threads: gzip inflated up to ``max_decoded`` (a bomb, 413, costs its token
+``bomb_cost`` bundles) -> JSON value count and depth bounded on the bytes,
+then parsed (finite numbers only) -> structure, the bundle's own signature,
+columns off the client's allow-list dropped, run ids in the re-derived form,
+plausibility -> stored, each row with the server's own verdict. So memory
+stays near ``max_ingest`` x ``max_decoded`` whatever the clients send.
 """
 
 from __future__ import annotations
