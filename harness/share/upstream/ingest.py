@@ -65,7 +65,8 @@ def inflate(raw: bytes, encoding: str, max_decoded: int) -> bytes:
         for start in range(0, len(raw), SLICE):
             data = raw[start:start + SLICE]
             while data:
-                piece = gz.decompress(data, max_decoded + 1 - size)
+                # at most a slice out per call: zlib's own output buffer never grows to the whole cap
+                piece = gz.decompress(data, min(SLICE, max_decoded + 1 - size))
                 size += len(piece)
                 out.append(piece)
                 if size > max_decoded:  # a gzip bomb, or just too big: stop before holding more
