@@ -90,8 +90,10 @@ from harness.share.bundle import BundleError, content_hash
 from harness.share.contribute import TOKEN_PREFIX
 from harness.share.upstream import page as explorer
 from harness.share.upstream.ingest import (
+    BIG_JOB,
     SIGNATURE_HEADER,
     Refused,
+    give_back_memory,
     inflate,
     parse_bounded,
     parse_signature_header,
@@ -230,10 +232,20 @@ def create_app(config: Config | None = None) -> FastAPI:
         return refuse(503, error, headers={"Retry-After": str(retry_after)})
 
     def _ingest(raw: bytes, encoding: str, token_id: str, idem_key: str | None) -> JSONResponse:
-        decoded = inflate(raw, encoding, config.max_decoded)
-        del raw
-        doc = parse_bounded(decoded, config.max_elements, config.max_depth)
-        return _accept(doc, token_id, len(decoded), idem_key)
+        big = False  # a job refused for size, or one that inflated a lot, gives its memory back to the OS
+        try:
+            decoded = inflate(raw, encoding, config.max_decoded)
+            del raw
+            big = len(decoded) > BIG_JOB
+            doc = parse_bounded(decoded, config.max_elements, config.max_depth)
+            return _accept(doc, token_id, len(decoded), idem_key)
+        except Refused as exc:
+            big = big or exc.status == 413
+            raise
+        finally:
+            if big:
+                doc = decoded = None
+                give_back_memory()
 
     def _authenticate(raw: bytes, header: str | None) -> str:
         """The token that signed these bytes (its rate limit is charged by the caller, on admission)."""
