@@ -7,6 +7,7 @@ with real runs of the sample model and a real `fitbench upstream serve`.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import threading
 from pathlib import Path
@@ -298,6 +299,7 @@ def test_concurrent_submissions_lose_and_duplicate_nothing(tmp_path):
 
 
 def _variant(doc: dict, run_id: str, machine_id: str) -> dict:
+    run_id = "u1-" + hashlib.sha256(run_id.encode()).hexdigest()[:24]  # the form the client's run ids have
     rows = [{**r, "run_id": run_id, "machine_id": machine_id} for r in doc["rows"]]
     n = len(doc["timeline"]["run_id"])
     timeline = {**doc["timeline"], "run_id": [run_id] * n, "machine_id": [machine_id] * n}

@@ -130,6 +130,9 @@ DB_HELP = ("the store: a SQLite file (created if missing) or a PostgreSQL URL, "
               help="bundles one token may submit")
 @click.option("--requests-per-minute", type=click.FloatRange(min=0.01), default=1200, show_default=True,
               help="submissions and queries one address may make")
+@click.option("--max-ingest", type=click.IntRange(min=1), default=3, show_default=True, metavar="N",
+              help="bundles inflated, checked and stored at once (server memory grows to about N x 64 MiB); "
+              "one per token, and a bundle that waits more than a few seconds for a slot gets 503 + Retry-After")
 @click.option("--open", "open_tokens", is_flag=True, help="issue tokens to anyone who asks (POST /v1/tokens); "
               "they start quarantined: stored, not counted until `fitbench upstream token approve`")
 @click.option("--no-quarantine", is_flag=True, help="with --open: self-service tokens count at once (a private "
@@ -148,7 +151,7 @@ DB_HELP = ("the store: a SQLite file (created if missing) or a PostgreSQL URL, "
 def upstream_serve(db: Path | str, host: str, port: int, max_body_mib: float, tokens_per_minute: float,
                    bundles_per_minute: float, requests_per_minute: float, open_tokens: bool, no_quarantine: bool,
                    quota_mib: float, trust_proxy: tuple[str, ...], promote_after: int, promote_hours: float,
-                   no_promote: bool) -> None:
+                   no_promote: bool, max_ingest: int) -> None:
     """Accept contribution bundles and serve aggregated community fits (GET /v1/fits) as JSON.
 
     Tokens come from the operator (`fitbench upstream token create`); with --open anyone may
@@ -166,7 +169,7 @@ def upstream_serve(db: Path | str, host: str, port: int, max_body_mib: float, to
     if no_quarantine and not open_tokens:
         raise UsageError("--no-quarantine is about self-service tokens: it needs --open")
     try:
-        app = create_app(Config(db=db, max_body=int(max_body_mib * 2**20),
+        app = create_app(Config(db=db, max_body=int(max_body_mib * 2**20), max_ingest=max_ingest,
                                 token_limit=Limit(tokens_per_minute, max(1, int(tokens_per_minute // 2))),
                                 bundle_limit=Limit(bundles_per_minute, max(1, int(bundles_per_minute // 2))),
                                 request_limit=Limit(requests_per_minute, max(1, int(requests_per_minute // 2))),

@@ -58,11 +58,16 @@ is read only from the proxies the operator names with ``--trust-proxy``.
 Order of work for a bundle, cheapest first (ingest.py), everything past the
 header checks in a worker thread: content type, encoding and signature header
 -> body read with a byte cap and a time limit -> the HMAC of the body as sent
-(``X-Fitbench-Signature``) against the token's secret, then its rate limit and
-quota -> gzip inflated up to ``max_decoded`` -> JSON value count and depth
-bounded on the bytes, then parsed (finite numbers only) -> structure,
-the bundle's own signature, plausibility -> stored, columns newer than this
-schema dropped, each row with the server's own verdict.
+(``X-Fitbench-Signature``) against the token's secret, then its quota ->
+admission, on the event loop: one heavy job per token and ``max_ingest`` at
+once (a short wait for a slot, then 503 with Retry-After; never an unbounded
+queue), then the token's rate limit is charged -> on the heavy job's own
+threads: gzip inflated up to ``max_decoded`` (a bomb, 413, costs its token
+``bomb_cost`` bundles) -> JSON value count and depth bounded on the bytes,
+then parsed (finite numbers only) -> structure, the bundle's own signature,
+columns off the client's allow-list dropped, run ids in the re-derived form,
+plausibility -> stored, each row with the server's own verdict. So memory
+stays near ``max_ingest`` x ``max_decoded`` whatever the clients send.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import anyio
+from anyio import to_thread
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -84,8 +90,10 @@ from harness.share.bundle import BundleError, content_hash
 from harness.share.contribute import TOKEN_PREFIX
 from harness.share.upstream import page as explorer
 from harness.share.upstream.ingest import (
+    BIG_JOB,
     SIGNATURE_HEADER,
     Refused,
+    give_back_memory,
     inflate,
     parse_bounded,
     parse_signature_header,
@@ -93,7 +101,7 @@ from harness.share.upstream.ingest import (
 )
 from harness.share.upstream.ratelimit import Limit, RateLimiter, client_address, limit_key
 from harness.share.upstream.store import DEFAULT_QUOTA, MAX_PAGE, BadRow, QuotaExceeded, Store
-from harness.share.upstream.validate import check_bundle, drop_unknown
+from harness.share.upstream.validate import check_bundle, check_run_ids, drop_unknown
 
 
 @dataclass
@@ -104,6 +112,10 @@ class Config:
     max_elements: int = 4_000_000       # JSON values in one bundle (bounded before parsing)
     max_depth: int = 32                 # JSON nesting (a bundle needs 4)
     body_timeout: float = 60.0          # seconds for the whole body to arrive
+    max_ingest: int = 3                 # bundles inflated/parsed/stored at once (memory ~ max_ingest x max_decoded)
+    ingest_queue: int = 8               # signed bundles that may wait for one of those slots ...
+    ingest_wait: float = 5.0            # ... for at most this many seconds; then 503 with Retry-After
+    bomb_cost: int = 10                 # a signed bundle over a cap (413) costs its token this many bundles
     open_tokens: bool = False           # POST /v1/tokens issues (quarantined) tokens to anyone
     quarantine: bool = True             # open-mode tokens wait for approval (False: a private upstream)
     quota_bytes: int = DEFAULT_QUOTA    # decoded bytes a new token may store
@@ -127,6 +139,12 @@ def create_app(config: Config | None = None) -> FastAPI:
     store = Store(config.db, config.thresholds)
     limits = {"token": RateLimiter(config.token_limit), "bundle": RateLimiter(config.bundle_limit),
               "request": RateLimiter(config.request_limit)}
+    # Heavy work (inflate, parse, check, store) is admitted ``max_ingest`` at a time and one per token, and runs
+    # on its own threads: the default pool (40 threads) stays free for the sync endpoints, and memory is bounded
+    # by about max_ingest x max_decoded whatever the clients send. Admission is decided on the event loop.
+    admitted = anyio.CapacityLimiter(config.max_ingest)
+    workers = anyio.CapacityLimiter(config.max_ingest)  # the threads those admitted jobs run on
+    in_flight: set[str] = set()  # tokens with a heavy job admitted or waiting (touched on the event loop only)
     app = FastAPI(title="fitbench upstream", version="1", docs_url=None, redoc_url=None)
     app.state.store, app.state.config = store, config
 
@@ -181,18 +199,56 @@ def create_app(config: Config | None = None) -> FastAPI:
         except Refused as exc:
             raise refuse(exc.status, exc.error) from None
         raw = await _read_body(request, config)
-        try:  # each step in a worker thread, cheapest first: signature, then inflate, then parse
+        try:  # the signature over the bytes as sent, in a worker thread: one HMAC, before any heavy work
             token_id = await run_in_threadpool(_authenticate, raw, request.headers.get(SIGNATURE_HEADER))
-            decoded = await run_in_threadpool(inflate, raw, encoding, config.max_decoded)
-            del raw
-            doc = await run_in_threadpool(parse_bounded, decoded, config.max_elements, config.max_depth)
         except Refused as exc:
             raise refuse(exc.status, exc.error) from None
-        return await run_in_threadpool(_accept, doc, token_id, len(decoded), idem_key)
+        # admission, on the event loop (no await between the checks and taking the token's place)
+        if token_id in in_flight:
+            raise busy(f"token {token_id} already has a bundle being taken in: send one at a time", 2)
+        if admitted.statistics().tasks_waiting >= config.ingest_queue:
+            raise busy("the server is taking in as many bundles as it can: retry later", 5)
+        charge("bundle", token_id)  # only once the signature holds: a token id read from a bundle locks nobody out
+        in_flight.add(token_id)
+        try:
+            acquired = False  # a short wait for a slot, never an unbounded queue
+            with anyio.move_on_after(config.ingest_wait):
+                await admitted.acquire()
+                acquired = True
+            if not acquired:
+                raise busy("the server is taking in as many bundles as it can: retry later", 5)
+            try:  # inflate, parse, check and store in one job on the heavy threads
+                return await to_thread.run_sync(_ingest, raw, encoding, token_id, idem_key, limiter=workers)
+            except Refused as exc:
+                if exc.status == 413:  # over a cap once inflated or counted: a bomb costs its token several bundles
+                    limits["bundle"].penalise(token_id, config.bomb_cost - 1)
+                raise refuse(exc.status, exc.error) from None
+            finally:
+                admitted.release()
+        finally:
+            in_flight.discard(token_id)
+
+    def busy(error: str, retry_after: int) -> HTTPException:
+        return refuse(503, error, headers={"Retry-After": str(retry_after)})
+
+    def _ingest(raw: bytes, encoding: str, token_id: str, idem_key: str | None) -> JSONResponse:
+        big = False  # a job refused for size, or one that inflated a lot, gives its memory back to the OS
+        try:
+            decoded = inflate(raw, encoding, config.max_decoded)
+            del raw
+            big = len(decoded) > BIG_JOB
+            doc = parse_bounded(decoded, config.max_elements, config.max_depth)
+            return _accept(doc, token_id, len(decoded), idem_key)
+        except Refused as exc:
+            big = big or exc.status == 413
+            raise
+        finally:
+            if big:
+                doc = decoded = None
+                give_back_memory()
 
     def _authenticate(raw: bytes, header: str | None) -> str:
-        """The token that signed these bytes; charged to its rate limit only once the signature holds,
-        so a token id read from a shared bundle cannot be used to lock its owner out."""
+        """The token that signed these bytes (its rate limit is charged by the caller, on admission)."""
         token_id, given = parse_signature_header(header)
         found = store.token(token_id)
         if found is None or found["status"] == "revoked":
@@ -200,7 +256,6 @@ def create_app(config: Config | None = None) -> FastAPI:
         if not signature_matches(found["secret"], raw, given):
             raise Refused(401, "the request signature does not match the body: it was altered or signed with "
                                "another token")
-        charge("bundle", token_id)
         if found["used_bytes"] + len(raw) > found["quota_bytes"]:
             raise Refused(413, f"token {token_id} has used {found['used_bytes']:,} of its "
                                f"{found['quota_bytes']:,} byte quota: ask the operator")
@@ -230,7 +285,9 @@ def create_app(config: Config | None = None) -> FastAPI:
                 return JSONResponse(store.known(digest), status_code=200)
         if idem_key is None and (repeat := store.known(digest)) is not None:
             return JSONResponse(repeat, status_code=200)
-        doc = drop_unknown(doc)  # verified as signed; what a newer schema adds is not ours to store
+        doc = drop_unknown(doc)  # verified as signed; what is not on the allow-list is not ours to store
+        if (wrong := check_run_ids(doc)) is not None:
+            raise refuse(422, wrong)
         try:
             reasons = check_bundle(doc["rows"], doc["timeline"])
         except (TypeError, ValueError, KeyError) as exc:  # a shape validate let through: the client's

@@ -10,6 +10,8 @@ builds any object; numbers must be finite (``1e999`` is refused, not inf).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import hmac
 import json
@@ -22,6 +24,20 @@ SLICE = 1 << 20
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
 _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
 _STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+# glibc keeps what a thread freed in that thread's arena; a bomb's megabytes would stay in the RSS of each
+# worker thread that ever inflated one. malloc_trim hands them back (absent elsewhere: nothing to do).
+try:
+    _TRIM = getattr(ctypes.CDLL(ctypes.util.find_library("c") or None), "malloc_trim", None)
+except (OSError, TypeError):  # no C library to load by that name (Windows)
+    _TRIM = None
+BIG_JOB = 8 * SLICE  # decoded bytes past which a finished job gives its memory back
+
+
+def give_back_memory() -> None:
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 class Refused(Exception):
@@ -65,7 +81,8 @@ def inflate(raw: bytes, encoding: str, max_decoded: int) -> bytes:
         for start in range(0, len(raw), SLICE):
             data = raw[start:start + SLICE]
             while data:
-                piece = gz.decompress(data, max_decoded + 1 - size)
+                # at most a slice out per call: zlib's own output buffer never grows to the whole cap
+                piece = gz.decompress(data, min(SLICE, max_decoded + 1 - size))
                 size += len(piece)
                 out.append(piece)
                 if size > max_decoded:  # a gzip bomb, or just too big: stop before holding more

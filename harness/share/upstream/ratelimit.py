@@ -40,6 +40,14 @@ class RateLimiter:
             self._buckets[key] = (tokens, now)
             return (1.0 - tokens) / rate if rate > 0 else 3600.0
 
+    def penalise(self, key: str, cost: float) -> None:
+        """Take ``cost`` more from the key's bucket, below empty if need be (it then waits to refill)."""
+        with self._lock:
+            now = self.clock()
+            tokens, last = self._buckets.get(key, (float(self.limit.burst), now))
+            tokens = min(float(self.limit.burst), tokens + (now - last) * self.limit.per_minute / 60.0)
+            self._buckets[key] = (tokens - cost, now)
+
     def _prune(self, now: float, rate: float) -> None:
         full_after = self.limit.burst / rate if rate > 0 else float("inf")
         for key in [k for k, (_, last) in self._buckets.items() if now - last > full_after]:

@@ -262,11 +262,27 @@ def check_bundle(rows: list[dict], timeline: dict[str, list], limit: int = 20) -
 
 
 def drop_unknown(doc: dict) -> dict:
-    """The bundle with only the columns this schema knows: a newer client's extra columns are
-    checked by the signature but never stored (they are nobody's to read here)."""
+    """The bundle with only the columns a client may send (harness/share/allowlist.py) that this schema
+    knows: anything else, a newer client's column or one no fitbench would share, is checked by the
+    signature but never stored."""
     from harness.results import RESULT_COLUMNS, TIMELINE_COLUMNS
+    from harness.share.allowlist import SHARED_RESULT_COLUMNS, SHARED_TIMELINE_COLUMNS
 
-    rows_known = {c.name for c in RESULT_COLUMNS}
-    timeline_known = rows_known | {c.name for c in TIMELINE_COLUMNS}
-    return {**doc, "rows": [{k: v for k, v in row.items() if k in rows_known} for row in doc["rows"]],
-            "timeline": {k: v for k, v in doc["timeline"].items() if k in timeline_known}}
+    rows_kept = {c.name for c in RESULT_COLUMNS} & set(SHARED_RESULT_COLUMNS)
+    timeline_kept = {c.name for c in (*RESULT_COLUMNS, *TIMELINE_COLUMNS)} & set(SHARED_TIMELINE_COLUMNS)
+    return {**doc, "rows": [{k: v for k, v in row.items() if k in rows_kept} for row in doc["rows"]],
+            "timeline": {k: v for k, v in doc["timeline"].items() if k in timeline_kept}}
+
+
+def check_run_ids(doc: dict) -> str | None:
+    """Why the bundle's run ids are not the client's re-derived ones (None when they all are): a run id
+    in any other form may carry the run's start second, which the allow-list promises never leaves."""
+    from harness.share.allowlist import RUN_ID_FORM
+
+    found = [r.get("run_id") for r in doc["rows"]]
+    found += [v for v in doc["timeline"].get("run_id", []) if isinstance(v, str)]  # a null is check_timelines'
+    bad = [v for v in found if not isinstance(v, str) or not RUN_ID_FORM.match(v)]
+    if not bad:
+        return None
+    return (f"run_id {str(bad[0])[:40]!r} is not a re-derived run id ({RUN_ID_FORM.pattern}): build the bundle "
+            "with `fitbench contribute`, which derives it")
