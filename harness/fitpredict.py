@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from harness.fit import rank
+from harness.fitsearch import max_fit_headline
 
 ANSWER_CLASSES = ("fits", "tight", "slow", "spill")
 CONFIRM = {"max-fit": ("fits",), "all": ANSWER_CLASSES, "none": ()}  # --confirm: classes whose boundary full runs confirm
@@ -177,12 +178,7 @@ class Answer:
         return fits.n_ctx if fits and fits.occurs else None
 
     def summary(self) -> str:
-        if self.max_fit is None:
-            head = "does not fit at any probed context"
-        elif self.max_fit >= self.limit:
-            head = f"fits up to its trained maximum of {self.limit:,} tokens"
-        else:
-            head = f"max fit context {self.max_fit:,} tokens"
+        head = max_fit_headline(self.max_fit, self.limit)
         rest = [f"{b.cls} up to {b.n_ctx:,}" for b in self.boundaries if b.cls != "fits" and b.occurs and b.n_ctx]
         return head + (f" ({'; '.join(rest)})" if rest else "")
 

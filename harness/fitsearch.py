@@ -45,12 +45,7 @@ class SearchResult:
         return out
 
     def summary(self) -> str:
-        if self.max_fit is None:
-            head = "does not fit at any probed context"
-        elif self.max_fit >= self.limit:
-            head = f"fits up to its trained maximum of {self.limit:,} tokens"
-        else:
-            head = f"max fit context {self.max_fit:,} tokens"
+        head = max_fit_headline(self.max_fit, self.limit)
         turns = [f"{cls} from {n:,}" for cls, n in self.first_at().items() if cls in self.probes.values()]
         return head + (f" ({'; '.join(turns)})" if turns else "")
 
@@ -103,3 +98,11 @@ def search(probe: Callable[[int], tuple[str | None, str]], min_ctx: int, max_ctx
     result.max_fit = last_fit
     return result
 
+
+def max_fit_headline(max_fit: int | None, limit: int) -> str:
+    """The first words of a fit answer, the same for a search and a prediction."""
+    if max_fit is None:
+        return "does not fit at any probed context"
+    if max_fit >= limit:
+        return f"fits up to its trained maximum of {limit:,} tokens"
+    return f"max fit context {max_fit:,} tokens"
