@@ -95,10 +95,11 @@ def submissions(rows: int, tokens: int, per_bundle: int, bulk_rows: int | None):
 
 
 def fill(store: Store, template: dict, rows: int, tokens: int, per_bundle: int, bulk_rows: int | None,
-         seed: int = 7) -> dict:
+         seed: int = 7, at: tuple[int, ...] = (), reached=None) -> dict:
     """Store ``rows`` rows through Store.submit: the bench bundles of --per-bundle rows one call each
     (``bulk_rows`` None), or joined per token into calls of ``bulk_rows`` rows. The stored rows, votes
-    and fits are the same either way; only the bundles table (and each row's bundle hash) differs."""
+    and fits are the same either way; only the bundles table (and each row's bundle hash) differs.
+    ``reached(done)`` is called once the store holds each count in ``at`` (a measurement while filling)."""
     ids = [store.issue_token(f"bench{i}", quota_bytes=2**40, status="active")[0] for i in range(tokens)]
     t0, done, calls, shown = time.perf_counter(), 0, 0, 0
     for t, group in submissions(rows, tokens, per_bundle, bulk_rows):
@@ -107,7 +108,9 @@ def fill(store: Store, template: dict, rows: int, tokens: int, per_bundle: int, 
         # the server hashes the request body before submit; a bench bundle is named by its numbers instead
         digest = hashlib.sha256(f"bench-{seed}-{rows}-{group}".encode()).hexdigest()
         store.submit({"bundle_version": 1, "rows": batch, "timeline": {}, "token_id": ids[t]}, digest)
-        done, calls = done + len(batch), calls + 1
+        before, done, calls = done, done + len(batch), calls + 1
+        if reached and any(before < a <= done for a in at):
+            reached(done)
         if done * 20 // rows > shown:
             shown = done * 20 // rows
             rate = done / (time.perf_counter() - t0)
@@ -170,7 +173,7 @@ def measure(db: str, queries: int) -> dict:
                 "server_rss_high_water_mib": round((high_water(proc) or 0) / 2**20, 1)}
 
 
-def run_one(kind: str, args, template: dict, work: Path, pg_base: str | None) -> dict:
+def run_one(kind: str, args, template: dict, work: Path, pg_base: str | None, done_results: list, save) -> dict:
     if kind == "sqlite":
         db = str(work / "scale.sqlite")
     else:
@@ -178,14 +181,24 @@ def run_one(kind: str, args, template: dict, work: Path, pg_base: str | None) ->
     bulk = args.bulk_rows if args.fill == "bulk" or (args.fill == "auto" and args.rows >= BULK_FROM_ROWS) else None
     print(f"{kind}: filling {args.rows:,} rows ({'bulk' if bulk else 'submit'} path)", file=sys.stderr, flush=True)
     store = Store(db)
-    filled = fill(store, template, args.rows, args.tokens, args.per_bundle, bulk)
+    partial: list[dict] = []
+
+    def reached(done: int) -> None:  # a measurement on the way: a fill cut short still leaves figures
+        partial.append({"rows_stored": done, "load_avg_1m": round(os.getloadavg()[0], 2),
+                        **measure(db, args.queries)})
+        print(json.dumps(partial[-1]), file=sys.stderr, flush=True)
+        save([*done_results, {"store": kind, "rows": args.rows, "unfinished": True, "on_the_way": partial}])
+
+    at = tuple(int(a) for a in args.measure_at.split(",") if a.strip()) if args.measure_at else ()
+    filled = fill(store, template, args.rows, args.tokens, args.per_bundle, bulk, at=at, reached=reached)
     if kind == "sqlite":
         size = sum(p.stat().st_size for p in work.glob("scale.sqlite*"))
     else:
         with store.db.read() as c:
             size = c.one("SELECT pg_database_size(current_database())")[0]
     store.close()
-    result = {"store": kind, **filled, "db_bytes": size, **measure(db, args.queries)}
+    result = {"store": kind, **filled, "db_bytes": size, "load_avg_1m_at_measure": round(os.getloadavg()[0], 2),
+              **measure(db, args.queries), "on_the_way": partial}
     print(json.dumps(result), file=sys.stderr, flush=True)
     return result
 
@@ -203,27 +216,31 @@ def main() -> None:
     ap.add_argument("--stores", default="sqlite,postgresql", help="comma list: sqlite, postgresql")
     ap.add_argument("--pg", help="an existing PostgreSQL server's base URL (default: start a throwaway one)")
     ap.add_argument("--out", type=Path, default=ROOT / "results/bench")
+    ap.add_argument("--measure-at", default="",
+                    help="comma list of row counts at which GET /v1/fits is also measured while filling")
     args = ap.parse_args()
-    results = []
+    results: list[dict] = []
+
+    def save(shown: list[dict]) -> None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        load = os.getloadavg()
+        (args.out / "upstream_scale.json").write_text(json.dumps({
+            "machine": platform.platform(), "cpus": os.cpu_count(), "rows": args.rows,
+            "load_avg_at_end": [round(x, 2) for x in load],
+            "fill": "Store.submit (the ingest path, minus HTTP and plausibility); each result's fill_path says "
+                    "which bundles", "results": shown}, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="upscale-") as tmp:
         work = Path(tmp)
         template = template_row(work)
         for kind in args.stores.split(","):
             if kind == "postgresql":
                 with (contextlib.nullcontext(args.pg) if args.pg else throwaway_postgres(fsync=True)) as base:
-                    results.append(run_one(kind, args, template, work, base))
+                    results.append(run_one(kind, args, template, work, base, results, save))
             else:
-                results.append(run_one(kind, args, template, work, None))
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / "upstream_scale.json"
-    load = os.getloadavg()
-    out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(),
-                               "load_avg_1m_at_end": round(load[0], 2), "rows": args.rows,
-                               "load_avg_at_end": [round(x, 2) for x in load],
-                               "fill": "Store.submit (the ingest path, minus HTTP and plausibility); "
-                                       "each result's fill_path says which bundles",
-                               "results": results}, indent=2) + "\n")
-    print(f"wrote {out}")
+                results.append(run_one(kind, args, template, work, None, results, save))
+            save(results)
+    print(f"wrote {args.out / 'upstream_scale.json'}")
 
 
 if __name__ == "__main__":
