@@ -48,6 +48,10 @@ class ArtifactInfo:
     # sliding-window layers, experts, tied embeddings (harness.layout); None = all layers full, dense
     layout: Layout | None = None
     embedding_bytes: int | None = None  # GGUF: the token embedding matrix's bytes in the file
+    # GGUF: bytes by ggml type (Q4_0, Q4_K, ...) of the weights a matrix product reads (2-D matrices,
+    # 3-D expert stacks) with rows in multiples of 8, what llama.cpp's CPU repacking needs; embedding
+    # lookups (token_embd, read by row) left out. harness.estimate decides which types get repacked.
+    matmul_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -327,6 +331,7 @@ def _inspect_gguf(path: Path) -> ArtifactInfo:
     n_params = 0
     data_end = 0  # a GGUF without tensors (vocab-only) has no data section
     embedding_bytes = None
+    matmul_bytes: dict[str, int] = {}
     for name, dims, ttype, offset in tensors:
         n_elements = 1
         for d in dims:
@@ -340,6 +345,9 @@ def _inspect_gguf(path: Path) -> ArtifactInfo:
         data_end = max(data_end, data_start + offset + n_elements // block * type_size)
         if name == "token_embd.weight":
             embedding_bytes = n_elements // block * type_size
+        if _is_matmul_weight(name, dims):
+            kind = GGMLQuantizationType(ttype).name
+            matmul_bytes[kind] = matmul_bytes.get(kind, 0) + n_elements // block * type_size
     if data_end > size:
         raise ArtifactError(
             f"{path} is truncated: its tensors need {data_end:,} bytes but the file has {size:,}; re-download it"
@@ -380,5 +388,17 @@ def _inspect_gguf(path: Path) -> ArtifactInfo:
         metadata=small_meta,
         layout=from_gguf(meta, arch, arch_key("block_count"), {t[0] for t in tensors}),
         embedding_bytes=embedding_bytes,
+        matmul_bytes=matmul_bytes,
     )
+
+
+def _is_matmul_weight(name: str, dims: list[int]) -> bool:
+    """A weight llama.cpp multiplies by (MUL_MAT: 2-D; MUL_MAT_ID: a 3-D ``*_exps`` stack) with rows
+    (ne[1]) in multiples of 8. Embedding tables (``token_embd``, ``position_embd``, ...) are looked up
+    by row (GET_ROWS), even when tied to the output: llama.cpp places the tensor by its first use."""
+    if name.split(".")[0].endswith("_embd") or name.startswith("token_types"):
+        return False
+    if not (len(dims) == 2 or (len(dims) == 3 and "_exps" in name)):
+        return False
+    return dims[1] % 8 == 0
 

@@ -5,7 +5,12 @@
 - weights: the artifact's tensor bytes *as the runtime holds them*. A GGUF
   or ONNX artifact is held as the file is (mmapped or read, resident once
   touched; llama.cpp's mmap prefetches the whole file, an untied embedding
-  matrix included). A mixture of experts holds every expert. A Hugging Face folder is cast at load to the runner's dtype:
+  matrix included). llama.cpp on the CPU also repacks the weights of some
+  types (by instruction set: Q4_0, Q4_K, IQ4_NL, MXFP4 with AVX2) into an
+  anonymous buffer while their file pages stay mapped: held twice (K-quant
+  files of a narrow model are mostly Q4_0 fallbacks: the sample's Q2_K and
+  Q3_K_M estimates were 15-16 % low without it). A mixture of experts holds
+  every expert. A Hugging Face folder is cast at load to the runner's dtype:
   torch's ``dtype`` option (``auto`` = the checkpoint's own, float32 where
   config.json names none), MLX's ``dtype`` (``auto`` = float32 on the CPU
   backend). So a float32 load of a bf16 folder holds twice the file:
@@ -247,8 +252,46 @@ def resident_weights(info: ArtifactInfo, runtime: str, target: str | None, fille
     """Weight bytes resident in memory: all of them. A mixture of experts holds every expert (the file
     has them all, few run per token). llama.cpp mmaps a GGUF with MAP_POPULATE (prefetch), so even an
     untied token-embedding matrix, read only row by row, is resident: measured on a Mistral-style GGUF,
-    counting it out made the estimate 18 % low."""
-    return _weights_bytes(info, target)
+    counting it out made the estimate 18 % low. On the CPU, llama.cpp also copies the weights of the
+    types its kernels repack into an anonymous buffer, while their file pages stay mapped: those are
+    held twice (``repacked_bytes``). Not with ``use_mmap=false`` (the file is read into a buffer, the
+    repacked weights only into theirs) nor with GPU offload (not modelled: layers on a GPU are not
+    repacked)."""
+    weights = _weights_bytes(info, target)
+    if runtime == "llama.cpp" and bool(opts.get("use_mmap", True)) and not opts.get("n_gpu_layers"):
+        from harness.measure.machine import cpu_flags
+
+        weights += repacked_bytes(info, cpu_flags())
+    return weights
+
+
+def repacked_types(flags: frozenset[str] | set[str]) -> frozenset[str]:
+    """The weight types llama.cpp's CPU backend repacks at load on a CPU with ``flags`` (ggml-cpu's
+    repack.cpp as in llama-cpp-python 0.3.36): x86 with AVX2 Q4_0, Q4_K, IQ4_NL and MXFP4, with AVX-512
+    Q2_K too; Arm NEON IQ4_NL, and with the dot product (or int8 matmul) instructions Q4_0, Q4_K,
+    Q5_K, Q6_K, Q8_0, MXFP4 and Q1_0. ggml checks the flags its CPU variant was built for; the host's
+    stand in for them."""
+    types: set[str] = set()
+    if "avx2" in flags:
+        types |= {"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"}
+    if "avx512f" in flags:
+        types.add("Q2_K")
+    if flags & {"neon", "asimd"}:
+        types.add("IQ4_NL")
+        if flags & {"dotprod", "i8mm"}:
+            types |= {"Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "MXFP4", "Q1_0"}
+    return frozenset(types)
+
+
+def repacked_bytes(info: ArtifactInfo, flags: frozenset[str] | set[str]) -> int:
+    """Bytes llama.cpp's CPU backend copies into its CPU_REPACK buffer at load (the repacked layout is
+    as large as the file's): the matrix weights of ``repacked_types(flags)``. K-quant GGUFs of a
+    narrow model fall back to Q4_0/Q5_0 for most tensors (rows of 576 values are not whole 256-value
+    K-quant blocks), so a ``Q2_K`` or ``Q3_K_M`` file can hold mostly Q4_0. Measured on the sample's quants (AVX2, n_ctx
+    512): anonymous memory after load +43 MiB for Q2_K (42.7 MiB of Q4_0), +50 for Q3_K_M (Q4_0 and
+    Q4_K, 49.4), +8 for Q4_K_M (Q4_K, 7.6), +0 for Q4_1, Q6_K, Q8_0, F16; file pages whole in every one."""
+    types = repacked_types(flags)
+    return sum(n for kind, n in info.matmul_bytes.items() if kind in types)
 
 
 def stored_dtype(info: ArtifactInfo) -> str | None:

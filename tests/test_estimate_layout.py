@@ -161,3 +161,56 @@ def test_torch_counts_the_load_time_fusing_of_expert_tensors(tmp_path):
     fusing = 12 * 4 * 3 * 512 * 1024 * 2  # layers x experts x (gate, up, down) x hidden x width x bf16
     assert estimate(moe, 512, "torch", fill=0.5).compute_bytes == fusing
     assert estimate(dense, 512, "torch", fill=0.5).compute_bytes == 256 * 5 * (1024 + 512) * 2  # prefill only
+
+
+def quant_gguf(tmp_path: Path) -> tuple[Path, int]:
+    """A GGUF holding the types llama.cpp's CPU backend repacks (Q4_0, Q4_K, in matrices and an expert
+    stack) beside ones it does not (Q3_K, F32 norms), a Q4_0 embedding (looked up by row) and a Q4_0
+    matrix of 4 rows (repacking needs multiples of 8). Returns the path and the repackable bytes."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    path = tmp_path / "quants.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(512)
+    w.add_head_count(8)
+    w.add_head_count_kv(8)
+    w.add_context_length(2048)
+    w.add_vocab_size(1000)
+
+    def raw(name: str, kind, shape: tuple[int, ...]) -> int:  # shape in values, innermost last
+        block, size = gguf.GGML_QUANT_SIZES[kind]
+        data = np.zeros((*shape[:-1], shape[-1] // block * size), dtype=np.uint8)
+        w.add_tensor(name, data, raw_dtype=kind)
+        return data.nbytes
+
+    raw("token_embd.weight", T.Q4_0, (1000, 512))
+    q4_0 = raw("blk.0.attn_q.weight", T.Q4_0, (512, 512))
+    raw("blk.0.attn_k.weight", T.Q4_0, (4, 512))  # 4 rows: not repacked
+    raw("blk.0.ffn_down.weight", T.Q3_K, (512, 1024))
+    q4_k = raw("blk.0.ffn_up_exps.weight", T.Q4_K, (2, 1024, 512))
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(512, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path, q4_0 + q4_k
+
+
+def test_repacked_weight_types_are_held_twice_by_mmapped_llama_cpp(tmp_path, monkeypatch):
+    # measured on the sample's Q2_K (180 tensors fell back to Q4_0): file pages and a CPU_REPACK copy
+    from harness.estimate import repacked_bytes
+    from harness.measure import machine
+
+    path, repackable = quant_gguf(tmp_path)
+    info = inspect_artifact(path)
+    assert set(info.matmul_bytes) == {"Q4_0", "Q3_K", "Q4_K"}  # not the embedding, the 4-row matrix, the norm
+    assert repacked_bytes(info, {"avx", "avx2", "fma"}) == repackable
+    assert repacked_bytes(info, {"avx", "fma"}) == 0  # no AVX2: nothing repacked
+    assert repacked_bytes(info, {"neon", "asimd", "dotprod"}) == repackable
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert estimate(info, 512, "llama.cpp").weights_bytes == info.size_bytes + repackable
+    assert estimate(info, 512, "llama.cpp", options={"use_mmap": False}).weights_bytes == info.size_bytes
+    assert estimate(info, 512, "llama.cpp", options={"n_gpu_layers": -1}).weights_bytes == info.size_bytes
+    assert estimate(info, 512, "onnxruntime").weights_bytes == info.size_bytes

@@ -8,6 +8,7 @@ is deliberately coarse (``cpu-x86_64-24GiB``, ``nvidia-h200-141GiB``,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -73,7 +74,15 @@ def _cpu_info() -> tuple[str, list[str]]:
         model = _sysctl("machdep.cpu.brand_string") or model
         if platform.machine() == "arm64":
             flags.update({"neon", "asimd", "dotprod"})
+    if "asimddp" in flags:  # Linux on Arm names the dot product instructions so
+        flags.add("dotprod")
     return model, [f for f in INTERESTING_FLAGS if f in flags]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """This CPU's instruction-set flags among INTERESTING_FLAGS (read once: the estimate asks per candidate)."""
+    return frozenset(_cpu_info()[1])
 
 
 def _sysctl(name: str) -> str | None:
