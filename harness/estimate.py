@@ -43,7 +43,10 @@
   runs (below).
 - runtime overhead: interpreter, runtime libraries, thread pools and the
   fixed part of the compute graph: 78 MiB for llama-cpp-python on CPU, 380
-  MiB for torch + transformers. onnxruntime on CPU also prepacks every
+  MiB for torch + transformers, 406 MiB for mlx-lm on mlx[cpu] (before it
+  was fitted, 64 MiB: MLX estimates were 60-70 % low). The imported
+  runtime alone is the ``runtime_rss_bytes`` column of every row (48, 245,
+  29 and 266 MiB here); the rest is what loading adds beyond the weights. onnxruntime on CPU also prepacks every
   weight for its matmul kernels, a second copy as large as the weights
   (measured: 92 MiB with prepacking off, 209 MiB on, for the sample's 82 MiB
   int4 graph).
@@ -99,7 +102,10 @@ DTYPE_NAMES = {"float32": "f32", "float": "f32", "f32": "f32", "F32": "f32",
 # sample on CPU with dtype auto (peaks 687 and 739 MiB at 512 and 2048 half
 # filled; the estimate is within 3 % of each).
 # onnxruntime: interpreter + onnxruntime(-genai), CPU (the prepacked weight copy is counted apart).
-RUNTIME_OVERHEAD = {"llama.cpp": 78 << 20, "torch": 380 << 20, "onnxruntime": 43 << 20}
+# mlx: mlx-lm on mlx[cpu] (Linux), fitted on the q4 sample: 266 MiB with the runtime imported
+# (runtime_rss_bytes), 491 and 572 MiB peaks at 512 and 2048 half filled (estimate +1.2 %, -1.7 %);
+# Metal on macOS is not fitted.
+RUNTIME_OVERHEAD = {"llama.cpp": 78 << 20, "torch": 380 << 20, "onnxruntime": 43 << 20, "mlx": 406 << 20}
 DEFAULT_OVERHEAD = 64 << 20
 # llama.cpp's compute buffer at a micro-batch, without flash attention: the KQ scores in float32 (the
 # softmax runs in place) and their float16 copy for the product with V: 6 bytes per score; and the

@@ -76,6 +76,7 @@ class Loaded:
     info: dict[str, Any]
     prompt_tokens: int
     rss_after_load: int | None
+    rss_after_import: int | None = None  # the runtime imported (Runner.prepare), nothing loaded yet
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,8 @@ RESULT_COLUMNS: list[Column] = _cols(
     ("import_s", F, "runtime import and runner set-up before the load starts (schema 1.1)"),
     # memory (bytes) over the whole case
     ("baseline_rss_bytes", I, "child RSS before the runtime was imported"),
+    ("runtime_rss_bytes", I, "child RSS with the runtime imported, before the load: the runtime's own footprint on "
+                             "this machine, which calibrates the estimate's fixed overhead (schema 1.4)"),
     ("load_rss_bytes", I, "child RSS right after load"),
     ("peak_rss_bytes", I, "highest sampled child RSS over the case"),
     ("vmhwm_bytes", I, "the kernel's peak RSS of the child (VmHWM), read just before it exits"),

@@ -230,6 +230,7 @@ def _case_columns(case: Case, base: Row, ev: CaseEvents, tl: Timeline, exit_code
         "spawn_s": started.t - t_spawn if started else None,
         "import_s": loaded.t0 - started.t if started and loaded else None,
         "baseline_rss_bytes": started.baseline_rss if started else None,
+        "runtime_rss_bytes": loaded.rss_after_import if loaded else None,
         "load_rss_bytes": loaded.rss_after_load if loaded else None,
         "load_peak_rss_bytes": _int(tl.peak("rss", float("-inf"), loaded.t1 if loaded else float("inf"))),
         "peak_rss_bytes": _int(tl.peak("rss", float("-inf"), t_quality)), "vmhwm_bytes": tl.vmhwm,

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from harness.artifact import inspect_artifact
+from harness.estimate import estimate
 from harness.fit import Thresholds
 from harness.measure.cpuquota import QuotaUnavailable, open_cpu_quota
 from harness.measure.machine import fingerprint
@@ -86,6 +87,10 @@ def test_the_same_case_left_alone_stays_quiet(sample_model, machine):
         assert row["outside_load_cores"] is not None and row["steal_fraction"] is not None
         assert row["cpu_mhz_mean"] is None or row["cpu_mhz_mean"] > 0
         assert row["decode_tok_s_ci95"] is not None and row["roofline_bytes_per_token"] > row["artifact_size_bytes"] / 2
+        # a token reads the weights and the filled KV, never more than the weights and every cell held
+        # (llama.cpp pads its cache to 256 cells: the padding is held, not read, per position)
+        held = estimate(inspect_artifact(sample_model), row["n_ctx"], "llama.cpp")
+        assert row["roofline_bytes_per_token"] < held.weights_bytes + held.kv_bytes
         if row.get("mem_bandwidth_gbs"):
             assert row["roofline_efficiency"] > 0
     # the timed grid is sparse, and the marks put samples at the phase boundaries anyway

@@ -73,7 +73,7 @@ METRICS = (
 # per measured case; every other numeric column is a per-repetition sample.
 PER_CASE_COLUMNS = frozenset({
     "load_s", "case_wall_s", "spawn_s", "import_s",
-    "baseline_rss_bytes", "load_rss_bytes", "load_peak_rss_bytes", "peak_rss_bytes", "vmhwm_bytes",
+    "baseline_rss_bytes", "runtime_rss_bytes", "load_rss_bytes", "load_peak_rss_bytes", "peak_rss_bytes", "vmhwm_bytes",
     "ru_maxrss_bytes", "peak_uss_bytes", "sys_available_min_bytes", "swap_used_max_bytes",
     "runtime_peak_bytes", "offload_host_bytes", "offload_device_bytes",
     "gpu_total_bytes", "gpu_used_peak_bytes", "gpu_proc_peak_bytes",

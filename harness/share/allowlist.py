@@ -89,7 +89,8 @@ SHARED_RESULT_COLUMNS: dict[str, Shared] = _list(
     ("warmup", KEEP, _CONFIG),
     *((name, KEEP, _FIGURE) for name in (
         "load_s", "ttft_s", "prefill_tok_s", "decode_tok_s", "itl_p50_s", "itl_p90_s", "itl_p99_s", "e2e_s",
-        "case_wall_s", "spawn_s", "import_s", "baseline_rss_bytes", "load_rss_bytes", "peak_rss_bytes", "vmhwm_bytes",
+        "case_wall_s", "spawn_s", "import_s", "baseline_rss_bytes", "runtime_rss_bytes", "load_rss_bytes",
+        "peak_rss_bytes", "vmhwm_bytes",
         "ru_maxrss_bytes", "peak_uss_bytes", "rep_peak_rss_bytes", "load_peak_rss_bytes", "sys_mem_total_bytes",
         "sys_available_min_bytes", "swap_used_max_bytes", "runtime_peak_bytes", "offload_host_bytes",
         "offload_device_bytes", "gpu_total_bytes", "gpu_used_peak_bytes", "gpu_proc_peak_bytes", "gpu_util_mean_pct",

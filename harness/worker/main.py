@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,7 @@ def child_main(conn: Any, spec: WorkerSpec) -> None:
         runner = get_runner_class(spec.runtime)()
         runner.parallel = max(1, spec.parallel)  # room for every session's KV at load
         runner.prepare()
+        rss_imported = _rss_bytes()
         t0 = time.perf_counter()
         try:
             info = runner.load(Path(spec.artifact), spec.n_ctx, spec.options)
@@ -137,7 +139,7 @@ def child_main(conn: Any, spec: WorkerSpec) -> None:
         session = session_tokens(runner.tokenize, spec.workflow) if spec.workflow else None
         prompt = session[0][0] if session else build_prompt(runner.tokenize, spec.prompt_tokens)
         conn.send(Loaded(load_s=t1 - t0, t0=t0, t1=t1, info=asdict(info), prompt_tokens=len(prompt),
-                         rss_after_load=_rss_bytes()))
+                         rss_after_load=_rss_bytes(), rss_after_import=rss_imported))
 
         if spec.mode == "reference":
             from harness.quality.probe import reference_probe
@@ -153,12 +155,8 @@ def child_main(conn: Any, spec: WorkerSpec) -> None:
         parallel = spec.parallel > 1 and session is None
         if parallel:
             run_parallel(conn, runner, spec, prompt)
-        elif spec.warmup:
-            w0 = time.perf_counter()
-            for _ in range(spec.warmup):
-                for _stamp in runner.generate(prompt, min(WARMUP_GEN_TOKENS, spec.gen_tokens)):
-                    pass
-            conn.send(Warmup(t0=w0, t1=time.perf_counter()))
+        else:
+            warm_up(conn, spec, lambda n: runner.generate(prompt, n))
 
         for rep in range(spec.repetitions if session is None and not parallel else 0):
             stamps: list[float] = []
@@ -191,17 +189,24 @@ def child_main(conn: Any, spec: WorkerSpec) -> None:
         _report(conn, status, f"{type(exc).__name__}: {exc}" if str(exc) else tail, tail)
 
 
+def warm_up(conn: Any, spec: WorkerSpec, generate: Callable[[int], Iterable[Any]]) -> None:
+    """``spec.warmup`` untimed generations (``generate(n_tokens)``), short ones: they fill the caches
+    and thread pools, not the measurement."""
+    if not spec.warmup:
+        return
+    w0 = time.perf_counter()
+    for _ in range(spec.warmup):
+        for _item in generate(min(WARMUP_GEN_TOKENS, spec.gen_tokens)):
+            pass
+    conn.send(Warmup(t0=w0, t1=time.perf_counter()))
+
+
 def run_parallel(conn: Any, runner: Any, spec: WorkerSpec, first_prompt: list[int]) -> None:
     """Warm-up and timed repetitions of ``spec.parallel`` sessions at once: each session its own
     prompt of the same length (its own seed), all handed over together."""
     prompts = [first_prompt] + [build_prompt(runner.tokenize, len(first_prompt), SEED + i)
                                 for i in range(1, spec.parallel)]
-    if spec.warmup:
-        w0 = time.perf_counter()
-        for _ in range(spec.warmup):
-            for _item in runner.generate_parallel(prompts, min(WARMUP_GEN_TOKENS, spec.gen_tokens)):
-                pass
-        conn.send(Warmup(t0=w0, t1=time.perf_counter()))
+    warm_up(conn, spec, lambda n: runner.generate_parallel(prompts, n))
     for rep in range(spec.repetitions):
         sessions: list[list[float]] = [[] for _ in prompts]
         stamps: list[float] = []

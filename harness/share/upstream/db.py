@@ -52,7 +52,11 @@ CREATE TABLE IF NOT EXISTS rows (
     decode_tok_s DOUBLE PRECISION, ttft_s DOUBLE PRECISION, prefill_tok_s DOUBLE PRECISION,
     peak_rss_bytes BIGINT, row_json TEXT NOT NULL,
     key_id TEXT, token_id TEXT, started_at TEXT, judged_peak BIGINT, workflow_kind TEXT);
-CREATE INDEX IF NOT EXISTS rows_group ON rows (artifact_sha256, machine_class, runtime, n_ctx);
+-- the rows of one key in page order, with what the page filter reads (budget_set, token_id): /v1/rows walks
+-- this index alone and reads row_json only for the page it returns
+CREATE INDEX IF NOT EXISTS rows_page ON rows (artifact_sha256, machine_class, runtime, n_ctx, budget_set, row_key,
+    token_id);
+DROP INDEX IF EXISTS rows_group;
 CREATE INDEX IF NOT EXISTS rows_vote ON rows (key_id, token_id);
 CREATE INDEX IF NOT EXISTS rows_bundle ON rows (bundle_hash);
 CREATE TABLE IF NOT EXISTS case_timelines (
