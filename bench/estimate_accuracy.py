@@ -8,7 +8,7 @@ contexts (half filled), next to the sample model in every runtime available here
 the estimate's breakdown, the measured peak RSS and the error; the summary the largest error.
 
 Usage: python bench/estimate_accuracy.py [--out results/bench] [--contexts 512,1024,2048,4096]
-       [--models-dir DIR] [--only gemma3,qwen2] [--no-sample] [--no-gguf] [--no-run]
+       [--models-dir DIR] [--only gemma3,qwen2|none] [--no-sample] [--quants] [--no-gguf] [--no-run]
 Writes OUT/estimate_accuracy.json.
 """
 
@@ -62,12 +62,14 @@ def main() -> None:
     ap.add_argument("--models-dir", type=Path, help="where the tiny models are built (default: a temp dir)")
     ap.add_argument("--only", help="comma-separated tiny architectures (default: all of " + ", ".join(SPECS) + ")")
     ap.add_argument("--no-sample", action="store_true", help="leave the sample model out")
+    ap.add_argument("--quants", action="store_true",
+                    help="add the sample's llama.cpp quants from `make quality-models` (F16, Q8_0, Q6_K, ...)")
     ap.add_argument("--no-gguf", action="store_true", help="do not convert the tiny models to GGUF")
     ap.add_argument("--no-run", action="store_true",
                     help="run nothing: re-estimate the cases already measured in --models-dir")
     args = ap.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
-    names = args.only.split(",") if args.only else list(SPECS)
+    names = [n for n in args.only.split(",") if n != "none"] if args.only else list(SPECS)  # none: no tiny model
     models_dir = args.models_dir or Path(tempfile.mkdtemp(prefix="fitbench-tiny-"))
     t0 = time.time()
     gguf = not args.no_gguf and find_converter() is not None
@@ -88,6 +90,9 @@ def main() -> None:
     if not args.no_sample:
         runs += [(ROOT / "models" / a, rt, o) for a, rt, o in SAMPLES
                  if (ROOT / "models" / a).exists()]
+    if args.quants:
+        runs += [(q, "llama.cpp", {"n_threads": 1}) for q in sorted((ROOT / "models").glob("SmolLM2-135M-Instruct.*.gguf"))
+                 if q.name != SAMPLES[0][0]]
     rows: list[dict] = []
     path = args.out / "estimate_accuracy.json"
     args.out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,9 @@ is turned into CLIENTS x BUNDLES distinct bundles (one machine per client, one
 run per bundle, all other figures and the raw timeline as measured), each sent
 TWICE so half the requests are repeats. Afterwards the server must hold exactly
 CLIENTS x BUNDLES bundles and their rows: nothing lost, nothing duplicated.
+A 429 or 503 (the server's admission control: --max-ingest bundles at once)
+is retried after its Retry-After, as ``fitbench contribute`` does; the
+latency of a send includes those waits.
 Writes throughput and latency to results/bench/upstream.json.
 
 Usage: python bench/upstream_load.py [--clients 50] [--bundles 20] [--results FILE] [--out results/bench]
@@ -19,6 +22,7 @@ import hashlib
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -28,6 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+MAX_ATTEMPTS = 60  # per send: a bundle the server keeps deferring counts as a failure after this
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -89,6 +94,7 @@ def main() -> None:
             latencies: list[float] = []
             failures: list[str] = []
             answers = {"new": 0, "duplicate": 0}
+            deferred = [0]  # 429/503 answers retried after Retry-After
             lock = threading.Lock()
 
             def client(i: int) -> None:
@@ -96,9 +102,16 @@ def main() -> None:
                     for body, signature in bodies[i]:
                         for _ in range(2):  # every bundle twice: the repeat must add nothing
                             t0 = time.perf_counter()
-                            resp = http.post("/v1/bundles", content=body, headers={
-                                "content-type": "application/json", "content-encoding": "gzip",
-                                SIGNATURE_HEADER: signature})
+                            for _attempt in range(MAX_ATTEMPTS):
+                                resp = http.post("/v1/bundles", content=body, headers={
+                                    "content-type": "application/json", "content-encoding": "gzip",
+                                    SIGNATURE_HEADER: signature})
+                                if resp.status_code not in (429, 503):
+                                    break
+                                # as fitbench contribute does: the server's admission control says when
+                                with lock:
+                                    deferred[0] += 1
+                                time.sleep(float(resp.headers.get("retry-after") or 1) * (0.5 + random.random()))
                             dt = time.perf_counter() - t0
                             with lock:
                                 latencies.append(dt)
@@ -130,9 +143,10 @@ def main() -> None:
         "body_bytes_gzip": len(bodies[0][0][0]), "wall_s": round(wall, 2),
         "requests_per_s": round(len(latencies) / wall, 1), "new_bundles_per_s": round(expected_bundles / wall, 1),
         "rows_per_s": round(expected_rows / wall, 1),
+        # per bundle sent, waits after a 429/503 included
         "latency_p50_s": round(statistics.median(lat), 4), "latency_p95_s": round(lat[int(0.95 * (len(lat) - 1))], 4),
         "latency_max_s": round(lat[-1], 4),
-        "answers": answers, "failures": len(failures), "failure_examples": failures[:3],
+        "answers": answers, "deferred_then_retried": deferred[0], "failures": len(failures), "failure_examples": failures[:3],
         "stored_bundles": stats["bundles"], "stored_rows": stats["rows"], "stored_machines": stats["machines"],
         "expected_bundles": expected_bundles, "expected_rows": expected_rows,
         "lost_rows": expected_rows - stats["rows"] if stats["rows"] < expected_rows else 0,

@@ -103,8 +103,8 @@ DTYPE_NAMES = {"float32": "f32", "float": "f32", "f32": "f32", "F32": "f32",
 # filled; the estimate is within 3 % of each).
 # onnxruntime: interpreter + onnxruntime(-genai), CPU (the prepacked weight copy is counted apart).
 # mlx: mlx-lm on mlx[cpu] (Linux), fitted on the q4 sample: 266 MiB with the runtime imported
-# (runtime_rss_bytes), 491 and 572 MiB peaks at 512 and 2048 half filled (estimate +1.2 %, -1.7 %);
-# Metal on macOS is not fitted.
+# (runtime_rss_bytes); peaks 484, 500, 564 and 795 MiB at 512-4096 half filled, estimate +2.5, +3.6,
+# +3.1 and -0.8 % (bench/estimate_accuracy.py). Metal on macOS is not fitted.
 RUNTIME_OVERHEAD = {"llama.cpp": 78 << 20, "torch": 380 << 20, "onnxruntime": 43 << 20, "mlx": 406 << 20}
 DEFAULT_OVERHEAD = 64 << 20
 # llama.cpp's compute buffer at a micro-batch, without flash attention: the KQ scores in float32 (the
@@ -112,6 +112,7 @@ DEFAULT_OVERHEAD = 64 << 20
 # filled K and V as the attention reads them, 14 bytes per cell and KV element (fitted on the sample
 # and a Gemma 3-style model, see the module doc).
 LLAMA_SCORE_BYTES, LLAMA_KV_READ_BYTES = 6, 14
+MLX_SCORE_BYTES, MLX_PREFILL_STEP = 6, 2048  # runners/mlx.py's prefill_step_size default (mlx-lm's)
 # torch's one-shot prefill: activations per prompt token, in units of the MLP width and hidden size
 # times the load dtype's bytes (fitted on Gemma 3-, Mistral- and Mixtral-style models and the sample).
 TORCH_ACT_FFN, TORCH_ACT_HIDDEN = 5.0, 5.0
@@ -169,7 +170,7 @@ def estimate(info: ArtifactInfo, n_ctx: int, runtime: str = "llama.cpp", kv_type
     per_cell = kv_row_bytes(info) * (per[k_type] + per[v_type])
     kv_full = int((info.n_layers - n_swa) * full_cells * per_cell)
     kv_swa = int(n_swa * swa_cells * per_cell)
-    compute = compute_bytes(info, runtime, filled, ubatch, full_cells, flash, target)
+    compute = compute_bytes(info, runtime, filled, ubatch, full_cells, flash, target, opts)
     output = output_bytes(info, runtime, filled, opts)
     overhead = RUNTIME_OVERHEAD.get(runtime, DEFAULT_OVERHEAD)
     if runtime == "onnxruntime" and str(opts.get("provider") or "cpu") == "cpu":
@@ -217,10 +218,11 @@ def _pad(n: int, to: int) -> int:
 
 
 def compute_bytes(info: ArtifactInfo, runtime: str, filled: int, ubatch: int, kv_cells_full: int, flash: bool,
-                  target: str | None) -> float:
+                  target: str | None, opts: Mapping[str, Any] | None = None) -> float:
     """Activations of the largest step: a llama.cpp micro-batch over the filled KV (scores and their
     softmax, unless flash attention; the MLP's and attention's activations), torch's one-shot
-    prefill of the whole prompt (its MLP activations in the load dtype)."""
+    prefill of the whole prompt (its MLP activations in the load dtype), an MLX prefill chunk's scores."""
+    opts = opts or {}
     hidden = info.embedding_length or 0
     ffn = (info.layout.ffn_length if info.layout else None) or 4 * hidden
     if runtime == "llama.cpp":
@@ -236,7 +238,13 @@ def compute_bytes(info: ArtifactInfo, runtime: str, filled: int, ubatch: int, kv
         experts = info.layout.n_experts if info.layout else None
         fusing = info.n_layers * experts * 3 * hidden * ffn * per if experts and info.format == "hf" else 0
         return max(prefill, fusing)
-    if runtime in ("onnxruntime", "mlx"):
+    if runtime == "mlx":
+        # mlx-lm prefills in prefill_step_size chunks (2048), each chunk's scores over the cache so far,
+        # float32 plus a half-size copy as llama.cpp's (fitted on the q4 sample: without it, 19 % low at
+        # 4096 half filled, where one 2048-token chunk's scores are 151 MiB)
+        step = min(int(opts.get("prefill_step_size") or MLX_PREFILL_STEP), filled)
+        return MLX_SCORE_BYTES * step * filled * info.n_heads
+    if runtime == "onnxruntime":
         return 0 if flash else 2 * ubatch * filled * info.n_heads * 4
     return 2 * ubatch * filled * info.n_heads * 4
 

@@ -231,7 +231,7 @@ RESULT_COLUMNS: list[Column] = _cols(
     # sampler
     ("sampler_interval_ms", F, "requested sampling interval"),
     ("sampler_samples", I, "samples actually taken over the case"),
-    ("sampler_timed_interval_ms", F, "the sampler's grid while the worker was timed: no denser than 50 ms, "
+    ("sampler_timed_interval_ms", F, "the sampler's grid while the worker was timed: no denser than 100 ms, "
                                      "plus a sample at every phase boundary (schema 1.4)"),
     # drift and noise (issue #18): what disturbed the measurement, and how sure the figure is (schema 1.4)
     ("decode_tok_s_mean", F, "mean decode tok/s over the case's repetitions"),

@@ -60,7 +60,7 @@ SCENARIO_FIELDS: tuple[FieldDoc, ...] = (
     FieldDoc("timeout", "number (seconds)", "600", "time a case may take, load included; then it is killed "
              "(status timeout)"),
     FieldDoc("sampler_interval_ms", "number", "10", "interval of the memory sampler, milliseconds (at least 1); "
-             "while the worker is timed, no denser than 50 ms"),
+             "while the worker is timed, no denser than 100 ms"),
     FieldDoc("cooldown_s", "number (seconds)", "0", "idle time before each case after the first, so heat and "
              "boost clocks from one case do not carry into the next"),
     FieldDoc("budget", "size or list of sizes", "none", "memory the case may use, e.g. 8GiB; a list sweeps, "

@@ -109,6 +109,23 @@ def test_catalog_show_prints_data_never_reads_it_as_markup(tmp_path):
     assert "[/]" in table and "[bold]x" in table
 
 
+def test_plain_text_prints_as_written_with_no_escape_backslashes(capsys):
+    """The console parses markup only in ``Markup`` strings, so a plain line is never escaped first:
+    rich's ``escape`` on it printed "\\[llama.cpp]" (recommend's notes, bench's and run's lines)."""
+    import ast
+
+    from harness.cli.present import make_console
+
+    make_console(stderr=True).print("fitbench: measuring x.gguf [llama.cpp] at context 4,096")
+    assert capsys.readouterr().err.strip() == "fitbench: measuring x.gguf [llama.cpp] at context 4,096"
+    cli_dir = Path(__file__).resolve().parents[1] / "harness" / "cli"
+    for path in sorted(cli_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "print":
+                escaped = [a for a in node.args if isinstance(a, ast.Call) and getattr(a.func, "id", None) == "escape"]
+                assert not escaped, f"{path.name}:{node.lineno}: print(escape(...)) shows backslashes"
+
+
 def test_catalog_show_formats_and_the_budget_verdict(tmp_path):
     catalog = tmp_path / "catalog.yaml"
     invoke("catalog", "update", str(write_results(tmp_path / "a.parquet")), "--catalog", str(catalog))

@@ -21,6 +21,7 @@ from harness.estimate import estimate
 from harness.fit import Thresholds
 from harness.measure.cpuquota import QuotaUnavailable, open_cpu_quota
 from harness.measure.machine import fingerprint
+from harness.measure.sampler import TIMED_INTERVAL_S
 from harness.scenario import parse_scenario
 from harness.suite import run_case
 
@@ -68,6 +69,8 @@ def test_a_cpu_quota_mid_case_raises_the_drift_flag(sample_model, machine):
     assert result.status == "ok", result.error
     assert throttled
     rows = result.rows
+    print(f"[drift] throttled after repetition 0: decode {[round(r['decode_tok_s'], 1) for r in rows]} tok/s, "
+          f"drift {rows[0]['drift']:+.0%}, drift_flag {rows[0]['drift_flag']}")
     assert rows[0]["drift"] < -THRESHOLDS["max_drift"], [r["decode_tok_s"] for r in rows]
     assert all(r["drift_flag"] for r in rows)
     assert "first to the last repetition" in rows[0]["measurement_note"]
@@ -79,6 +82,8 @@ def test_the_same_case_left_alone_stays_quiet(sample_model, machine):
     rows = result.rows
     rates = [r["decode_tok_s"] for r in rows]
     noise = rows[0]["decode_tok_s_ci95"] / rows[0]["decode_tok_s_mean"]
+    print(f"[drift] left alone: decode {[round(r) for r in rates]} tok/s, drift {rows[0]['drift']:+.0%}, "
+          f"drift_flag {rows[0]['drift_flag']}, 95% CI ±{noise:.1%}")
     if noise < THRESHOLDS["max_drift"] / 2:  # a machine this disturbed right now cannot show quiet
         assert abs(rows[0]["drift"]) < THRESHOLDS["max_drift"], rates
         assert not any(r["drift_flag"] for r in rows)
@@ -94,7 +99,7 @@ def test_the_same_case_left_alone_stays_quiet(sample_model, machine):
         if row.get("mem_bandwidth_gbs"):
             assert row["roofline_efficiency"] > 0
     # the timed grid is sparse, and the marks put samples at the phase boundaries anyway
-    assert rows[0]["sampler_timed_interval_ms"] == pytest.approx(50)
+    assert rows[0]["sampler_timed_interval_ms"] == pytest.approx(TIMED_INTERVAL_S * 1000)
     if noise >= THRESHOLDS["max_drift"] / 2:
         pytest.skip(f"decode varied ±{noise:.0%} (95% CI) over the repetitions {rates}: too noisy here to show quiet")
 

@@ -146,6 +146,34 @@ def test_the_pick_never_misses_the_quality_target_even_if_fastest(tmp_path):
     assert q2.per_gib == pytest.approx(2.718281828 ** -0.3 / (150 / 1024))
 
 
+def folder(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def test_speeds_within_the_tie_band_are_equal_and_quality_then_memory_decides(tmp_path):
+    """Measured on the sample's quants: the fastest of three passing quants changed between two runs of
+    the same cases (93.1 vs 79.7 tok/s); within 10 % of the fastest, the better KL is the pick both times."""
+    from harness.recommend.judge import SPEED_TIE
+
+    assert SPEED_TIE == pytest.approx(0.10)
+    c = cons.with_quality_default(constraints(max_kl="0.05", budget="400MiB"), True)
+    for run, (q4_1, q8_0) in enumerate(((93.1, 82.8), (79.7, 83.8))):
+        cands = candidates_from(folder(tmp_path / str(run)), rows("q4_1.gguf", decode=q4_1, peak=323 * MiB, kl=0.0028, run="a")
+                                + rows("q8_0.gguf", decode=q8_0, peak=367 * MiB, kl=0.0037, run="b")
+                                + rows("q3.gguf", decode=q4_1 * 1.2, peak=367 * MiB, kl=0.12, run="c"))
+        chosen = pick([assess(x, c, MC, c.budget_bytes) for x in cands])
+        assert chosen.candidate.name == "q4_1.gguf", run
+    # clearly faster (beyond the band) still wins over better quality
+    cands = candidates_from(folder(tmp_path / "far"), rows("fast.gguf", decode=100, peak=300 * MiB, kl=0.04, run="a")
+                            + rows("good.gguf", decode=80, peak=300 * MiB, kl=0.001, run="b"))
+    assert pick([assess(x, c, MC, c.budget_bytes) for x in cands]).candidate.name == "fast.gguf"
+    # same speed and quality: less memory
+    cands = candidates_from(folder(tmp_path / "mem"), rows("big.gguf", decode=80, peak=300 * MiB, kl=0.01, run="a")
+                            + rows("small.gguf", decode=78, peak=200 * MiB, kl=0.01, run="b"))
+    assert pick([assess(x, c, MC, c.budget_bytes) for x in cands]).candidate.name == "small.gguf"
+
+
 def test_quality_aware_by_default_when_a_reference_is_known(tmp_path):
     c = cons.with_quality_default(constraints(), reference_known=True)
     assert c.quality_default and c.thresholds.max_kl == cons.DEFAULT_MAX_KL

@@ -8,7 +8,15 @@ import time
 
 import pytest
 
-from harness.measure.sampler import SYSTEM_PERIOD_S, USS_MAX_SHARE, USS_PERIOD_S, Sampler, Timeline, _Cadence
+from harness.measure.sampler import (
+    SYSTEM_PERIOD_S,
+    TIMED_INTERVAL_S,
+    USS_MAX_SHARE,
+    USS_PERIOD_S,
+    Sampler,
+    Timeline,
+    _Cadence,
+)
 
 ALLOC = """
 import sys, time
@@ -129,7 +137,8 @@ def test_a_mark_takes_a_full_sample_now_and_the_timed_grid_is_sparse():
         assert sampler._grid_s == 60.0  # never denser than asked
         dense = Sampler(proc.pid, interval_s=0.01)
         dense.timed(True)
-        assert dense._grid_s == pytest.approx(0.05) and dense.timeline.timed_interval_s == pytest.approx(0.05)
+        assert dense._grid_s == pytest.approx(TIMED_INTERVAL_S)
+        assert dense.timeline.timed_interval_s == pytest.approx(TIMED_INTERVAL_S)
         dense.timed(False)
         assert dense._grid_s == pytest.approx(0.01)
         sampler.stop()

@@ -93,7 +93,8 @@ def test_timeline_is_written_with_phases(tiny_gguf, tmp_path, n_ctx, fill):
     import pyarrow.parquet as pq
 
     s = scenario(tiny_gguf, ["FakeRunner"], contexts=[n_ctx], fill=fill, warmup=1, repetitions=2)
-    s.models[0].options["token_delay"] = 0.02
+    # every phase longer than the sampler's timed grid (100 ms): the warm-up's 4 tokens take 240 ms
+    s.models[0].options["token_delay"] = 0.06
     writer = ResultWriter(tmp_path / "r.parquet")
     run_suite(s.cases(), check_scenario(s), fingerprint(), writer, "test-run")
     tl = pq.read_table(writer.timeline_path).to_pandas()

@@ -155,7 +155,10 @@ def measure_peaks(artifact: Path, runtime: str, contexts: list[int], options: di
     for case in s.cases():
         row = done.get(case.key, {})
         e = estimate_case(case, artifacts[case.artifact])
-        peak = row.get("peak_rss_bytes") if row.get("status") == "ok" else None  # a timeout's peak is partial
+        # the sampled peak or the kernel's VmHWM, whichever is higher (the grid is sparse while timed);
+        # a timeout's peak is partial
+        peaks = [row.get("peak_rss_bytes"), row.get("vmhwm_bytes")]
+        peak = max((p for p in peaks if p), default=None) if row.get("status") == "ok" else None
         rows.append({"artifact": artifact.name, "runtime": runtime, "n_ctx": case.n_ctx,
                      "prompt_tokens": case.prompt_tokens, "status": row.get("status"), "error_text": row.get("error"),
                      "measured_peak_bytes": peak, "vmhwm_bytes": row.get("vmhwm_bytes"), "estimate": e.to_dict(),

@@ -164,7 +164,7 @@ def _print_comparison(console, cmp, fmt: str, show_all: bool, threshold: float) 
         for line in lines:
             console.print(Markup(f"[yellow]{escape(line)}[/]"))
         if not rows:
-            console.print(escape(f"{header}: {summary}"))
+            console.print(f"{header}: {summary}")
             return
         p.header(columns, header)
     for r in rows:

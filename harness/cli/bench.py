@@ -12,7 +12,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import click
-from rich.markup import escape
 
 from harness.benchsweep import BENCH_FIELDS, FLAGS, Sweep, bench_records, expand, parse_list
 from harness.cli.options import COOLDOWN_OPTION, EXIT_INTERRUPTED, UsageError, sigterm_as_interrupt
@@ -93,8 +92,8 @@ def bench(models: tuple[str, ...], n_prompt: str, n_gen: str, n_depth: str, n_ct
     writer = ResultWriter(out / f"bench-{run_id}.parquet")
     err = make_console(stderr=True)
     mach = machine_mod.fingerprint()
-    err.print(escape(f"fitbench bench: {len(cases)} case(s) on {mach.machine_class}, results -> "
-                     f"{writer.results_path}"))
+    err.print(f"fitbench bench: {len(cases)} case(s) on {mach.machine_class}, results -> "
+                     f"{writer.results_path}")
     printer = make_bench_printer(output)
     printer.header(bench_columns(sweep.shown_fields(), output, BENCH_FIELDS))
     done: list[CaseResult] = []
@@ -109,15 +108,15 @@ def bench(models: tuple[str, ...], n_prompt: str, n_gen: str, n_depth: str, n_ct
     with RunLock(writer.results_path):
         try:
             run_suite([replace(bc.case, cooldown_s=cooldown or 0.0) for bc in cases], artifacts, mach, writer, run_id,
-                      on_case_end=on_case_end, on_note=lambda text: err.print(escape(text)))
+                      on_case_end=on_case_end, on_note=lambda text: err.print(text))
         except (SuiteInterrupted, KeyboardInterrupt):
             printer.footer()
-            err.print(escape(f"fitbench: interrupted after {len(done)} of {len(cases)} case(s); "
-                             f"results so far are in {writer.results_path}"))
+            err.print(f"fitbench: interrupted after {len(done)} of {len(cases)} case(s); "
+                             f"results so far are in {writer.results_path}")
             sys.exit(EXIT_INTERRUPTED)
     printer.footer()
     for line in measurement_warnings(done):
         err.print(line)
     for line in serving_answers(done):
-        err.print(escape(line))
-    err.print(escape(f"results: {writer.results_path}"))
+        err.print(line)
+    err.print(f"results: {writer.results_path}")

@@ -72,7 +72,7 @@ def predicted_fit(console: Any, case0: Case, run: Callable[[Case], tuple[list[di
         # memory needs none, and it would prefill the prompt twice.
         case = replace(case0, n_ctx=n_ctx, prompt_tokens=prompt, fill=None, gen_tokens=CALIBRATION_GEN_TOKENS,
                        repetitions=1, warmup=0, budget_bytes=None)
-        err.print(escape(f"fit: calibration {i + 1}/{len(plan)}: {prompt:,} tokens at context {n_ctx:,}"))
+        err.print(f"fit: calibration {i + 1}/{len(plan)}: {prompt:,} tokens at context {n_ctx:,}")
         rows, wall = run(case)
         point = point_from(case, rows, wall)
         if not point.peak_bytes or point.fit_class in (None, "no_fit"):
@@ -81,9 +81,9 @@ def predicted_fit(console: Any, case0: Case, run: Callable[[Case], tuple[list[di
         answer.calibration.append(point)
     model = Model.from_points(answer.calibration, CALIBRATION_GEN_TOKENS)
     answer.model = model
-    console.print(escape(
+    console.print(
         f"  calibrated: peak = {mib(model.a)} MiB + {model.b:,.0f} B per configured token + {model.c:,.0f} B per "
-        f"filled token; TTFT {model.ttft(int(case0.fill * limit)) or 0:.1f} s predicted at {limit:,}"))
+        f"filled token; TTFT {model.ttft(int(case0.fill * limit)) or 0:.1f} s predicted at {limit:,}")
 
     contexts = grid(smallest, limit, step)
     predicted: dict[int, str | None] = {}
@@ -101,9 +101,9 @@ def predicted_fit(console: Any, case0: Case, run: Callable[[Case], tuple[list[di
 
     def full(n: int) -> Point:
         todo = [m for m in planned if m not in done and m != n]
-        err.print(escape(f"fit: full run {len(done) + 1} (of {len(done) + 1 + len(todo)} planned) at context {n:,}, "
+        err.print(f"fit: full run {len(done) + 1} (of {len(done) + 1 + len(todo)} planned) at context {n:,}, "
                          f"predicted {predicted[n]}; about {clock.left([n, *todo])} left "
-                         f"({duration(time.perf_counter() - started)} so far)"))
+                         f"({duration(time.perf_counter() - started)} so far)")
         case = replace(case0, n_ctx=n, prompt_tokens=int(case0.fill * n), fill=case0.fill)
         rows, wall = run(case)
         done.append(n)

@@ -94,9 +94,9 @@ def fleet_run(scenario: Path, address: str | None, machines: str | None, output_
         state["total"] = len(todo)
         progress.update(task, total=len(todo))
         if dataset.manifest.get("resumed"):
-            console.print(escape(f"resuming {dataset.root.name}: {len(dataset.done)} case run(s) already done"))
+            console.print(f"resuming {dataset.root.name}: {len(dataset.done)} case run(s) already done")
         elif resume:
-            console.print(escape(f"nothing to resume in {out} for scenario {sc.name}; starting a new fleet run"))
+            console.print(f"nothing to resume in {out} for scenario {sc.name}; starting a new fleet run")
         console.print(Markup("[bold]fitbench fleet[/] " + escape(
             f"{sc.name}: {len(todo)} case run(s) on {', '.join(p.classes)} ({sum(n.alive for n in p.nodes)} "
             f"node(s)); {refused} refused; dataset -> {dataset.root}")))
@@ -118,15 +118,15 @@ def fleet_run(scenario: Path, address: str | None, machines: str | None, output_
         p.ray.shutdown()
     fleet_summary(console, dataset, summary, p.classes)
     if summary.interrupted:
-        err.print(escape(f"fitbench: interrupted; finished cases are saved; continue with: fitbench fleet run "
-                         f"{sc.source} --address {address} -o {out} --resume"))
+        err.print(f"fitbench: interrupted; finished cases are saved; continue with: fitbench fleet run "
+                         f"{sc.source} --address {address} -o {out} --resume")
         sys.exit(EXIT_INTERRUPTED)
     lost = [o for o in summary.outcomes if o.status == "lost" and o.written]
     if summary.not_run or lost:
         reasons = sorted({why for _, why in summary.not_run})
-        err.print(escape(f"fitbench: {len(lost)} case run(s) lost with their node, {len(summary.not_run)} not run"
+        err.print(f"fitbench: {len(lost)} case run(s) lost with their node, {len(summary.not_run)} not run"
                          + (f" ({'; '.join(reasons)})" if reasons else "") + "; start their agents again and "
-                         f"continue with: fitbench fleet run {sc.source} --address {address} -o {out} --resume"))
+                         f"continue with: fitbench fleet run {sc.source} --address {address} -o {out} --resume")
         sys.exit(1)
 
 

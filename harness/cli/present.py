@@ -398,7 +398,7 @@ def serving_table(console: Console, results: list) -> None:
     print_rows("table", columns, records, title="serving: parallel sessions (medians over repetitions)",
                console=console)
     for line in serving_answers(results):
-        console.print(escape(line))
+        console.print(line)
 
 
 def serving_answers(results: list) -> list[str]:

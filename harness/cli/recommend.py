@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from rich.markup import escape
 
 from harness.cli.options import format_option, option_values, read_result_files
 from harness.cli.present import Column, make_console, mib, number, print_json, print_rows
@@ -116,7 +115,7 @@ def recommend(artifacts: tuple[Path, ...], budget, context, min_tok_s, max_ttft,
         settings = MeasureSettings(output=output_dir, gen_tokens=gen_tokens, repetitions=repetitions,
                                    timeout=timeout, reference=reference, reference_runtime=ref_runtime)
         report = run_measure(candidates, c, settings, mc, c.budget_bytes, predict,
-                             lambda text: err.print(escape(f"fitbench: {text}")))
+                             lambda text: err.print(f"fitbench: {text}"))
     budget_bytes = class_budget(c, mc, this_class, [o for x in candidates for o in x.observations])
     assessed = [assess(cand, c, mc, budget_bytes, predict) for cand in candidates]
     if not any(a.figures or any(k.passed is not None for k in a.checks if k.name != "context") for a in assessed):
@@ -214,6 +213,13 @@ def _faster_miss(order: list, chosen):
     return max(faster, key=lambda a: a.value("decode_tok_s"), default=None)
 
 
+def _faster_tie(order: list, chosen):
+    """The fastest passing candidate faster than the pick: inside the tie band, it lost on quality or memory."""
+    speed = chosen.value("decode_tok_s") or 0
+    faster = [a for a in order if a.verdict == "pass" and (a.value("decode_tok_s") or 0) > speed]
+    return max(faster, key=lambda a: a.value("decode_tok_s"), default=None)
+
+
 def _print(fmt: str, c, mc: str, order: list, chosen, near, answers: list, report) -> None:
     records = [record(a) for a in order]
     front = [a.candidate.label for a in order if a.front]
@@ -241,6 +247,13 @@ def _print(fmt: str, c, mc: str, order: list, chosen, near, answers: list, repor
     line("")
     if chosen is not None:
         line(f"pick: {chosen.candidate.label}: {_headline(chosen)} ({evidence(chosen)})")
+        tie = _faster_tie(order, chosen)
+        if tie is not None:
+            from harness.recommend.judge import SPEED_TIE
+            ahead = (tie.value("decode_tok_s") or 0) / (chosen.value("decode_tok_s") or 1) - 1
+            why = "better quality" if (chosen.quality_score or 0) > (tie.quality_score or 0) else "less memory"
+            line(f"as fast (within {SPEED_TIE:.0%}): {tie.candidate.label}: {_headline(tie)}; {ahead:.0%} faster, "
+                 f"but the pick has {why}")
         faster = _faster_miss(order, chosen)
         if faster is not None:
             misses = "; ".join(f"{k.name} ({k.text})" for k in faster.failed())

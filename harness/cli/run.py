@@ -114,10 +114,10 @@ def run(scenario: Path, output_dir: Path, repetitions: int | None, contexts: str
             run_id, kept, timeline, done = load_for_resume(previous, cases)
             writer.keep(kept, timeline)
             todo = [c for c in cases if c.key not in done]
-            console.print(escape(f"resuming {previous.name}: {len(cases) - len(todo)} of {len(cases)} case(s) "
-                                 "already done"))
+            console.print(f"resuming {previous.name}: {len(cases) - len(todo)} of {len(cases)} case(s) "
+                                 "already done")
         elif resume:
-            console.print(escape(f"nothing to resume in {out} for scenario {sc.name}; starting a new run"))
+            console.print(f"nothing to resume in {out} for scenario {sc.name}; starting a new run")
         _run_cases(console, sc, todo, len(cases), artifacts, writer, run_id, force)
 
 
@@ -150,15 +150,15 @@ def _run_cases(console, sc, cases: list, total: int, artifacts: dict, writer: Re
     with progress:
         try:
             run_suite(cases, artifacts, mach, writer, run_id, on_progress=on_progress, on_case_end=on_case_end,
-                      force=force, on_note=lambda text: progress.console.print(escape(text)))
+                      force=force, on_note=lambda text: progress.console.print(text))
         except (SuiteInterrupted, KeyboardInterrupt):
             interrupted = True
     summary_table(console, results)
-    console.print(escape(f"results: {writer.results_path}\ntimeline: {writer.timeline_path}"))
+    console.print(f"results: {writer.results_path}\ntimeline: {writer.timeline_path}")
     if interrupted:
-        make_console(stderr=True).print(escape(
+        make_console(stderr=True).print(
             f"fitbench: interrupted after {len(results)} of {len(cases)} case(s); results so far are saved; "
-            f"continue with: fitbench run {sc.source} -o {writer.results_path.parent} --resume"))
+            f"continue with: fitbench run {sc.source} -o {writer.results_path.parent} --resume")
         sys.exit(EXIT_INTERRUPTED)
 
 
@@ -278,12 +278,12 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
                 answer = predicted_fit(console, sc.cases()[0], run_one, limit, smallest, step,
                                        budget_bytes or mach.ram_bytes, confirm_what)
             except CalibrationFailed as exc:
-                make_console(stderr=True).print(escape(f"fitbench fit: {exc}; searching with full runs instead"))
+                make_console(stderr=True).print(f"fitbench fit: {exc}; searching with full runs instead")
         if answer is None:
             ceiling = limit
             for n_users in users:
                 if len(users) > 1:
-                    console.print(escape(f"{n_users} user{'s' if n_users != 1 else ''}:"))
+                    console.print(f"{n_users} user{'s' if n_users != 1 else ''}:")
                 found = search(probe, min(smallest, ceiling), ceiling, step)
                 answers.append((n_users, found))
                 if found.max_fit is None:
@@ -294,17 +294,17 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
         sys.exit(EXIT_INTERRUPTED)
     if answer is not None:
         for line in answer_lines(answer):
-            console.print(escape(line))
-        console.print(escape(f"{count} case(s) run ({len(answer.calibration)} short calibration, "
+            console.print(line)
+        console.print(f"{count} case(s) run ({len(answer.calibration)} short calibration, "
                              f"{len(answer.points)} full) for {len(answer.predicted)} contexts predicted, "
-                             f"in {duration(time.perf_counter() - started)}"))
+                             f"in {duration(time.perf_counter() - started)}")
         console.print(Markup(f"[bold]{escape(artifact.name)}[/]: {escape(answer.summary())}"))
     else:
-        console.print(escape(f"{count} full case(s) run in {duration(time.perf_counter() - started)}"))
+        console.print(f"{count} full case(s) run in {duration(time.perf_counter() - started)}")
         for n_users, found in answers:
             who = f" with {n_users} user{'s' if n_users != 1 else ''}" if users != [1] else ""
             console.print(Markup(f"[bold]{escape(artifact.name)}[/]{escape(who)}: {escape(found.summary())}"))
-    console.print(escape(f"results: {writer.results_path}"))
+    console.print(f"results: {writer.results_path}")
 
 
 def users_verdict(rows: list[dict], n_users: int) -> tuple[str | None, str]:

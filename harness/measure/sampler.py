@@ -25,10 +25,12 @@ as multiples of reading ``statm``; ``stat`` 2.7x, ``io`` 1.5x):
 - once more when sampling stops, every figure.
 
 During timed windows (``timed(True)``, from load to the last repetition) the
-grid is no denser than ``TIMED_INTERVAL_S`` (50 ms): the timeline still shows
+grid is no denser than ``TIMED_INTERVAL_S`` (100 ms): the timeline still shows
 a prefill's memory steps, the kernel keeps the true peak (VmHWM), the marks
 give exact phase deltas, and the sampler's own CPU (2.6-2.8 % of a core at
-10 ms on the project's VM) drops to about a fifth where it could slow decode.
+10 ms on the project's VM) drops to about a tenth where it could slow decode
+(at 50 ms, decode on every core still lost 2.5 %: each wake-up delays one of
+the threads llama.cpp waits for at every barrier).
 
 On systems without ``/proc`` it falls back to psutil. Columns read less often
 are null in between: ``Timeline.last`` gives a series' newest reading.
@@ -55,7 +57,7 @@ from harness.measure.noise import NOISE_PERIOD_S, SystemNoise
 SYSTEM_PERIOD_S = 0.05  # vmstat swap counters, energy, GPU: at least this often (wall time)
 USS_PERIOD_S = 0.25  # unique memory at most this often...
 USS_MAX_SHARE = 0.01  # ...and rarer still when one smaps_rollup read costs more than this share of the wait
-TIMED_INTERVAL_S = 0.05  # the densest grid while the worker is timed (marks add the phase edges)
+TIMED_INTERVAL_S = 0.1  # the densest grid while the worker is timed (marks add the phase edges)
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

@@ -5,8 +5,8 @@
 2. The undecided candidates are ordered by their predicted chance of passing: the margin of their
    predicted peak (``harness.estimate``) under the budget.
 3. A candidate predicted far above the budget (``SKIP_FACTOR`` x, beyond the estimator's error) is
-   not run; one that cannot beat the pick so far (its decode speed measured at a smaller context, an
-   upper bound, is already slower) is not run either.
+   not run; one that cannot come within the pick's tie band (``judge.SPEED_TIE``: its decode speed
+   measured at a smaller context, an upper bound, is already more than 10 % slower) is not run either.
 4. Otherwise one case at the asked context measures every constraint at once; a candidate stops at
    its first failed constraint (nothing more is run for it).
 5. When nothing passes, the closest candidate's context is bisected (``harness.fitsearch``) to say
@@ -28,7 +28,7 @@ from harness.errors import FitbenchError
 from harness.fitsearch import search
 from harness.recommend.candidates import Candidate, _observation
 from harness.recommend.constraints import Constraints
-from harness.recommend.judge import Assessment, assess
+from harness.recommend.judge import SPEED_TIE, Assessment, assess
 
 SKIP_FACTOR = 1.5  # predicted peak this far above the budget is a miss whatever the estimator's error
 MIN_BISECT_CONTEXT = 256
@@ -160,9 +160,11 @@ def measure(candidates: list[Candidate], c: Constraints, s: MeasureSettings, mac
             continue
         best = _best_speed(candidates, c, machine_class, budget, predict)
         bound = decode_upper_bound(cand, c, machine_class)
-        if best is not None and bound is not None and bound < best:
+        # within the pick's tie band a slower candidate can still win on quality or memory: only one
+        # below it is out
+        if best is not None and bound is not None and bound < best * (1 - SPEED_TIE):
             report.steps.append(f"{cand.label}: not run, decode at most {bound:,.1f} tok/s (measured at a smaller "
-                                f"context) cannot beat the pick's {best:,.1f}")
+                                f"context) cannot come within {SPEED_TIE:.0%} of the pick's {best:,.1f}")
             note(report.steps[-1])
             continue
         if measurer is None:
