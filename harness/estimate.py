@@ -46,10 +46,10 @@
   MiB for torch + transformers, 406 MiB for mlx-lm on mlx[cpu] (before it
   was fitted, 64 MiB: MLX estimates were 60-70 % low). The imported
   runtime alone is the ``runtime_rss_bytes`` column of every row (48, 245,
-  29 and 266 MiB here); the rest is what loading adds beyond the weights. onnxruntime on CPU also prepacks every
-  weight for its matmul kernels, a second copy as large as the weights
-  (measured: 92 MiB with prepacking off, 209 MiB on, for the sample's 82 MiB
-  int4 graph).
+  29 and 266 MiB here); the rest is what loading adds beyond the weights.
+  onnxruntime on CPU also prepacks every weight for its matmul kernels, a
+  second copy as large as the weights (measured: 92 MiB with prepacking
+  off, 209 MiB on, for the sample's 82 MiB int4 graph).
 
 Fitted on real runs of five architectures (bench/estimate_accuracy.py: small
 random-weight Gemma 3 (five of six layers sliding), Mistral (all sliding),

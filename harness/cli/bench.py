@@ -93,7 +93,7 @@ def bench(models: tuple[str, ...], n_prompt: str, n_gen: str, n_depth: str, n_ct
     err = make_console(stderr=True)
     mach = machine_mod.fingerprint()
     err.print(f"fitbench bench: {len(cases)} case(s) on {mach.machine_class}, results -> "
-                     f"{writer.results_path}")
+              f"{writer.results_path}")
     printer = make_bench_printer(output)
     printer.header(bench_columns(sweep.shown_fields(), output, BENCH_FIELDS))
     done: list[CaseResult] = []
@@ -112,7 +112,7 @@ def bench(models: tuple[str, ...], n_prompt: str, n_gen: str, n_depth: str, n_ct
         except (SuiteInterrupted, KeyboardInterrupt):
             printer.footer()
             err.print(f"fitbench: interrupted after {len(done)} of {len(cases)} case(s); "
-                             f"results so far are in {writer.results_path}")
+                      f"results so far are in {writer.results_path}")
             sys.exit(EXIT_INTERRUPTED)
     printer.footer()
     for line in measurement_warnings(done):

@@ -102,8 +102,8 @@ def predicted_fit(console: Any, case0: Case, run: Callable[[Case], tuple[list[di
     def full(n: int) -> Point:
         todo = [m for m in planned if m not in done and m != n]
         err.print(f"fit: full run {len(done) + 1} (of {len(done) + 1 + len(todo)} planned) at context {n:,}, "
-                         f"predicted {predicted[n]}; about {clock.left([n, *todo])} left "
-                         f"({duration(time.perf_counter() - started)} so far)")
+                  f"predicted {predicted[n]}; about {clock.left([n, *todo])} left "
+                  f"({duration(time.perf_counter() - started)} so far)")
         case = replace(case0, n_ctx=n, prompt_tokens=int(case0.fill * n), fill=case0.fill)
         rows, wall = run(case)
         done.append(n)

@@ -119,14 +119,14 @@ def fleet_run(scenario: Path, address: str | None, machines: str | None, output_
     fleet_summary(console, dataset, summary, p.classes)
     if summary.interrupted:
         err.print(f"fitbench: interrupted; finished cases are saved; continue with: fitbench fleet run "
-                         f"{sc.source} --address {address} -o {out} --resume")
+                  f"{sc.source} --address {address} -o {out} --resume")
         sys.exit(EXIT_INTERRUPTED)
     lost = [o for o in summary.outcomes if o.status == "lost" and o.written]
     if summary.not_run or lost:
         reasons = sorted({why for _, why in summary.not_run})
         err.print(f"fitbench: {len(lost)} case run(s) lost with their node, {len(summary.not_run)} not run"
-                         + (f" ({'; '.join(reasons)})" if reasons else "") + "; start their agents again and "
-                         f"continue with: fitbench fleet run {sc.source} --address {address} -o {out} --resume")
+                  + (f" ({'; '.join(reasons)})" if reasons else "") + "; start their agents again and "
+                  f"continue with: fitbench fleet run {sc.source} --address {address} -o {out} --resume")
         sys.exit(1)
 
 

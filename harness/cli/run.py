@@ -115,7 +115,7 @@ def run(scenario: Path, output_dir: Path, repetitions: int | None, contexts: str
             writer.keep(kept, timeline)
             todo = [c for c in cases if c.key not in done]
             console.print(f"resuming {previous.name}: {len(cases) - len(todo)} of {len(cases)} case(s) "
-                                 "already done")
+                          "already done")
         elif resume:
             console.print(f"nothing to resume in {out} for scenario {sc.name}; starting a new run")
         _run_cases(console, sc, todo, len(cases), artifacts, writer, run_id, force)
@@ -296,8 +296,8 @@ def fit(artifact: Path, runtime: str | None, budget: str | None, fill: float, ge
         for line in answer_lines(answer):
             console.print(line)
         console.print(f"{count} case(s) run ({len(answer.calibration)} short calibration, "
-                             f"{len(answer.points)} full) for {len(answer.predicted)} contexts predicted, "
-                             f"in {duration(time.perf_counter() - started)}")
+                      f"{len(answer.points)} full) for {len(answer.predicted)} contexts predicted, "
+                      f"in {duration(time.perf_counter() - started)}")
         console.print(Markup(f"[bold]{escape(artifact.name)}[/]: {escape(answer.summary())}"))
     else:
         console.print(f"{count} full case(s) run in {duration(time.perf_counter() - started)}")
