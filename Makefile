@@ -10,6 +10,10 @@ TORCH_CPU ?= 2.13.0
 EXTRAS ?= llama,torch,onnx,mlx,upstream,serve,fleet,test
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+# Defined before any rule names them: make expands a rule's prerequisites as it reads the rule, so a
+# variable defined further down is empty there (`test` once depended on nothing through $(LLAMA_SRC)).
+LLAMA_BENCH := .cache/llama.cpp/build/bin/llama-bench
+LLAMA_SRC := .cache/llama.cpp/CMakeLists.txt
 
 # ggml's AMX kernels crash (SIGSEGV in ggml_backend_amx_mul_mat on any
 # multi-token batch) on virtual machines that advertise AMX without granting
@@ -117,8 +121,6 @@ bench-fleet: setup
 
 # llama-bench from the llama.cpp sources vendored in the installed
 # llama-cpp-python's sdist, built with the same flags, into .cache/ (never committed).
-LLAMA_BENCH := .cache/llama.cpp/build/bin/llama-bench
-LLAMA_SRC := .cache/llama.cpp/CMakeLists.txt
 llama-bench: $(LLAMA_BENCH)
 
 # Any llama.cpp tool (llama-bench, llama-quantize) from those sources, with the same flags.

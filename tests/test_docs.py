@@ -307,3 +307,19 @@ def test_the_manual_checks_catch_what_they_are_for(tmp_path):
     assert _unknown_make_targets(text) == {"nonesuch"}
     assert _missing_paths(text) == ["harness/nonesuch.py"]
     assert _unknown_option_spans(text) == ["--gone"]
+
+
+def test_every_make_prerequisite_variable_is_defined_before_its_rule():
+    """make expands a rule's prerequisites as it reads the rule: a variable defined further down is
+    empty there, and the prerequisite silently vanishes (`make test` once never extracted llama.cpp's
+    sources, so the llama.cpp half of the estimate test skipped in every fresh clone)."""
+    text = (ROOT / "Makefile").read_text()
+    defined: set[str] = set()
+    late = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if m := re.match(r"^([A-Z][A-Z0-9_]*)\s*(?::=|\?=|=)", line):
+            defined.add(m.group(1))
+        elif (rule := re.match(r"^([^\t#=][^=]*?):(?!=)(.*)$", line)) and not line.startswith("."):
+            used = set(re.findall(r"\$\(([A-Z][A-Z0-9_]*)\)", rule.group(1) + rule.group(2)))
+            late += [f"line {n}: $({v})" for v in sorted(used - defined)]
+    assert not late, f"prerequisites use variables defined only further down: {late}"
