@@ -249,9 +249,7 @@ def roofline_inputs(case: Case, artifact: ArtifactInfo, machine: Machine) -> Roo
         if found:
             machine.mem_bandwidth_gbs, machine.mem_bandwidth_source = found["read_bytes_s"] / 1e9, found["source"]
     gpu = gpu_bandwidth() if machine.gpus else None
-    # per position: a runtime may hold more cells than asked for (llama.cpp pads n_ctx to 256)
-    kv_per_position = est.kv_bytes // max(1, est.kv_cells_full)
-    return Roofline(est.weights_bytes, kv_per_position,
+    return Roofline(est.weights_bytes, est.kv_bytes_per_position,
                     machine.mem_bandwidth_gbs * 1e9 if machine.mem_bandwidth_gbs else None,
                     machine.mem_bandwidth_source, gpu["read_bytes_s"] if gpu else None)
 

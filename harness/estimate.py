@@ -136,6 +136,13 @@ class Estimate:
     kv_cells_swa: int = 0  # positions a sliding-window layer holds (0: none)
 
     @property
+    def kv_bytes_per_position(self) -> int:
+        """KV bytes one context position takes across every layer, whatever number of cells the runtime
+        holds (llama.cpp pads n_ctx to 256): what a decoded token reads per position of depth."""
+        full = self.kv_full_bytes // self.kv_cells_full if self.kv_cells_full else 0
+        return full + (self.kv_swa_bytes // self.kv_cells_swa if self.kv_cells_swa else 0)
+
+    @property
     def total_bytes(self) -> int:
         return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.output_bytes + self.overhead_bytes
 

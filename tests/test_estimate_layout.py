@@ -65,6 +65,17 @@ def test_torch_static_cache_holds_the_window_in_sliding_layers(tmp_path):
     assert dynamic.kv_full_bytes == 2 * 2048 * row  # a DynamicCache holds the prompt, not n_ctx
 
 
+def test_kv_bytes_per_position_counts_every_layer_once_whatever_the_cells_held(tmp_path):
+    """The roofline's bytes per position of depth: llama.cpp holds 256 padded cells at n_ctx 1, torch one."""
+    info = inspect_artifact(hf(tmp_path, "g3", model_type="gemma3_text", sliding_window=256, head_dim=128,
+                               sliding_window_pattern=6))
+    row = 4 * 128 * 2 * 2  # KV heads x head_dim x (K + V) x f16/bf16
+    for runtime in ("torch", "llama.cpp"):
+        e = estimate(info, 1, runtime)
+        assert e.kv_bytes_per_position == 12 * row, runtime  # 2 full + 10 sliding layers, one position each
+    assert estimate(info, 1, "llama.cpp").kv_bytes == 256 * 12 * row  # what dividing by nothing counted
+
+
 def test_without_sliding_layers_everything_is_full(tmp_path):
     info = inspect_artifact(hf(tmp_path, "q", model_type="qwen2", sliding_window=256, use_sliding_window=False))
     e = estimate(info, 2048, "torch")

@@ -206,17 +206,11 @@ def _headline(a) -> str:
     return ", ".join(parts)
 
 
-def _faster_miss(order: list, chosen):
-    """The fastest candidate that beats the pick's speed but misses a constraint: what the pick costs."""
+def _fastest_above(order: list, chosen, verdict: str):
+    """The fastest candidate with ``verdict`` that decodes faster than the pick. "fail": one that misses a
+    constraint (what the pick costs); "pass": one inside the speed tie band that lost on quality or memory."""
     speed = chosen.value("decode_tok_s") or 0
-    faster = [a for a in order if a.verdict == "fail" and (a.value("decode_tok_s") or 0) > speed]
-    return max(faster, key=lambda a: a.value("decode_tok_s"), default=None)
-
-
-def _faster_tie(order: list, chosen):
-    """The fastest passing candidate faster than the pick: inside the tie band, it lost on quality or memory."""
-    speed = chosen.value("decode_tok_s") or 0
-    faster = [a for a in order if a.verdict == "pass" and (a.value("decode_tok_s") or 0) > speed]
+    faster = [a for a in order if a.verdict == verdict and (a.value("decode_tok_s") or 0) > speed]
     return max(faster, key=lambda a: a.value("decode_tok_s"), default=None)
 
 
@@ -227,7 +221,7 @@ def _print(fmt: str, c, mc: str, order: list, chosen, near, answers: list, repor
         print_json({
             "constraints": c.describe(), "machine_class": mc, "budget_bytes": c.budget_bytes, "context": c.context,
             "pick": record(chosen) if chosen else None,
-            "faster_but_missing": (record(f) if chosen and (f := _faster_miss(order, chosen)) else None),
+            "faster_but_missing": (record(f) if chosen and (f := _fastest_above(order, chosen, "fail")) else None),
             "closest": ({**record(near), "misses": [{"constraint": k.name, "text": k.text} for k in near.failed()]}
                         if near else None),
             "candidates": records, "pareto_front": front,
@@ -247,14 +241,14 @@ def _print(fmt: str, c, mc: str, order: list, chosen, near, answers: list, repor
     line("")
     if chosen is not None:
         line(f"pick: {chosen.candidate.label}: {_headline(chosen)} ({evidence(chosen)})")
-        tie = _faster_tie(order, chosen)
+        tie = _fastest_above(order, chosen, "pass")
         if tie is not None:
             from harness.recommend.judge import SPEED_TIE
             ahead = (tie.value("decode_tok_s") or 0) / (chosen.value("decode_tok_s") or 1) - 1
             why = "better quality" if (chosen.quality_score or 0) > (tie.quality_score or 0) else "less memory"
             line(f"as fast (within {SPEED_TIE:.0%}): {tie.candidate.label}: {_headline(tie)}; {ahead:.0%} faster, "
                  f"but the pick has {why}")
-        faster = _faster_miss(order, chosen)
+        faster = _fastest_above(order, chosen, "fail")
         if faster is not None:
             misses = "; ".join(f"{k.name} ({k.text})" for k in faster.failed())
             line(f"faster but not picked: {faster.candidate.label}: {_headline(faster)}; it misses {misses}")
